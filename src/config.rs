@@ -1,0 +1,460 @@
+//! Configuration: the TOML file, the prompt-prix environment fallback, and validation.
+//!
+//! Every problem is reported at start with the file, the key and what is wrong, so a typo never
+//! turns into a fleet that silently routes nowhere.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::task::ApiKey;
+
+/// Where a configuration came from, for messages and `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    /// prompt-prix's `LOCAL_INFERENCE_SERVER_N` / `LM_STUDIO_SERVER_N` variables.
+    Environment,
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Environment => f.write_str("environment (LOCAL_INFERENCE_SERVER_N)"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{source_name}: {message}")]
+    Invalid {
+        source_name: String,
+        message: String,
+    },
+    #[error("cannot read config file {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "no configuration found: {tried} does not exist and no LOCAL_INFERENCE_SERVER_1 / \
+         LM_STUDIO_SERVER_1 is set. Create a config file (see config/prix-dispatch.toml), pass \
+         --config FILE, or set LOCAL_INFERENCE_SERVER_1=http://HOST:1234"
+    )]
+    Missing { tried: PathBuf },
+}
+
+/// The resolved, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: ConfigSource,
+    pub server: ServerSettings,
+    pub queue: QueueSettings,
+    pub hosts: Vec<HostConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub auth_token_env: Option<String>,
+    pub max_request_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub max_pending: usize,
+    /// Default bound on a task's wait in the queue; `None` waits as long as needed.
+    pub wait_timeout: Option<Duration>,
+    pub max_bypass: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub name: String,
+    /// Base URL without a trailing `/v1` or slash; endpoints are `{base_url}/v1/...`.
+    pub base_url: String,
+    pub slots: usize,
+    pub api_key: Option<ApiKey>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8765)),
+            auth_token_env: None,
+            max_request_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            max_pending: 10_000,
+            wait_timeout: None,
+            max_bypass: Duration::from_secs(30),
+        }
+    }
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    queue: FileQueue,
+    #[serde(default)]
+    host: Vec<FileHost>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: Option<String>,
+    auth_token_env: Option<String>,
+    max_request_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileQueue {
+    max_pending: Option<i64>,
+    wait_timeout_seconds: Option<f64>,
+    max_bypass_seconds: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHost {
+    name: String,
+    url: String,
+    slots: Option<i64>,
+    api_key: Option<String>,
+    api_key_env: Option<String>,
+}
+
+/// Reads the environment; injected so tests need not touch the process environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The path used when none is given: `$PRIX_DISPATCH_CONFIG`, else `config/prix-dispatch.toml`.
+pub fn default_path(env: EnvLookup) -> PathBuf {
+    env("PRIX_DISPATCH_CONFIG")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config/prix-dispatch.toml"))
+}
+
+impl Config {
+    /// Loads `explicit` if given (it must exist); otherwise the default path if it exists;
+    /// otherwise the prompt-prix environment variables.
+    pub fn load(explicit: Option<&Path>, env: EnvLookup) -> Result<Config, ConfigError> {
+        if let Some(path) = explicit {
+            return Self::from_file(path, env);
+        }
+        let path = default_path(env);
+        if path.exists() {
+            return Self::from_file(&path, env);
+        }
+        match Self::from_prompt_prix_env(env)? {
+            Some(config) => Ok(config),
+            None => Err(ConfigError::Missing { tried: path }),
+        }
+    }
+
+    pub fn from_file(path: &Path, env: EnvLookup) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        Self::from_toml(&text, ConfigSource::File(path.to_path_buf()), env)
+    }
+
+    pub fn from_toml(text: &str, source: ConfigSource, env: EnvLookup) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            source_name: source.to_string(),
+            message,
+        };
+        let file: FileConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+
+        let mut server = ServerSettings::default();
+        if let Some(listen) = file.server.listen {
+            server.listen = listen.parse().map_err(|_| {
+                invalid(format!(
+                    "[server] listen = {listen:?} is not an address like \"127.0.0.1:8765\""
+                ))
+            })?;
+        }
+        server.auth_token_env = file.server.auth_token_env.filter(|s| !s.is_empty());
+        if let Some(bytes) = file.server.max_request_bytes {
+            if bytes == 0 {
+                return Err(invalid("[server] max_request_bytes must be at least 1".into()));
+            }
+            server.max_request_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+
+        let mut queue = QueueSettings::default();
+        if let Some(n) = file.queue.max_pending {
+            queue.max_pending = usize::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| invalid(format!("[queue] max_pending must be at least 1, got {n}")))?;
+        }
+        if let Some(s) = file.queue.wait_timeout_seconds {
+            queue.wait_timeout = non_negative_seconds(s)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "[queue] wait_timeout_seconds must be 0 (no limit) or a positive number, got {s}"
+                    ))
+                })?
+                .filter(|d| !d.is_zero());
+        }
+        if let Some(s) = file.queue.max_bypass_seconds {
+            queue.max_bypass = non_negative_seconds(s).flatten().ok_or_else(|| {
+                invalid(format!(
+                    "[queue] max_bypass_seconds must be a number of seconds >= 0, got {s}"
+                ))
+            })?;
+        }
+
+        if file.host.is_empty() {
+            return Err(invalid(
+                "no [[host]] entries: add at least one, e.g. [[host]] name = \"gpu0\" url = \"http://127.0.0.1:1234\""
+                    .into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut hosts = Vec::with_capacity(file.host.len());
+        for (i, h) in file.host.into_iter().enumerate() {
+            let at = format!("[[host]] #{} ({:?})", i + 1, h.name);
+            if h.name.trim().is_empty() {
+                return Err(invalid(format!("[[host]] #{}: name must not be empty", i + 1)));
+            }
+            if !names.insert(h.name.clone()) {
+                return Err(invalid(format!(
+                    "{at}: duplicate host name {:?}; each host needs its own name",
+                    h.name
+                )));
+            }
+            let base_url = normalise_base_url(&h.url).map_err(|why| invalid(format!("{at}: url: {why}")))?;
+            let slots = match h.slots {
+                None => 1,
+                Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
+                Some(n) => return Err(invalid(format!("{at}: slots must be at least 1, got {n}"))),
+            };
+            let api_key = match (h.api_key, h.api_key_env) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!(
+                        "{at}: set either api_key or api_key_env, not both"
+                    )));
+                }
+                (Some(key), None) => Some(ApiKey::new(key)).filter(|k| !k.expose().is_empty()),
+                (None, Some(var)) => match env(&var) {
+                    Some(key) if !key.is_empty() => Some(ApiKey::new(key)),
+                    _ => {
+                        return Err(invalid(format!(
+                            "{at}: api_key_env = {var:?} but that environment variable is not set (or empty)"
+                        )));
+                    }
+                },
+                (None, None) => None,
+            };
+            hosts.push(HostConfig {
+                name: h.name,
+                base_url,
+                slots,
+                api_key,
+            });
+        }
+        Ok(Config {
+            source,
+            server,
+            queue,
+            hosts,
+        })
+    }
+
+    /// prompt-prix's variables: `LOCAL_INFERENCE_SERVER_1..N` (or the legacy `LM_STUDIO_SERVER_N`),
+    /// each with an optional `_KEY`, and `LMSTUDIO_API_KEY` as the key for hosts without one.
+    /// Reading stops at the first missing index, as prompt-prix does. `None` when none is set.
+    pub fn from_prompt_prix_env(env: EnvLookup) -> Result<Option<Config>, ConfigError> {
+        let prefix = if env("LOCAL_INFERENCE_SERVER_1").is_some() {
+            "LOCAL_INFERENCE_SERVER_"
+        } else if env("LM_STUDIO_SERVER_1").is_some() {
+            "LM_STUDIO_SERVER_"
+        } else {
+            return Ok(None);
+        };
+        let global_key = env("LMSTUDIO_API_KEY").filter(|k| !k.is_empty());
+        let mut hosts = Vec::new();
+        for n in 1.. {
+            let var = format!("{prefix}{n}");
+            let Some(url) = env(&var) else { break };
+            if url.trim().is_empty() {
+                continue;
+            }
+            let base_url = normalise_base_url(&url).map_err(|why| ConfigError::Invalid {
+                source_name: ConfigSource::Environment.to_string(),
+                message: format!("{var}: {why}"),
+            })?;
+            let key = env(&format!("{var}_KEY"))
+                .filter(|k| !k.is_empty())
+                .or_else(|| global_key.clone());
+            hosts.push(HostConfig {
+                name: format!("server{n}"),
+                base_url,
+                slots: 1,
+                api_key: key.map(ApiKey::new),
+            });
+        }
+        if hosts.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Config {
+            source: ConfigSource::Environment,
+            server: ServerSettings::default(),
+            queue: QueueSettings::default(),
+            hosts,
+        }))
+    }
+}
+
+fn non_negative_seconds(s: f64) -> Option<Option<Duration>> {
+    (s.is_finite() && s >= 0.0 && s < 1e9).then(|| Some(Duration::from_secs_f64(s)))
+}
+
+/// Accepts `http://host:port`, `http://host:port/`, `http://host:port/v1` and `.../v1/`; the
+/// `/v1` suffix is added back in exactly one place, the host client.
+pub fn normalise_base_url(raw: &str) -> Result<String, String> {
+    let trimmed = raw.trim();
+    let parsed = url::Url::parse(trimmed)
+        .map_err(|e| format!("{trimmed:?} is not a URL ({e}); expected e.g. \"http://127.0.0.1:1234\""))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!(
+            "{trimmed:?} must start with http:// or https://"
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{trimmed:?} has no host name"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("{trimmed:?} must not have a query or fragment"));
+    }
+    let mut base = trimmed.trim_end_matches('/').to_string();
+    if let Some(stripped) = base.strip_suffix("/v1") {
+        base = stripped.trim_end_matches('/').to_string();
+    }
+    Ok(base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, ConfigSource::File("test.toml".into()), &no_env)
+    }
+
+    #[test]
+    fn url_with_or_without_v1_is_the_same_base() {
+        for raw in [
+            "http://h:1234",
+            "http://h:1234/",
+            "http://h:1234/v1",
+            "http://h:1234/v1/",
+        ] {
+            assert_eq!(normalise_base_url(raw).unwrap(), "http://h:1234", "{raw}");
+        }
+        assert!(normalise_base_url("h:1234").is_err());
+        assert!(normalise_base_url("ftp://h").is_err());
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("[[host]]\nname = \"gpu0\"\nurl = \"http://127.0.0.1:1234/v1\"\n").unwrap();
+        assert_eq!(c.hosts[0].slots, 1);
+        assert_eq!(c.hosts[0].base_url, "http://127.0.0.1:1234");
+        assert_eq!(c.queue.max_pending, 10_000);
+        assert_eq!(c.queue.wait_timeout, None);
+        assert_eq!(c.queue.max_bypass, Duration::from_secs(30));
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8765");
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let cases = [
+            (
+                "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n[[host]]\nname=\"a\"\nurl=\"http://y:1\"\n",
+                "duplicate host name",
+            ),
+            ("[[host]]\nname=\"a\"\nurl=\"http://x:1\"\nslots=0\n", "slots must be at least 1"),
+            ("[[host]]\nname=\"a\"\nurl=\"nope\"\n", "url"),
+            ("[[host]]\nname=\"a\"\nurl=\"http://x:1\"\nslot=2\n", "unknown field `slot`"),
+            ("[queue]\nmax_pendin=3\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n", "unknown field `max_pendin`"),
+            (
+                "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\napi_key_env=\"NOPE_KEY\"\n",
+                "NOPE_KEY",
+            ),
+            ("", "no [[host]] entries"),
+        ];
+        for (text, needle) in cases {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.starts_with("test.toml: "), "{err}");
+            assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn api_key_env_is_resolved() {
+        let env = |k: &str| (k == "GPU0_KEY").then(|| "s3cret".to_string());
+        let c = Config::from_toml(
+            "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\napi_key_env=\"GPU0_KEY\"\n",
+            ConfigSource::File("t.toml".into()),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.hosts[0].api_key.as_ref().unwrap().expose(), "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"), "keys never show in Debug");
+    }
+
+    #[test]
+    fn prompt_prix_environment_fallback() {
+        let vars = [
+            ("LOCAL_INFERENCE_SERVER_1", "http://10.0.0.1:1234/v1"),
+            ("LOCAL_INFERENCE_SERVER_1_KEY", "k1"),
+            ("LOCAL_INFERENCE_SERVER_2", "http://10.0.0.2:1234"),
+            ("LOCAL_INFERENCE_SERVER_4", "http://ignored:1"),
+            ("LMSTUDIO_API_KEY", "global"),
+        ];
+        let env = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let c = Config::load(Some(Path::new("/nonexistent/x.toml")), &env);
+        assert!(matches!(c, Err(ConfigError::Read { .. })), "an explicit path must exist");
+        let c = Config::from_prompt_prix_env(&env).unwrap().unwrap();
+        assert_eq!(c.source, ConfigSource::Environment);
+        assert_eq!(c.hosts.len(), 2, "reading stops at the first missing index");
+        assert_eq!(c.hosts[0].base_url, "http://10.0.0.1:1234");
+        assert_eq!(c.hosts[0].api_key.as_ref().unwrap().expose(), "k1");
+        assert_eq!(c.hosts[1].api_key.as_ref().unwrap().expose(), "global");
+
+        let legacy = |k: &str| (k == "LM_STUDIO_SERVER_1").then(|| "http://old:1234".to_string());
+        let c = Config::from_prompt_prix_env(&legacy).unwrap().unwrap();
+        assert_eq!(c.hosts[0].base_url, "http://old:1234");
+        assert!(c.hosts[0].api_key.is_none());
+        assert!(Config::from_prompt_prix_env(&no_env).unwrap().is_none());
+    }
+}

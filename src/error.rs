@@ -1,0 +1,106 @@
+//! What a task can fail with, as callers see it.
+//!
+//! Every failure a client can observe is a [`DispatchError`]: a machine-readable [`ErrorKind`],
+//! whether retrying the same request makes sense, and a message that names what failed, where,
+//! and what to do. The messages keep the substrings that prompt-prix's retry classifier already
+//! matches (`timeout`, `connection`, `Stream aborted`, `Authentication failed`,
+//! `not available on any server`, `No models available`, `queue full`).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The class of a failure. Serialised in snake_case into MCP error results and HTTP bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is malformed (missing messages, bad ranges, ...).
+    InvalidRequest,
+    /// No host lists the requested model, even after a fresh manifest read.
+    ModelNotAvailable,
+    /// No host lists any model at all (all down, all unauthorised, all empty).
+    NoModelsAvailable,
+    /// The task waited in the queue longer than its queue timeout.
+    QueueTimeout,
+    /// The queue holds `max_pending` tasks already.
+    QueueFull,
+    /// The host sent nothing for longer than the inactivity timeout.
+    Timeout,
+    /// The host could not be reached, or the connection broke.
+    Connection,
+    /// The host answered 401/403.
+    Authentication,
+    /// The host answered with another HTTP error status.
+    HostError,
+    /// The stream ended with neither content nor `[DONE]` (typically an aborted model load).
+    StreamAborted,
+    /// The stream ended after some content but before `[DONE]` or a finish reason.
+    StreamTruncated,
+    /// The host sent an `{"error": ...}` chunk inside the stream.
+    StreamError,
+    /// The host sent something that is not an OpenAI-compatible stream.
+    Protocol,
+    /// The client cancelled the task.
+    Cancelled,
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// The scheduler stopped; the daemon must be restarted.
+    SchedulerStopped,
+}
+
+/// A failure of one task, with enough context for a person and for a retry policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, thiserror::Error)]
+#[error("{message}")]
+pub struct DispatchError {
+    pub kind: ErrorKind,
+    /// True when sending the same request again may succeed.
+    pub retryable: bool,
+    pub message: String,
+}
+
+impl DispatchError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            retryable: kind.retryable_by_default(),
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidRequest, message)
+    }
+
+    pub fn cancelled() -> Self {
+        Self::new(ErrorKind::Cancelled, "request cancelled by the client")
+    }
+
+    pub fn scheduler_stopped() -> Self {
+        Self::new(
+            ErrorKind::SchedulerStopped,
+            "Dispatcher loop stopped: the prix-dispatch scheduler is gone; restart the daemon",
+        )
+    }
+}
+
+impl ErrorKind {
+    fn retryable_by_default(self) -> bool {
+        match self {
+            ErrorKind::InvalidRequest
+            | ErrorKind::ModelNotAvailable
+            | ErrorKind::NoModelsAvailable
+            | ErrorKind::Authentication
+            | ErrorKind::Cancelled
+            | ErrorKind::SchedulerStopped
+            | ErrorKind::Protocol => false,
+            ErrorKind::QueueTimeout
+            | ErrorKind::QueueFull
+            | ErrorKind::Timeout
+            | ErrorKind::Connection
+            | ErrorKind::HostError
+            | ErrorKind::StreamAborted
+            | ErrorKind::StreamTruncated
+            | ErrorKind::StreamError
+            | ErrorKind::ShuttingDown => true,
+        }
+    }
+}

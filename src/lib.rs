@@ -1,0 +1,17 @@
+//! prix-dispatch: one queue for a fleet of local GPU inference servers.
+//!
+//! Two requests never pile onto one GPU, and no GPU idles while a task it could serve waits.
+//! See `DESIGN.md` in the shared docs and the README for the architecture.
+
+pub mod backend;
+pub mod config;
+pub mod dispatcher;
+pub mod error;
+pub mod scheduler;
+pub mod task;
+pub mod worker;
+
+pub use config::Config;
+pub use dispatcher::{DispatchStatus, Dispatcher};
+pub use error::{DispatchError, ErrorKind};
+pub use task::{CompletionRequest, CompletionResult, TaskEvent};

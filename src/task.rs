@@ -1,0 +1,297 @@
+//! The typed unit of work and everything that flows back from it.
+//!
+//! A front end (MCP, later HTTP) turns a [`CompletionRequest`] into an [`InferenceTask`], submits
+//! it, and reads [`TaskEvent`]s until a terminal one arrives. Nothing here is stringly typed:
+//! the request travels as data to the host client, results come back as [`CompletionResult`].
+
+use std::fmt;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::DispatchError;
+
+/// Identifies one task for the life of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskId(pub u64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "task-{}", self.0)
+    }
+}
+
+/// An API key. Its `Debug` never shows the value, so it cannot leak through logs.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+    /// The raw key, for the one place that needs it: the Authorization header to its host.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl JsonSchema for ApiKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ApiKey".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        String::json_schema(generator)
+    }
+}
+
+pub const DEFAULT_TEMPERATURE: f64 = 0.7;
+pub const DEFAULT_MAX_TOKENS: u32 = 2048;
+pub const DEFAULT_TIMEOUT_SECONDS: f64 = 300.0;
+
+fn default_temperature() -> f64 {
+    DEFAULT_TEMPERATURE
+}
+fn default_max_tokens() -> i64 {
+    DEFAULT_MAX_TOKENS as i64
+}
+fn default_timeout_seconds() -> f64 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+
+/// One chat completion, as a client asks for it (the parameters of `complete_stream`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct CompletionRequest {
+    /// Model id as the hosts list it in `/v1/models`.
+    pub model_id: String,
+    /// OpenAI chat messages, passed to the host verbatim (multimodal parts included).
+    pub messages: Vec<Value>,
+    /// Sampling temperature, 0 to 2.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Most tokens to generate (at least 1).
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: i64,
+    /// Longest silence from the host, in seconds, before the first byte and between bytes.
+    /// Time spent waiting in the queue does not count.
+    #[serde(default = "default_timeout_seconds")]
+    pub timeout_seconds: f64,
+    /// Longest wait in the queue, in seconds; absent or 0 means the daemon's default.
+    #[serde(default)]
+    pub queue_timeout_seconds: Option<f64>,
+    /// Tool definitions; flat `{name, description, parameters}` ones are wrapped as OpenAI functions.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    /// OpenAI `tool_choice`, passed through.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Sampling seed, passed through.
+    #[serde(default)]
+    pub seed: Option<i64>,
+    /// llama.cpp / LM Studio repetition penalty; sent only when it is not 1.0.
+    #[serde(default)]
+    pub repeat_penalty: Option<f64>,
+    /// OpenAI `response_format` (e.g. a JSON schema), passed through.
+    #[serde(default)]
+    pub response_format: Option<Value>,
+    /// Key for this request only; overrides the host's configured key.
+    #[serde(default)]
+    pub api_key: Option<ApiKey>,
+}
+
+/// What the host is asked to do: the chat parameters, already checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatParams {
+    pub messages: Vec<Value>,
+    pub temperature: f64,
+    pub max_tokens: u32,
+    pub tools: Vec<Value>,
+    pub tool_choice: Option<Value>,
+    pub seed: Option<i64>,
+    pub repeat_penalty: Option<f64>,
+    pub response_format: Option<Value>,
+    /// Further body fields a front end forwards unchanged (the OpenAI front door keeps unknown fields).
+    pub extra: Map<String, Value>,
+}
+
+/// Everything needed to run a task, minus the plumbing: built from a request after validation.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    pub model: String,
+    pub params: ChatParams,
+    pub api_key: Option<ApiKey>,
+    /// Inactivity bound on the host connection (first byte, then between bytes).
+    pub timeout: Duration,
+    /// Longest wait in the queue; `None` means no bound.
+    pub queue_timeout: Option<Duration>,
+}
+
+impl CompletionRequest {
+    /// Checks ranges and shapes; every rejection names the parameter and what it accepts.
+    pub fn into_spec(self) -> Result<TaskSpec, DispatchError> {
+        if self.model_id.trim().is_empty() {
+            return Err(DispatchError::invalid("model_id must not be empty"));
+        }
+        if self.messages.is_empty() {
+            return Err(DispatchError::invalid(
+                "messages must hold at least one message, e.g. [{\"role\":\"user\",\"content\":\"hi\"}]",
+            ));
+        }
+        for (i, message) in self.messages.iter().enumerate() {
+            let role = message.as_object().and_then(|m| m.get("role"));
+            if !matches!(role, Some(Value::String(r)) if !r.is_empty()) {
+                return Err(DispatchError::invalid(format!(
+                    "messages[{i}] must be an object with a string \"role\" (system, user, assistant or tool)"
+                )));
+            }
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(DispatchError::invalid(format!(
+                "temperature must be between 0 and 2, got {}",
+                self.temperature
+            )));
+        }
+        let max_tokens = u32::try_from(self.max_tokens)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                DispatchError::invalid(format!(
+                    "max_tokens must be at least 1, got {}",
+                    self.max_tokens
+                ))
+            })?;
+        let timeout = positive_seconds("timeout_seconds", self.timeout_seconds)?;
+        let queue_timeout = match self.queue_timeout_seconds {
+            None => None,
+            Some(s) if s == 0.0 => None,
+            Some(s) => Some(positive_seconds("queue_timeout_seconds", s)?),
+        };
+        if let Some(p) = self.repeat_penalty
+            && !(p.is_finite() && p > 0.0)
+        {
+            return Err(DispatchError::invalid(format!(
+                "repeat_penalty must be a positive number, got {p}"
+            )));
+        }
+        Ok(TaskSpec {
+            model: self.model_id,
+            params: ChatParams {
+                messages: self.messages,
+                temperature: self.temperature,
+                max_tokens,
+                tools: self.tools.unwrap_or_default(),
+                tool_choice: self.tool_choice,
+                seed: self.seed,
+                repeat_penalty: self.repeat_penalty,
+                response_format: self.response_format,
+                extra: Map::new(),
+            },
+            api_key: self.api_key.filter(|k| !k.expose().is_empty()),
+            timeout,
+            queue_timeout,
+        })
+    }
+}
+
+fn positive_seconds(name: &str, seconds: f64) -> Result<Duration, DispatchError> {
+    if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 {
+        Ok(Duration::from_secs_f64(seconds))
+    } else {
+        Err(DispatchError::invalid(format!(
+            "{name} must be a positive number of seconds, got {seconds}"
+        )))
+    }
+}
+
+/// A task inside the daemon: the spec plus the plumbing that ties it to its client.
+#[derive(Debug)]
+pub struct InferenceTask {
+    pub id: TaskId,
+    pub spec: TaskSpec,
+    pub enqueued_at: Instant,
+    /// Fired when the client gives up; whoever holds the task stops working on it.
+    pub cancel: CancellationToken,
+    pub events: mpsc::UnboundedSender<TaskEvent>,
+}
+
+impl InferenceTask {
+    /// True once nobody is listening any more: cancelled, or the client dropped its receiver.
+    pub fn abandoned(&self) -> bool {
+        self.cancel.is_cancelled() || self.events.is_closed()
+    }
+
+    /// Resolves when the task is [`abandoned`](Self::abandoned).
+    pub async fn abandoned_signal(&self) {
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = self.events.closed() => {}
+        }
+    }
+
+    pub fn emit(&self, event: TaskEvent) {
+        // A closed receiver means the client left; the worker notices through `abandoned`.
+        let _ = self.events.send(event);
+    }
+}
+
+/// What a client hears about its task, in order; `Finished` and `Failed` are terminal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskEvent {
+    /// Waiting; `position` 1 means next in line for this model.
+    Queued { position: usize },
+    /// A host slot took the task.
+    Started { host: String },
+    Delta(String),
+    ReasoningDelta(String),
+    Finished(CompletionResult),
+    Failed(DispatchError),
+}
+
+/// A tool call the model made, arguments as the raw string the model produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ToolCall {
+    pub id: Option<String>,
+    pub name: String,
+    pub arguments: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+    #[serde(default)]
+    pub total_tokens: u64,
+}
+
+/// The outcome of a completed task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CompletionResult {
+    pub text: String,
+    /// Reasoning (`reasoning_content`) the model produced, if any.
+    pub reasoning: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
+    pub finish_reason: Option<String>,
+    pub usage: Option<Usage>,
+    /// From sending the request to the host to the end of the stream; queue wait excluded.
+    pub latency_ms: f64,
+    /// From sending the request to the first content, reasoning or tool-call delta.
+    pub ttft_ms: Option<f64>,
+    /// Time spent in the queue before a slot took the task.
+    pub queue_wait_ms: f64,
+    /// Name of the host that served the task.
+    pub host: String,
+    pub model: String,
+}
