@@ -181,7 +181,11 @@ impl Config {
         Self::from_toml(&text, ConfigSource::File(path.to_path_buf()), env)
     }
 
-    pub fn from_toml(text: &str, source: ConfigSource, env: EnvLookup) -> Result<Config, ConfigError> {
+    pub fn from_toml(
+        text: &str,
+        source: ConfigSource,
+        env: EnvLookup,
+    ) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             source_name: source.to_string(),
             message,
@@ -199,17 +203,18 @@ impl Config {
         server.auth_token_env = file.server.auth_token_env.filter(|s| !s.is_empty());
         if let Some(bytes) = file.server.max_request_bytes {
             if bytes == 0 {
-                return Err(invalid("[server] max_request_bytes must be at least 1".into()));
+                return Err(invalid(
+                    "[server] max_request_bytes must be at least 1".into(),
+                ));
             }
             server.max_request_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         }
 
         let mut queue = QueueSettings::default();
         if let Some(n) = file.queue.max_pending {
-            queue.max_pending = usize::try_from(n)
-                .ok()
-                .filter(|n| *n >= 1)
-                .ok_or_else(|| invalid(format!("[queue] max_pending must be at least 1, got {n}")))?;
+            queue.max_pending = usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                invalid(format!("[queue] max_pending must be at least 1, got {n}"))
+            })?;
         }
         if let Some(s) = file.queue.wait_timeout_seconds {
             queue.wait_timeout = non_negative_seconds(s)
@@ -239,7 +244,10 @@ impl Config {
         for (i, h) in file.host.into_iter().enumerate() {
             let at = format!("[[host]] #{} ({:?})", i + 1, h.name);
             if h.name.trim().is_empty() {
-                return Err(invalid(format!("[[host]] #{}: name must not be empty", i + 1)));
+                return Err(invalid(format!(
+                    "[[host]] #{}: name must not be empty",
+                    i + 1
+                )));
             }
             if !names.insert(h.name.clone()) {
                 return Err(invalid(format!(
@@ -247,7 +255,8 @@ impl Config {
                     h.name
                 )));
             }
-            let base_url = normalise_base_url(&h.url).map_err(|why| invalid(format!("{at}: url: {why}")))?;
+            let base_url =
+                normalise_base_url(&h.url).map_err(|why| invalid(format!("{at}: url: {why}")))?;
             let slots = match h.slots {
                 None => 1,
                 Some(n) if n >= 1 => usize::try_from(n).unwrap_or(usize::MAX),
@@ -331,19 +340,20 @@ impl Config {
 }
 
 fn non_negative_seconds(s: f64) -> Option<Option<Duration>> {
-    (s.is_finite() && s >= 0.0 && s < 1e9).then(|| Some(Duration::from_secs_f64(s)))
+    (0.0..1e9)
+        .contains(&s)
+        .then(|| Some(Duration::from_secs_f64(s)))
 }
 
 /// Accepts `http://host:port`, `http://host:port/`, `http://host:port/v1` and `.../v1/`; the
 /// `/v1` suffix is added back in exactly one place, the host client.
 pub fn normalise_base_url(raw: &str) -> Result<String, String> {
     let trimmed = raw.trim();
-    let parsed = url::Url::parse(trimmed)
-        .map_err(|e| format!("{trimmed:?} is not a URL ({e}); expected e.g. \"http://127.0.0.1:1234\""))?;
+    let parsed = url::Url::parse(trimmed).map_err(|e| {
+        format!("{trimmed:?} is not a URL ({e}); expected e.g. \"http://127.0.0.1:1234\"")
+    })?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!(
-            "{trimmed:?} must start with http:// or https://"
-        ));
+        return Err(format!("{trimmed:?} must start with http:// or https://"));
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(format!("{trimmed:?} has no host name"));
@@ -402,10 +412,19 @@ mod tests {
                 "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n[[host]]\nname=\"a\"\nurl=\"http://y:1\"\n",
                 "duplicate host name",
             ),
-            ("[[host]]\nname=\"a\"\nurl=\"http://x:1\"\nslots=0\n", "slots must be at least 1"),
+            (
+                "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\nslots=0\n",
+                "slots must be at least 1",
+            ),
             ("[[host]]\nname=\"a\"\nurl=\"nope\"\n", "url"),
-            ("[[host]]\nname=\"a\"\nurl=\"http://x:1\"\nslot=2\n", "unknown field `slot`"),
-            ("[queue]\nmax_pendin=3\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n", "unknown field `max_pendin`"),
+            (
+                "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\nslot=2\n",
+                "unknown field `slot`",
+            ),
+            (
+                "[queue]\nmax_pendin=3\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n",
+                "unknown field `max_pendin`",
+            ),
             (
                 "[[host]]\nname=\"a\"\nurl=\"http://x:1\"\napi_key_env=\"NOPE_KEY\"\n",
                 "NOPE_KEY",
@@ -429,7 +448,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.hosts[0].api_key.as_ref().unwrap().expose(), "s3cret");
-        assert!(!format!("{c:?}").contains("s3cret"), "keys never show in Debug");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "keys never show in Debug"
+        );
     }
 
     #[test]
@@ -441,9 +463,16 @@ mod tests {
             ("LOCAL_INFERENCE_SERVER_4", "http://ignored:1"),
             ("LMSTUDIO_API_KEY", "global"),
         ];
-        let env = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let env = |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
         let c = Config::load(Some(Path::new("/nonexistent/x.toml")), &env);
-        assert!(matches!(c, Err(ConfigError::Read { .. })), "an explicit path must exist");
+        assert!(
+            matches!(c, Err(ConfigError::Read { .. })),
+            "an explicit path must exist"
+        );
         let c = Config::from_prompt_prix_env(&env).unwrap().unwrap();
         assert_eq!(c.source, ConfigSource::Environment);
         assert_eq!(c.hosts.len(), 2, "reading stops at the first missing index");

@@ -5,9 +5,12 @@
 
 pub mod backend;
 pub mod config;
+pub mod demo;
 pub mod dispatcher;
 pub mod error;
+pub mod mcp;
 pub mod scheduler;
+pub mod sim;
 pub mod task;
 pub mod worker;
 

@@ -1,1 +1,154 @@
-fn main() {}
+//! The `prix-dispatch` command: a thin layer over the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use prix_dispatch::config::{self, Config};
+use prix_dispatch::{Dispatcher, demo, mcp};
+
+#[derive(Parser)]
+#[command(
+    name = "prix-dispatch",
+    version,
+    about = "One queue for a fleet of local GPU inference servers (LM Studio, llama.cpp, any \
+             OpenAI-compatible server): never two requests on one GPU, no idle GPU while work waits.",
+    long_about = None
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve MCP over stdin/stdout: what Claude Code, Claude Desktop or prompt-prix launch.
+    ///
+    /// Tools: complete_stream, complete, list_models, dispatch_status. Logs go to stderr
+    /// (filter with RUST_LOG); stdout carries only MCP messages.
+    Stdio {
+        /// Fleet configuration (TOML). Default: $PRIX_DISPATCH_CONFIG, else
+        /// config/prix-dispatch.toml, else the LOCAL_INFERENCE_SERVER_N variables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration and print the resolved fleet (keys are never printed).
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Also read each host's /v1/models and report what it serves.
+        #[arg(long)]
+        probe: bool,
+    },
+    /// Run a small battery on simulated GPU hosts in this process and show the schedule.
+    ///
+    /// Needs no LM Studio: two simulated GPUs, model A on both and model B on one, a battery
+    /// of A and B tasks through the real scheduler; prints which host ran what, peak
+    /// concurrency per host, and the makespan against the ideal.
+    Demo {
+        /// Tasks of the model both hosts serve.
+        #[arg(long, default_value_t = 20)]
+        a_tasks: usize,
+        /// Tasks of the model only one host serves.
+        #[arg(long, default_value_t = 10)]
+        b_tasks: usize,
+        /// Generation time of each task, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        task_ms: u64,
+    },
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("prix_dispatch=info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
+    Ok(Config::load(path.as_deref(), &config::process_env)?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    match Cli::parse().command {
+        Command::Stdio { config } => {
+            let config = load(config)?;
+            tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
+            let dispatcher = Dispatcher::start(&config);
+            mcp::serve_stdio(dispatcher)
+                .await
+                .context("MCP handshake on stdio failed")?;
+        }
+        Command::CheckConfig { config, probe } => {
+            let config = load(config)?;
+            print!("{}", describe(&config));
+            if probe {
+                let http = prix_dispatch::backend::http_client();
+                for host in &config.hosts {
+                    let client = prix_dispatch::backend::HostClient::new(host, http.clone());
+                    match client.read_manifest().await {
+                        Ok(models) => println!(
+                            "  {}: {} models: {}",
+                            host.name,
+                            models.len(),
+                            models.join(", ")
+                        ),
+                        Err(why) => println!("  {}: UNREACHABLE: {why}", host.name),
+                    }
+                }
+            }
+        }
+        Command::Demo {
+            a_tasks,
+            b_tasks,
+            task_ms,
+        } => {
+            let report = demo::run(demo::DemoPlan {
+                a_tasks,
+                b_tasks,
+                task_ms,
+            })
+            .await?;
+            print!("{report}");
+        }
+    }
+    Ok(())
+}
+
+fn describe(config: &Config) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "configuration: {} (ok)", config.source);
+    let _ = writeln!(out, "listen: {}", config.server.listen);
+    let wait = config
+        .queue
+        .wait_timeout
+        .map_or("none".to_string(), |d| format!("{}s", d.as_secs_f64()));
+    let _ = writeln!(
+        out,
+        "queue: max_pending {}, wait timeout {wait}, max_bypass {}s",
+        config.queue.max_pending,
+        config.queue.max_bypass.as_secs_f64()
+    );
+    let _ = writeln!(out, "hosts ({}):", config.hosts.len());
+    for h in &config.hosts {
+        let key = if h.api_key.is_some() {
+            "key set"
+        } else {
+            "no key"
+        };
+        let _ = writeln!(
+            out,
+            "  {:<12} {}  slots {}  {key}",
+            h.name, h.base_url, h.slots
+        );
+    }
+    out
+}

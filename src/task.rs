@@ -174,7 +174,7 @@ impl CompletionRequest {
         let timeout = positive_seconds("timeout_seconds", self.timeout_seconds)?;
         let queue_timeout = match self.queue_timeout_seconds {
             None => None,
-            Some(s) if s == 0.0 => None,
+            Some(0.0) => None,
             Some(s) => Some(positive_seconds("queue_timeout_seconds", s)?),
         };
         if let Some(p) = self.repeat_penalty
@@ -205,7 +205,7 @@ impl CompletionRequest {
 }
 
 fn positive_seconds(name: &str, seconds: f64) -> Result<Duration, DispatchError> {
-    if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 {
+    if seconds > 0.0 && seconds < 1e9 {
         Ok(Duration::from_secs_f64(seconds))
     } else {
         Err(DispatchError::invalid(format!(
@@ -249,9 +249,13 @@ impl InferenceTask {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskEvent {
     /// Waiting; `position` 1 means next in line for this model.
-    Queued { position: usize },
+    Queued {
+        position: usize,
+    },
     /// A host slot took the task.
-    Started { host: String },
+    Started {
+        host: String,
+    },
     Delta(String),
     ReasoningDelta(String),
     Finished(CompletionResult),

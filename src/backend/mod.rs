@@ -92,9 +92,13 @@ impl HostClient {
             .map_err(|e| format!("bad /v1/models body: {}", describe(&e)))?;
         let Some(data) = body.get("data").and_then(Value::as_array) else {
             // LM Studio answers unknown paths with 200 and {"error": ...}.
-            let why = body.get("error").map(sse::error_message).unwrap_or_else(|| {
-                "/v1/models answered without a \"data\" list: not an OpenAI-compatible server?".into()
-            });
+            let why = body
+                .get("error")
+                .map(sse::error_message)
+                .unwrap_or_else(|| {
+                    "/v1/models answered without a \"data\" list: not an OpenAI-compatible server?"
+                        .into()
+                });
             return Err(why);
         };
         Ok(data
@@ -133,7 +137,12 @@ impl HostClient {
     }
 
     async fn get_json(&self, path: &str) -> Option<Value> {
-        let response = self.get(path).timeout(LOADED_STATE_TIMEOUT).send().await.ok()?;
+        let response = self
+            .get(path)
+            .timeout(LOADED_STATE_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
         if !response.status().is_success() {
             return None;
         }
@@ -209,7 +218,13 @@ impl HostClient {
                 Ok(Err(e)) => return Err(self.connection_error(&e)),
                 Ok(Ok(bytes)) => bytes,
             };
-            self.apply(task, &mut stream, &String::from_utf8_lossy(&bytes), sent, &mut ttft)?;
+            self.apply(
+                task,
+                &mut stream,
+                &String::from_utf8_lossy(&bytes),
+                sent,
+                &mut ttft,
+            )?;
             stream.done = stream.finish_reason.is_some() || stream.has_output();
             return self.finish(model, stream, ttft, None);
         }
@@ -218,7 +233,11 @@ impl HostClient {
         'read: while !stream.done {
             let chunk = match timeout(limit, response.chunk()).await {
                 Err(_) => {
-                    let when = if ttft.is_some() { "mid-stream" } else { "before the first token" };
+                    let when = if ttft.is_some() {
+                        "mid-stream"
+                    } else {
+                        "before the first token"
+                    };
                     return Err(self.timeout_error(model, limit, when));
                 }
                 Ok(Err(e)) => {
@@ -266,7 +285,9 @@ impl HostClient {
             tracing::debug!(host = %self.name, count = stream.bad_payloads, "skipped stream lines that were not JSON");
         }
         if !stream.complete() {
-            let cause = broken.map(|b| format!(": connection lost ({b})")).unwrap_or_default();
+            let cause = broken
+                .map(|b| format!(": connection lost ({b})"))
+                .unwrap_or_default();
             return Err(if stream.has_output() {
                 DispatchError::new(
                     ErrorKind::StreamTruncated,
@@ -316,7 +337,9 @@ impl HostClient {
                 ),
             )
         })?;
-        if ttft.is_none() && (applied.content.is_some() || applied.reasoning.is_some() || applied.tool_call) {
+        if ttft.is_none()
+            && (applied.content.is_some() || applied.reasoning.is_some() || applied.tool_call)
+        {
             *ttft = Some(sent.elapsed());
         }
         if let Some(text) = applied.reasoning {

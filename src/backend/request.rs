@@ -69,8 +69,17 @@ mod tests {
         assert_eq!(b["model"], "m");
         assert_eq!(b["stream"], true);
         assert_eq!(b["stream_options"]["include_usage"], true);
-        assert_eq!(b["messages"][0]["content"][0]["text"], "hi", "messages verbatim");
-        for absent in ["tools", "tool_choice", "seed", "repeat_penalty", "response_format"] {
+        assert_eq!(
+            b["messages"][0]["content"][0]["text"], "hi",
+            "messages verbatim"
+        );
+        for absent in [
+            "tools",
+            "tool_choice",
+            "seed",
+            "repeat_penalty",
+            "response_format",
+        ] {
             assert!(b.get(absent).is_none(), "{absent} must be absent");
         }
     }
@@ -96,6 +105,9 @@ mod tests {
         assert_eq!(b["response_format"]["type"], "json_object");
 
         p.repeat_penalty = Some(1.0);
-        assert!(chat_body("m", &p).get("repeat_penalty").is_none(), "1.0 is not sent");
+        assert!(
+            chat_body("m", &p).get("repeat_penalty").is_none(),
+            "1.0 is not sent"
+        );
     }
 }

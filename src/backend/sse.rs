@@ -32,7 +32,10 @@ impl SseDecoder {
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<String>) -> Result<(), LineTooLong> {
         self.buf.extend_from_slice(bytes);
         let mut start = 0;
-        while let Some(rel) = self.buf[self.scanned.max(start)..].iter().position(|b| *b == b'\n') {
+        while let Some(rel) = self.buf[self.scanned.max(start)..]
+            .iter()
+            .position(|b| *b == b'\n')
+        {
             let end = self.scanned.max(start) + rel;
             let mut line = &self.buf[start..end];
             if line.last() == Some(&b'\r') {
@@ -55,7 +58,9 @@ impl SseDecoder {
     pub fn finish(&mut self, out: &mut Vec<String>) {
         if !self.buf.is_empty() {
             let rest = std::mem::take(&mut self.buf);
-            let line = String::from_utf8_lossy(&rest).trim_end_matches('\r').to_string();
+            let line = String::from_utf8_lossy(&rest)
+                .trim_end_matches('\r')
+                .to_string();
             self.line(&line, out);
         }
         if let Some(data) = self.data.take() {
@@ -163,7 +168,11 @@ impl ChatStream {
         // Non-streaming answers carry `message`; a host that ignored `stream: true` sends one.
         let delta = choice.get("delta").or_else(|| choice.get("message"));
         if let Some(delta) = delta {
-            if let Some(text) = delta.get("content").and_then(Value::as_str).filter(|t| !t.is_empty()) {
+            if let Some(text) = delta
+                .get("content")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
                 self.text.push_str(text);
                 applied.content = Some(text.to_string());
             }
@@ -190,9 +199,16 @@ impl ChatStream {
     }
 
     fn tool_call_delta(&mut self, position: u64, call: &Value) {
-        let index = call.get("index").and_then(Value::as_u64).unwrap_or(position);
+        let index = call
+            .get("index")
+            .and_then(Value::as_u64)
+            .unwrap_or(position);
         let parts = self.tool_calls.entry(index).or_default();
-        if let Some(id) = call.get("id").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+        if let Some(id) = call
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+        {
             parts.id.get_or_insert_with(|| id.to_string());
         }
         let function = call.get("function");
@@ -270,7 +286,9 @@ mod tests {
 
     #[test]
     fn comments_event_lines_and_missing_blank_lines() {
-        let out = decode(&[b": keep-alive\n\nevent: ping\ndata: {\"x\":1}\ndata: {\"y\":2}\n\ndata: [DONE]"]);
+        let out = decode(&[
+            b": keep-alive\n\nevent: ping\ndata: {\"x\":1}\ndata: {\"y\":2}\n\ndata: [DONE]",
+        ]);
         assert_eq!(out, vec!["{\"x\":1}", "{\"y\":2}", "[DONE]"]);
     }
 
@@ -343,7 +361,8 @@ mod tests {
             .apply(r#"{"choices":[{"delta":{"reasoning_content":"think"}}]}"#)
             .unwrap();
         assert_eq!(a.reasoning.as_deref(), Some("think"));
-        s.apply(r#"{"choices":[{"delta":{"content":"answer"}}]}"#).unwrap();
+        s.apply(r#"{"choices":[{"delta":{"content":"answer"}}]}"#)
+            .unwrap();
         assert_eq!((s.reasoning.as_str(), s.text.as_str()), ("think", "answer"));
     }
 
@@ -354,7 +373,9 @@ mod tests {
             .apply(r#"{"error":{"message":"Model unloaded","type":"server_error"}}"#)
             .unwrap_err();
         assert_eq!(e, InStreamError("Model unloaded".into()));
-        let e = s.apply(r#"{"error":"Unexpected endpoint or method. (POST /x)"}"#).unwrap_err();
+        let e = s
+            .apply(r#"{"error":"Unexpected endpoint or method. (POST /x)"}"#)
+            .unwrap_err();
         assert!(e.0.contains("Unexpected endpoint"));
     }
 }

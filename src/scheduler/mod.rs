@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::HostClient;
 use crate::error::{DispatchError, ErrorKind};
 use crate::task::{InferenceTask, TaskEvent, TaskId, TaskSpec};
-use state::{Decision, DispatchState, HostId, Limits, ManifestReport, Outcome, Queueable, Snapshot};
+use state::{
+    Decision, DispatchState, HostId, Limits, ManifestReport, Outcome, Queueable, Snapshot,
+};
 
 impl Queueable for InferenceTask {
     fn id(&self) -> TaskId {
@@ -40,7 +42,7 @@ impl Queueable for InferenceTask {
 }
 
 enum Command {
-    Submit(InferenceTask),
+    Submit(Box<InferenceTask>),
     NextTask {
         host: HostId,
         reply: oneshot::Sender<Assignment>,
@@ -190,7 +192,7 @@ impl Scheduler {
             events: events_tx,
         };
         self.tx
-            .send(Command::Submit(task))
+            .send(Command::Submit(Box::new(task)))
             .map_err(|_| DispatchError::scheduler_stopped())?;
         Ok(TaskHandle {
             id,
@@ -222,7 +224,9 @@ impl Scheduler {
         self.tx
             .send(Command::Status(reply))
             .map_err(|_| DispatchError::scheduler_stopped())?;
-        snapshot.await.map_err(|_| DispatchError::scheduler_stopped())
+        snapshot
+            .await
+            .map_err(|_| DispatchError::scheduler_stopped())
     }
 
     /// Fails waiting tasks with a retryable "shutting down", stops running ones, and stops
@@ -263,13 +267,15 @@ impl Actor {
                     if task.abandoned() {
                         continue;
                     }
-                    self.state.submit(task, now)
+                    self.state.submit(*task, now)
                 }
                 Some(Command::NextTask { host, reply }) => {
                     self.waiting[host.0].push_back(reply);
                     self.state.worker_idle(host, now)
                 }
-                Some(Command::Released { host, outcome }) => self.state.released(host, outcome, now),
+                Some(Command::Released { host, outcome }) => {
+                    self.state.released(host, outcome, now)
+                }
                 Some(Command::Cancel(id)) => {
                     self.state.cancel(id);
                     continue;

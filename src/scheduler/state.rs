@@ -130,8 +130,12 @@ pub struct DispatchState<T> {
     /// Where each waiting task sits, for O(log n) cancellation.
     index: HashMap<TaskId, (String, u64)>,
     deadlines: BTreeSet<(Instant, TaskId)>,
-    /// Tasks whose model no host listed; they wait for the manifest read in flight.
+    /// Tasks whose model no host listed, waiting for the manifest read in flight, which
+    /// started after they arrived: its answer settles them.
     parked: Vec<T>,
+    /// Such tasks that arrived while a read was already running: that read may predate the
+    /// model's appearance, so if it does not list the model they get one more read.
+    parked_next: Vec<T>,
     manifests_known: bool,
     reading_manifests: bool,
     /// How many hosts list each model: the scarcity used by the placement rule.
@@ -169,6 +173,7 @@ impl<T: Queueable> DispatchState<T> {
             index: HashMap::new(),
             deadlines: BTreeSet::new(),
             parked: Vec::new(),
+            parked_next: Vec::new(),
             manifests_known: false,
             reading_manifests: false,
             coverage: HashMap::new(),
@@ -196,7 +201,7 @@ impl<T: Queueable> DispatchState<T> {
     pub fn submit(&mut self, task: T, now: Instant) -> Vec<Decision<T>> {
         let mut out = Vec::new();
         self.counters.submitted += 1;
-        let pending = self.waiting + self.parked.len();
+        let pending = self.waiting + self.parked.len() + self.parked_next.len();
         if pending >= self.limits.max_pending {
             self.counters.rejected += 1;
             let error = DispatchError::new(
@@ -211,8 +216,12 @@ impl<T: Queueable> DispatchState<T> {
         if !self.manifests_known || !self.coverage.contains_key(task.model()) {
             // Unknown model: a host may have been loading at the last read. One coalesced
             // re-read decides; until then the task waits here.
-            self.parked.push(task);
-            self.request_manifests(&mut out);
+            if self.reading_manifests {
+                self.parked_next.push(task);
+            } else {
+                self.parked.push(task);
+                self.request_manifests(&mut out);
+            }
             return out;
         }
         self.enqueue(task);
@@ -223,7 +232,10 @@ impl<T: Queueable> DispatchState<T> {
     /// A worker of `host` is waiting for work.
     pub fn worker_idle(&mut self, host: HostId, now: Instant) -> Vec<Decision<T>> {
         let h = &mut self.hosts[host.0];
-        debug_assert!(h.active + h.idle_workers < h.slots, "more workers than slots");
+        debug_assert!(
+            h.active + h.idle_workers < h.slots,
+            "more workers than slots"
+        );
         h.idle_workers += 1;
         let mut out = Vec::new();
         self.dispatch(now, &mut out);
@@ -233,7 +245,11 @@ impl<T: Queueable> DispatchState<T> {
     /// A slot of `host` was given back (exactly once per `Start`, by the lease's `Drop`).
     pub fn released(&mut self, host: HostId, outcome: Outcome, now: Instant) -> Vec<Decision<T>> {
         let h = &mut self.hosts[host.0];
-        debug_assert!(h.active > 0, "release without a matching start on {}", h.name);
+        debug_assert!(
+            h.active > 0,
+            "release without a matching start on {}",
+            h.name
+        );
         h.active = h.active.saturating_sub(1);
         if h.active == 0 {
             h.current_model = None;
@@ -259,14 +275,21 @@ impl<T: Queueable> DispatchState<T> {
             }
             task
         } else {
-            let at = self.parked.iter().position(|t| t.id() == id)?;
-            self.parked.swap_remove(at)
+            let parked = [&mut self.parked, &mut self.parked_next]
+                .into_iter()
+                .find(|p| p.iter().any(|t| t.id() == id))?;
+            let at = parked.iter().position(|t| t.id() == id)?;
+            parked.swap_remove(at)
         };
         self.counters.cancelled += 1;
         Some(task)
     }
 
-    pub fn manifests_read(&mut self, reports: Vec<ManifestReport>, now: Instant) -> Vec<Decision<T>> {
+    pub fn manifests_read(
+        &mut self,
+        reports: Vec<ManifestReport>,
+        now: Instant,
+    ) -> Vec<Decision<T>> {
         for report in reports {
             let host = &mut self.hosts[report.host.0];
             match report.models {
@@ -298,6 +321,14 @@ impl<T: Queueable> DispatchState<T> {
                 let error = self.unavailable_error(task.model());
                 self.counters.failed += 1;
                 out.push(Decision::Fail { task, error });
+            }
+        }
+        for task in std::mem::take(&mut self.parked_next) {
+            if self.coverage.contains_key(task.model()) {
+                self.enqueue(task);
+            } else {
+                self.parked.push(task);
+                self.request_manifests(&mut out);
             }
         }
         // Waiting tasks whose model no host lists any more would wait forever.
@@ -334,7 +365,9 @@ impl<T: Queueable> DispatchState<T> {
                 continue;
             };
             let task = self.remove_queued(&model, seq);
-            let waited = now.saturating_duration_since(task.enqueued_at()).as_secs_f64();
+            let waited = now
+                .saturating_duration_since(task.enqueued_at())
+                .as_secs_f64();
             let error = DispatchError::new(
                 ErrorKind::QueueTimeout,
                 format!(
@@ -356,6 +389,7 @@ impl<T: Queueable> DispatchState<T> {
     /// Removes every waiting task (shutdown, crash), oldest first per model.
     pub fn drain_waiting(&mut self) -> Vec<T> {
         let mut all: Vec<T> = std::mem::take(&mut self.parked);
+        all.append(&mut self.parked_next);
         for (_, queue) in self.queues.drain() {
             all.extend(queue.into_values());
         }
@@ -387,7 +421,7 @@ impl<T: Queueable> DispatchState<T> {
                 .filter(|(_, q)| !q.is_empty())
                 .map(|(m, q)| (m.clone(), q.len()))
                 .collect(),
-            awaiting_manifest: self.parked.len(),
+            awaiting_manifest: self.parked.len() + self.parked_next.len(),
             counters: self.counters,
         }
     }
@@ -408,7 +442,10 @@ impl<T: Queueable> DispatchState<T> {
     }
 
     fn remove_queued(&mut self, model: &str, seq: u64) -> T {
-        let queue = self.queues.get_mut(model).expect("indexed model has a queue");
+        let queue = self
+            .queues
+            .get_mut(model)
+            .expect("indexed model has a queue");
         let task = queue.remove(&seq).expect("indexed task is queued");
         if queue.is_empty() {
             self.queues.remove(model);
@@ -561,7 +598,10 @@ impl<T: Queueable> DispatchState<T> {
                 .iter()
                 .map(|h| format!("{} lists {}", h.name, h.models.len()))
                 .collect();
-            format!("no server had errors ({}); call list_models for the ids", listed.join(", "))
+            format!(
+                "no server had errors ({}); call list_models for the ids",
+                listed.join(", ")
+            )
         } else {
             format!("servers with errors: {}", errors.join("; "))
         };

@@ -68,7 +68,10 @@ impl Harness {
             max_bypass,
         };
         let state = DispatchState::new(
-            hosts.iter().enumerate().map(|(i, (slots, _))| (format!("h{i}"), *slots)),
+            hosts
+                .iter()
+                .enumerate()
+                .map(|(i, (slots, _))| (format!("h{i}"), *slots)),
             limits,
         );
         let mut h = Harness {
@@ -116,7 +119,10 @@ impl Harness {
             match d {
                 Decision::Start { task, host } => {
                     let on = &mut self.running[host.0];
-                    assert!(on.len() < self.slots[host.0], "slot bound broken on {host:?}");
+                    assert!(
+                        on.len() < self.slots[host.0],
+                        "slot bound broken on {host:?}"
+                    );
                     assert!(
                         on.iter().all(|(_, m)| *m == task.model),
                         "two models at once on {host:?}: {on:?} + {}",
@@ -140,14 +146,19 @@ impl Harness {
             .position(|r| r.iter().any(|(t, _)| *t == id))
             .expect("task is running");
         self.running[host].retain(|(t, _)| *t != id);
-        let d = self.state.released(HostId(host), Outcome::Completed, self.now);
+        let d = self
+            .state
+            .released(HostId(host), Outcome::Completed, self.now);
         self.apply(d);
         let d = self.state.worker_idle(HostId(host), self.now);
         self.apply(d);
     }
 
     fn host_of(&self, id: u64) -> Option<usize> {
-        self.started.iter().find(|(t, _, _)| *t == id).map(|(_, h, _)| h.0)
+        self.started
+            .iter()
+            .find(|(t, _, _)| *t == id)
+            .map(|(_, h, _)| h.0)
     }
 
     fn assert_work_conserving(&self) {
@@ -171,7 +182,11 @@ fn seed_race_two_requests_two_hosts_one_each() {
     let x = h.submit("a");
     let y = h.submit("a");
     assert_eq!(h.host_of(x), Some(0));
-    assert_eq!(h.host_of(y), Some(1), "the second request must not pile onto host 0");
+    assert_eq!(
+        h.host_of(y),
+        Some(1),
+        "the second request must not pile onto host 0"
+    );
 }
 
 #[test]
@@ -209,7 +224,10 @@ fn drain_guard_does_not_starve_the_other_model() {
             break;
         }
     }
-    assert!(h.host_of(b).is_some(), "b starved behind a steady stream of a");
+    assert!(
+        h.host_of(b).is_some(),
+        "b starved behind a steady stream of a"
+    );
 }
 
 #[test]
@@ -224,7 +242,10 @@ fn drain_guard_lets_same_model_share_and_blocks_others() {
     assert_eq!(h.host_of(b), None, "one a still streams");
     h.finish(a2);
     assert_eq!(h.host_of(b), Some(0), "drained host takes b");
-    assert_eq!(h.state.snapshot().hosts[0].current_model.as_deref(), Some("b"));
+    assert_eq!(
+        h.state.snapshot().hosts[0].current_model.as_deref(),
+        Some("b")
+    );
 }
 
 #[test]
@@ -270,13 +291,23 @@ fn makespan(h: &mut Harness, battery: &[&str]) -> u64 {
 
 #[test]
 fn battery_20a_10b_meets_the_ideal_makespan() {
-    let battery: Vec<&str> = std::iter::repeat_n("a", 20).chain(std::iter::repeat_n("b", 10)).collect();
+    let battery: Vec<&str> = std::iter::repeat_n("a", 20)
+        .chain(std::iter::repeat_n("b", 10))
+        .collect();
     let mut placed = Harness::new(&[(1, &["a", "b"]), (1, &["a"])], LONG);
-    assert_eq!(makespan(&mut placed, &battery), 15, "30 units of work on 2 hosts");
+    assert_eq!(
+        makespan(&mut placed, &battery),
+        15,
+        "30 units of work on 2 hosts"
+    );
 
     // max_bypass = 0 makes every task overdue: plain FIFO, the upstream behaviour.
     let mut fifo = Harness::new(&[(1, &["a", "b"]), (1, &["a"])], Duration::ZERO);
-    assert_eq!(makespan(&mut fifo, &battery), 20, "FIFO leaves the only b host busy with a");
+    assert_eq!(
+        makespan(&mut fifo, &battery),
+        20,
+        "FIFO leaves the only b host busy with a"
+    );
 }
 
 #[test]
@@ -299,11 +330,18 @@ fn a_task_past_max_bypass_is_not_passed_over_again() {
         assert_eq!(h.host_of(*b), Some(0));
         current = *b;
     }
-    assert_eq!(h.host_of(waiting_a), Some(0), "the overdue a goes first on the next free slot");
+    assert_eq!(
+        h.host_of(waiting_a),
+        Some(0),
+        "the overdue a goes first on the next free slot"
+    );
     let (_, _, at) = h.started.iter().find(|(t, _, _)| *t == waiting_a).unwrap();
     let enq = h.started.iter().find(|(t, _, _)| *t == long_a).unwrap().2;
     assert!(at.duration_since(enq) >= Duration::from_secs(5));
-    assert!(at.duration_since(enq) < Duration::from_secs(7), "at most one more b after the limit");
+    assert!(
+        at.duration_since(enq) < Duration::from_secs(7),
+        "at most one more b after the limit"
+    );
 }
 
 #[test]
@@ -312,7 +350,10 @@ fn tasks_before_the_first_manifest_read_wait_for_it() {
     assert_eq!(h.manifest_reads, 1, "the first read starts at once");
     let a = h.submit("a");
     let z = h.submit("zzz");
-    assert_eq!(h.manifest_reads, 1, "single flight: no second read while one runs");
+    assert_eq!(
+        h.manifest_reads, 1,
+        "single flight: no second read while one runs"
+    );
     assert_eq!(h.host_of(a), None);
     let d = h.state.manifests_read(
         vec![
@@ -331,10 +372,36 @@ fn tasks_before_the_first_manifest_read_wait_for_it() {
     );
     h.apply(d);
     assert_eq!(h.host_of(a), Some(0));
+    assert!(
+        h.failed.is_empty(),
+        "the first read began before zzz arrived: it gets one more"
+    );
+    assert_eq!(h.manifest_reads, 2);
+    let d = h.state.manifests_read(
+        vec![
+            ManifestReport {
+                host: HostId(0),
+                models: Ok(vec!["a".into()]),
+                loaded: None,
+            },
+            ManifestReport {
+                host: HostId(1),
+                models: Err("HTTP 401".into()),
+                loaded: None,
+            },
+        ],
+        h.now,
+    );
+    h.apply(d);
     let (id, err) = &h.failed[0];
     assert_eq!(*id, z);
     assert_eq!(err.kind, ErrorKind::ModelNotAvailable);
-    assert!(err.message.contains("Model 'zzz' not available on any server"), "{}", err.message);
+    assert!(
+        err.message
+            .contains("Model 'zzz' not available on any server"),
+        "{}",
+        err.message
+    );
     assert!(err.message.contains("h1: HTTP 401"), "{}", err.message);
 }
 
@@ -353,7 +420,11 @@ fn unknown_model_triggers_one_coalesced_reread() {
         h.now,
     );
     h.apply(d);
-    assert_eq!(h.host_of(ids[0]), Some(0), "the model appeared: the task runs");
+    assert_eq!(
+        h.host_of(ids[0]),
+        Some(0),
+        "the model appeared: the task runs"
+    );
     assert!(h.failed.is_empty());
 }
 
@@ -377,10 +448,31 @@ fn no_models_anywhere_names_each_hosts_error() {
         h.now,
     );
     h.apply(d);
+    assert_eq!(
+        h.manifest_reads, 2,
+        "one more read for a task that arrived during the first"
+    );
+    let reports = vec![
+        ManifestReport {
+            host: HostId(0),
+            models: Err("connection refused".into()),
+            loaded: None,
+        },
+        ManifestReport {
+            host: HostId(1),
+            models: Err("HTTP 401".into()),
+            loaded: None,
+        },
+    ];
+    let d = h.state.manifests_read(reports, h.now);
+    h.apply(d);
     let (id, err) = &h.failed[0];
     assert_eq!(*id, x);
     assert_eq!(err.kind, ErrorKind::NoModelsAvailable);
-    assert!(err.message.starts_with("No models available from any server ("));
+    assert!(
+        err.message
+            .starts_with("No models available from any server (")
+    );
     assert!(err.message.contains("h0: connection refused") && err.message.contains("h1: HTTP 401"));
 }
 
@@ -391,8 +483,14 @@ fn cancel_removes_a_waiting_task_and_keeps_slots_balanced() {
     let a2 = h.submit("a");
     let a3 = h.submit("a");
     assert!(h.state.cancel(TaskId(a2)).is_some());
-    assert!(h.state.cancel(TaskId(a2)).is_none(), "cancelling twice is a no-op");
-    assert!(h.state.cancel(TaskId(a1)).is_none(), "a running task is not in the queue");
+    assert!(
+        h.state.cancel(TaskId(a2)).is_none(),
+        "cancelling twice is a no-op"
+    );
+    assert!(
+        h.state.cancel(TaskId(a1)).is_none(),
+        "a running task is not in the queue"
+    );
     h.finish(a1);
     assert_eq!(h.host_of(a3), Some(0));
     assert_eq!(h.host_of(a2), None);
@@ -426,14 +524,21 @@ fn queue_deadline_fails_with_timeout_and_keeps_the_slot() {
     let a2 = t.id;
     let d = h.state.submit(t, h.now);
     h.apply(d);
-    assert_eq!(h.state.next_deadline(), Some(h.now + Duration::from_secs(2)));
+    assert_eq!(
+        h.state.next_deadline(),
+        Some(h.now + Duration::from_secs(2))
+    );
     h.now += Duration::from_secs(3);
     let d = h.state.tick(h.now);
     h.apply(d);
     let (id, err) = &h.failed[0];
     assert_eq!(*id, a2);
     assert!(err.message.contains("timeout") && err.retryable);
-    assert_eq!(h.state.snapshot().hosts[0].active, 1, "a1 still holds its slot");
+    assert_eq!(
+        h.state.snapshot().hosts[0].active,
+        1,
+        "a1 still holds its slot"
+    );
     assert_eq!(h.state.next_deadline(), None);
     h.finish(a1);
 }
@@ -475,7 +580,11 @@ fn random_workloads_keep_every_invariant() {
         let hosts: Vec<(usize, Vec<&str>)> = (0..host_count)
             .map(|_| {
                 let slots = 1 + rng.below(3) as usize;
-                let listed: Vec<&str> = models.iter().copied().filter(|_| rng.below(2) == 0).collect();
+                let listed: Vec<&str> = models
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.below(2) == 0)
+                    .collect();
                 (slots, listed)
             })
             .collect();
@@ -517,11 +626,18 @@ fn random_workloads_keep_every_invariant() {
             }
         }
         let snap = h.state.snapshot();
-        assert!(snap.queue.is_empty(), "seed {seed}: tasks left waiting: {:?}", snap.queue);
-        assert!(snap.hosts.iter().all(|x| x.active == 0 && x.current_model.is_none()));
+        assert!(
+            snap.queue.is_empty(),
+            "seed {seed}: tasks left waiting: {:?}",
+            snap.queue
+        );
+        assert!(
+            snap.hosts
+                .iter()
+                .all(|x| x.active == 0 && x.current_model.is_none())
+        );
         assert_eq!(
-            snap.counters.started,
-            snap.counters.completed,
+            snap.counters.started, snap.counters.completed,
             "seed {seed}: every start released exactly once"
         );
     }

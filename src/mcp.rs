@@ -1,0 +1,246 @@
+//! The MCP tool server: `complete_stream`, `complete`, `list_models`, `dispatch_status`.
+//!
+//! Names, parameters and defaults are prompt-prix's, so it can switch over unchanged. Every
+//! call goes through the one [`Dispatcher`]; concurrent calls on one session share its queue.
+
+use std::collections::BTreeMap;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam, ProgressToken};
+use rmcp::service::{Peer, RequestContext};
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::dispatcher::{Dispatcher, HostStatus};
+use crate::error::DispatchError;
+use crate::task::{CompletionRequest, TaskEvent};
+
+#[derive(Clone)]
+pub struct PrixServer {
+    dispatcher: Dispatcher,
+    tool_router: ToolRouter<Self>,
+}
+
+/// `list_models` result: prompt-prix's shape plus per-host detail.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ModelList {
+    /// Every model some reachable host lists, sorted, without duplicates.
+    pub models: Vec<String>,
+    /// Host URL to the models it lists (every configured host, possibly empty).
+    pub servers: BTreeMap<String, Vec<String>>,
+    /// URLs of hosts whose manifest could not be read or was empty.
+    pub unreachable: Vec<String>,
+    pub hosts: Vec<HostStatus>,
+}
+
+#[tool_router]
+impl PrixServer {
+    pub fn new(dispatcher: Dispatcher) -> Self {
+        Self {
+            dispatcher,
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    #[tool(
+        description = "Run one chat completion on the GPU fleet and stream it. The request waits in \
+        the shared queue until a host that lists model_id has a free slot (never two requests on \
+        one GPU), then runs there. With a progressToken you receive the queue position while \
+        waiting, then each text delta as progress. Returns the full text, plus structured \
+        {text, reasoning, tool_calls, finish_reason, usage, latency_ms, ttft_ms, queue_wait_ms, \
+        host, model}. Errors carry kind and retryable."
+    )]
+    async fn complete_stream(
+        &self,
+        Parameters(request): Parameters<CompletionRequest>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        self.run_completion(request, ctx).await
+    }
+
+    #[tool(
+        description = "Run one chat completion on the GPU fleet and return its text (same \
+        parameters and result as complete_stream; progress is sent only if the call carries a \
+        progressToken)."
+    )]
+    async fn complete(
+        &self,
+        Parameters(request): Parameters<CompletionRequest>,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        self.run_completion(request, ctx).await
+    }
+
+    #[tool(
+        description = "Re-read every host's model list and return {models, servers: {url: [ids]}, \
+        unreachable: [urls], hosts: [{name, url, slots, active, current_model, models, \
+        loaded_models, last_error, reachable}]}. With LM Studio's JIT loading, models are all \
+        downloaded models; loaded_models says what is in memory. Never fails when hosts are down: \
+        they are listed as unreachable."
+    )]
+    async fn list_models(&self) -> Result<CallToolResult, McpError> {
+        if let Err(e) = self.dispatcher.refresh_manifests().await {
+            return Ok(error_result(&e));
+        }
+        let status = match self.dispatcher.status().await {
+            Ok(s) => s,
+            Err(e) => return Ok(error_result(&e)),
+        };
+        let mut models: Vec<String> = status.hosts.iter().flat_map(|h| h.models.clone()).collect();
+        models.sort();
+        models.dedup();
+        let list = ModelList {
+            models,
+            servers: status
+                .hosts
+                .iter()
+                .map(|h| (h.url.clone(), h.models.clone()))
+                .collect(),
+            unreachable: status
+                .hosts
+                .iter()
+                .filter(|h| h.models.is_empty())
+                .map(|h| h.url.clone())
+                .collect(),
+            hosts: status.hosts,
+        };
+        Ok(structured(&list, None))
+    }
+
+    #[tool(
+        description = "The dispatcher's state: per host its slots, active requests, current model \
+        and last error; waiting tasks per model; counters (submitted, started, completed, failed, \
+        cancelled, rejected)."
+    )]
+    async fn dispatch_status(&self) -> Result<CallToolResult, McpError> {
+        match self.dispatcher.status().await {
+            Ok(status) => Ok(structured(&status, None)),
+            Err(e) => Ok(error_result(&e)),
+        }
+    }
+}
+
+impl PrixServer {
+    async fn run_completion(
+        &self,
+        request: CompletionRequest,
+        ctx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        let model = request.model_id.clone();
+        let spec = match request.into_spec() {
+            Ok(spec) => spec,
+            Err(e) => return Ok(error_result(&e)),
+        };
+        let mut handle = match self.dispatcher.submit(spec) {
+            Ok(h) => h,
+            Err(e) => return Ok(error_result(&e)),
+        };
+        let mut progress = Progress {
+            peer: ctx.peer.clone(),
+            token: ctx.meta.get_progress_token(),
+            count: 0,
+        };
+        let outcome = loop {
+            let event = tokio::select! {
+                biased;
+                // The client cancelled: dropping the handle takes the task out of the queue or
+                // off its host. rmcp sends no response for a cancelled request.
+                _ = ctx.ct.cancelled() => {
+                    handle.cancel();
+                    return Err(McpError::internal_error("request cancelled", None));
+                }
+                event = handle.next() => event,
+            };
+            match event {
+                Some(TaskEvent::Finished(result)) => break Ok(result),
+                Some(TaskEvent::Failed(error)) => break Err(error),
+                None => break Err(DispatchError::scheduler_stopped()),
+                Some(TaskEvent::Queued { position }) => {
+                    progress
+                        .send(format!("queued for {model}: position {position}"))
+                        .await;
+                }
+                Some(TaskEvent::Started { host }) => {
+                    progress.send(format!("running {model} on {host}")).await;
+                }
+                Some(TaskEvent::Delta(text)) => progress.send(text).await,
+                Some(TaskEvent::ReasoningDelta(_)) => {}
+            }
+        };
+        Ok(match outcome {
+            Ok(result) => {
+                let text = result.text.clone();
+                structured(&result, Some(text))
+            }
+            Err(error) => error_result(&error),
+        })
+    }
+}
+
+/// Progress notifications for one call: `progress` strictly increases, and all are sent
+/// (awaited) before the result, so none can follow it.
+struct Progress {
+    peer: Peer<RoleServer>,
+    token: Option<ProgressToken>,
+    count: u64,
+}
+
+impl Progress {
+    async fn send(&mut self, message: String) {
+        let Some(token) = &self.token else { return };
+        self.count += 1;
+        let param =
+            ProgressNotificationParam::new(token.clone(), self.count as f64).with_message(message);
+        if let Err(e) = self.peer.notify_progress(param).await {
+            tracing::debug!(error = %e, "progress notification not delivered");
+        }
+    }
+}
+
+/// A successful result: readable text (the completion text, or the JSON) plus structured data.
+fn structured<T: Serialize>(value: &T, text: Option<String>) -> CallToolResult {
+    let data = serde_json::to_value(value).unwrap_or(Value::Null);
+    let mut result = CallToolResult::structured(data);
+    if let Some(text) = text {
+        result.content = vec![ContentBlock::text(text)];
+    }
+    result
+}
+
+/// A tool error: `isError: true`, the message as text, `kind` and `retryable` as data.
+pub fn error_result(error: &DispatchError) -> CallToolResult {
+    let mut result = CallToolResult::structured_error(json!({
+        "kind": error.kind,
+        "retryable": error.retryable,
+        "message": error.message,
+    }));
+    result.content = vec![ContentBlock::text(error.message.clone())];
+    result
+}
+
+#[tool_handler(
+    router = self.tool_router,
+    name = "prix-dispatch",
+    instructions = "Dispatches chat completions to a fleet of local GPU inference servers (LM \
+    Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
+    idle GPU while work waits. Use complete_stream for completions, list_models to see what \
+    each host serves, dispatch_status for queue and slot state."
+)]
+impl ServerHandler for PrixServer {}
+
+/// Serves MCP over stdin/stdout until the client closes stdin, then stops all work.
+pub async fn serve_stdio(
+    dispatcher: Dispatcher,
+) -> Result<(), rmcp::service::ServerInitializeError> {
+    use rmcp::ServiceExt;
+    let service = PrixServer::new(dispatcher.clone())
+        .serve(rmcp::transport::stdio())
+        .await?;
+    let reason = service.waiting().await;
+    tracing::info!(?reason, "MCP client went away; stopping");
+    dispatcher.shutdown();
+    Ok(())
+}

@@ -1,0 +1,87 @@
+//! `POST /v1/chat/completions`: validation, admission, time to first byte.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::completion;
+use super::config::Behaviour;
+use super::record::{Outcome, now_us};
+use super::reply::{aborted, error_body, error_kind, finish_json, status_code};
+use super::request::ChatRequest;
+use super::script::Script;
+use super::server::Inbound;
+use super::sse;
+use super::state::{RecordGuard, wait_evicted};
+
+pub(crate) async fn completions(inbound: Inbound) -> Response {
+    let Inbound { guard, body, .. } = inbound;
+    let body = match body {
+        Ok(body) => body,
+        Err(message) => return bad_request(guard, &message),
+    };
+    guard.update(|record| {
+        record.model = body.get("model").and_then(Value::as_str).map(str::to_owned);
+        record.stream = body.get("stream").and_then(Value::as_bool) == Some(true);
+    });
+    let request = match ChatRequest::parse(&body) {
+        Ok(request) => request,
+        Err(message) => return bad_request(guard, &message),
+    };
+    let shared = Arc::clone(guard.shared());
+    let base = shared.behaviour_for(&request.model);
+    let behaviour = match &request.overrides {
+        None => base,
+        Some(overrides) => match base.with_overrides(overrides) {
+            Ok(behaviour) => behaviour,
+            Err(err) => return bad_request(guard, &format!("invalid #sim directive: {err}")),
+        },
+    };
+    let Some(evicted) = shared.admit_chat(guard.seq(), &request.model) else {
+        let message = format!("Model '{}' not found", request.model);
+        let body = error_body(&message, "invalid_request_error", Some("model_not_found"));
+        return finish_json(guard, StatusCode::NOT_FOUND, body);
+    };
+    if let Some(code) = behaviour.fail_status {
+        let status = status_code(code);
+        let body = error_body(&behaviour.fail_message, error_kind(status), None);
+        return finish_json(guard, status, body);
+    }
+    let script = Script::plan(&behaviour, &request, guard.seq(), now_us() / 1_000_000);
+    answer(guard, &behaviour, request.stream, &script, evicted).await
+}
+
+async fn answer(
+    guard: RecordGuard,
+    behaviour: &Behaviour,
+    stream: bool,
+    script: &Script,
+    mut evicted: watch::Receiver<bool>,
+) -> Response {
+    // The guard is owned by this future, so a client leaving now (hyper drops
+    // the future) is recorded by the guard's Drop.
+    let before_first_byte = async {
+        if behaviour.hang_before_first_byte {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(behaviour.ttft_ms)).await;
+    };
+    tokio::select! {
+        () = before_first_byte => {}
+        () = wait_evicted(&mut evicted) => return aborted(guard, Outcome::Evicted),
+    }
+    if stream {
+        sse::respond(guard, script, evicted)
+    } else {
+        completion::respond(guard, script, evicted).await
+    }
+}
+
+fn bad_request(guard: RecordGuard, message: &str) -> Response {
+    let body = error_body(message, "invalid_request_error", None);
+    finish_json(guard, StatusCode::BAD_REQUEST, body)
+}

@@ -1,0 +1,285 @@
+//! Behaviour knobs of a simulated host.
+//!
+//! Everything is `#[serde(default)]` so a test or a JSON config file only
+//! names what it cares about, and `deny_unknown_fields` so a misspelt knob
+//! fails loudly instead of silently testing the default behaviour.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// The text a test puts at the start of the last message to override the
+/// behaviour of that one request.
+pub const DIRECTIVE_PREFIX: &str = "#sim ";
+
+/// Configuration of one simulated host. Replaceable at runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Models the host lists (unless `manifest_sequence` is set).
+    pub models: Vec<String>,
+    /// The Nth `GET /v1/models` returns the Nth list; the last one repeats.
+    /// Chat requests are checked against the list most recently returned
+    /// (the first one before any manifest call).
+    pub manifest_sequence: Option<Vec<Vec<String>>>,
+    /// Answer `GET /v1/models` with this status and an error body.
+    pub manifest_status: Option<u16>,
+    /// When set, `/v1/*` and `/api/*` need `Authorization: Bearer <key>`.
+    pub required_key: Option<String>,
+    /// Model reported as loaded before any chat request arrives.
+    pub initially_loaded: Option<String>,
+    /// Like LM Studio's JIT loader with auto-evict: a chat request for one
+    /// model aborts in-flight streams of every other model.
+    pub auto_evict: bool,
+    /// Behaviour of models without an entry in `per_model`.
+    pub default: Behaviour,
+    pub per_model: HashMap<String, Behaviour>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            models: vec!["sim-model".to_owned()],
+            manifest_sequence: None,
+            manifest_status: None,
+            required_key: None,
+            initially_loaded: None,
+            auto_evict: false,
+            default: Behaviour::default(),
+            per_model: HashMap::new(),
+        }
+    }
+}
+
+impl SimConfig {
+    /// A default configuration listing exactly `models`.
+    pub fn with_models<I, S>(models: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            models: models.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads a JSON-encoded `SimConfig` (as the binary's `--config` does).
+    pub fn from_json_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// The behaviour configured for `model`, before any per-request directive.
+    pub fn behaviour_for(&self, model: &str) -> &Behaviour {
+        self.per_model.get(model).unwrap_or(&self.default)
+    }
+
+    /// The model list served by the `call`-th manifest request (1-based);
+    /// call 0 means "no manifest request yet" and yields the first list.
+    pub fn models_for_manifest_call(&self, call: u64) -> &[String] {
+        match self.manifest_sequence.as_deref() {
+            Some(sequence) if !sequence.is_empty() => {
+                let index = usize::try_from(call.saturating_sub(1)).unwrap_or(usize::MAX);
+                &sequence[index.min(sequence.len() - 1)]
+            }
+            _ => &self.models,
+        }
+    }
+}
+
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid simulator config in {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// How the host answers a chat request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Behaviour {
+    /// Delay before the status line and headers are sent.
+    pub ttft_ms: u64,
+    /// Content tokens; token i reads `"{token_text}{i} "`.
+    pub tokens: usize,
+    /// Delay before every generated piece (reasoning, content, tool-call
+    /// fragment), so a request lasts `ttft_ms + pieces * token_interval_ms`.
+    pub token_interval_ms: u64,
+    pub token_text: String,
+    /// Reasoning tokens (`"think{i} "`), streamed before the content.
+    pub reasoning_tokens: usize,
+    /// A tool call streamed after the content.
+    pub tool_call: Option<ToolCallSpec>,
+    /// Answer this status at once, before `ttft_ms`.
+    pub fail_status: Option<u16>,
+    pub fail_message: String,
+    /// After N content tokens abort the body (the client sees a broken
+    /// connection). If several cut-offs are set, drop wins over end, end over
+    /// hang; a cut-off beyond the generated content applies after it.
+    pub drop_after_tokens: Option<usize>,
+    /// After N content tokens end the body cleanly, without finish or `[DONE]`.
+    pub end_after_tokens: Option<usize>,
+    /// Never send the status line.
+    pub hang_before_first_byte: bool,
+    /// After N content tokens go silent, keeping the connection open.
+    pub hang_after_tokens: Option<usize>,
+    pub send_done: bool,
+    pub send_finish_reason: bool,
+    /// Interleave the junk real servers emit (broken JSON, `choices: null`,
+    /// comments, other SSE fields) with the real chunks.
+    pub malformed: bool,
+    /// After the generated pieces, send an error event instead of finishing.
+    pub in_stream_error: Option<String>,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self {
+            ttft_ms: 0,
+            tokens: 5,
+            token_interval_ms: 0,
+            token_text: "tok".to_owned(),
+            reasoning_tokens: 0,
+            tool_call: None,
+            fail_status: None,
+            fail_message: "simulated failure".to_owned(),
+            drop_after_tokens: None,
+            end_after_tokens: None,
+            hang_before_first_byte: false,
+            hang_after_tokens: None,
+            send_done: true,
+            send_finish_reason: true,
+            malformed: false,
+            in_stream_error: None,
+        }
+    }
+}
+
+impl Behaviour {
+    /// This behaviour with the given top-level fields replaced. Going through
+    /// JSON keeps the override format identical to the config format.
+    pub fn with_overrides(&self, overrides: &Map<String, Value>) -> serde_json::Result<Self> {
+        let mut merged = serde_json::to_value(self)?;
+        if let Value::Object(fields) = &mut merged {
+            for (key, value) in overrides {
+                fields.insert(key.clone(), value.clone());
+            }
+        }
+        serde_json::from_value(merged)
+    }
+}
+
+/// A tool call the simulated model makes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolCallSpec {
+    pub name: String,
+    /// The complete arguments string (normally JSON).
+    pub arguments: String,
+    /// How many deltas the arguments are split over (at least one).
+    pub fragments: usize,
+}
+
+impl Default for ToolCallSpec {
+    fn default() -> Self {
+        Self {
+            name: "sim_tool".to_owned(),
+            arguments: "{}".to_owned(),
+            fragments: 1,
+        }
+    }
+}
+
+/// Message content that makes the simulator apply `overrides` (a JSON object
+/// of `Behaviour` fields) to the request whose last message carries it.
+pub fn sim_directive(overrides: Value) -> String {
+    format!("{DIRECTIVE_PREFIX}{overrides}")
+}
+
+/// The overrides carried by a message's content: `Ok(None)` when it is not a
+/// directive. Text after the JSON object is ignored, so a directive can
+/// precede an ordinary prompt.
+pub(crate) fn parse_directive(content: &str) -> Result<Option<Map<String, Value>>, String> {
+    let Some(rest) = content.strip_prefix(DIRECTIVE_PREFIX) else {
+        return Ok(None);
+    };
+    let mut values = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+    match values.next() {
+        Some(Ok(Value::Object(fields))) => Ok(Some(fields)),
+        Some(Ok(other)) => Err(format!("#sim directive must be a JSON object, got {other}")),
+        Some(Err(err)) => Err(format!("invalid #sim directive: {err}")),
+        None => Err("empty #sim directive".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn overrides_replace_only_the_given_fields() {
+        let base = Behaviour {
+            tokens: 9,
+            ttft_ms: 7,
+            ..Behaviour::default()
+        };
+        let Some(fields) = parse_directive(&sim_directive(json!({"tokens": 2}))).unwrap() else {
+            panic!("directive not recognised");
+        };
+        let merged = base.with_overrides(&fields).unwrap();
+        assert_eq!(merged.tokens, 2);
+        assert_eq!(merged.ttft_ms, 7);
+    }
+
+    #[test]
+    fn directive_may_precede_a_prompt_and_typos_are_rejected() {
+        let parsed = parse_directive("#sim {\"tokens\": 1}\nHello there").unwrap();
+        assert_eq!(parsed.unwrap()["tokens"], 1);
+        assert_eq!(parse_directive("Hello").unwrap(), None);
+        assert!(parse_directive("#sim [1]").is_err());
+        assert!(parse_directive("#sim {oops").is_err());
+        let typo = parse_directive("#sim {\"tokenz\": 1}").unwrap().unwrap();
+        assert!(Behaviour::default().with_overrides(&typo).is_err());
+    }
+
+    #[test]
+    fn manifest_sequence_repeats_its_last_entry() {
+        let config = SimConfig {
+            manifest_sequence: Some(vec![vec![], vec!["m".to_owned()]]),
+            ..SimConfig::default()
+        };
+        assert!(config.models_for_manifest_call(0).is_empty());
+        assert!(config.models_for_manifest_call(1).is_empty());
+        assert_eq!(config.models_for_manifest_call(2), ["m"]);
+        assert_eq!(config.models_for_manifest_call(99), ["m"]);
+        let plain = SimConfig::with_models(["a"]);
+        assert_eq!(plain.models_for_manifest_call(5), ["a"]);
+    }
+
+    #[test]
+    fn partial_json_config_uses_defaults() {
+        let config: SimConfig =
+            serde_json::from_value(json!({"models": ["x"], "default": {"tokens": 1}})).unwrap();
+        assert_eq!(config.models, ["x"]);
+        assert_eq!(config.default.tokens, 1);
+        assert!(config.default.send_done);
+    }
+}

@@ -1,0 +1,296 @@
+//! State shared by the handlers of one simulated host: configuration,
+//! records, counters and the chat requests in flight.
+//!
+//! One `std::sync::Mutex` guards it all; it is only held for short,
+//! non-async sections so that every snapshot is consistent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::config::{Behaviour, SimConfig};
+use super::record::{Outcome, RequestRecord, SimStats, now_us};
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+}
+
+struct State {
+    config: SimConfig,
+    /// Ordered by `seq`, which is handed out under the same lock.
+    records: Vec<RequestRecord>,
+    next_seq: u64,
+    in_flight: BTreeMap<u64, InFlight>,
+    peak_in_flight: usize,
+    manifest_calls: u64,
+    model_overlaps: u64,
+    loaded: Option<String>,
+}
+
+struct InFlight {
+    model: String,
+    /// Flipped to `true` to make the request abort (auto-evict).
+    evict: watch::Sender<bool>,
+}
+
+impl State {
+    fn record_mut(&mut self, seq: u64) -> Option<&mut RequestRecord> {
+        let index = self.records.binary_search_by_key(&seq, |r| r.seq).ok()?;
+        self.records.get_mut(index)
+    }
+
+    fn current_models(&self) -> &[String] {
+        self.config.models_for_manifest_call(self.manifest_calls)
+    }
+
+    fn in_flight_models(&self) -> BTreeSet<String> {
+        self.in_flight.values().map(|f| f.model.clone()).collect()
+    }
+
+    /// Sets the outcome unless one was already set.
+    fn conclude(&mut self, seq: u64, outcome: Outcome) {
+        if let Some(record) = self.record_mut(seq)
+            && record.outcome == Outcome::InProgress
+        {
+            record.outcome = outcome;
+            record.end_us = Some(now_us());
+            tracing::debug!(seq, ?outcome, "request finished");
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(config: SimConfig) -> Self {
+        let loaded = config.initially_loaded.clone();
+        Self {
+            state: Mutex::new(State {
+                config,
+                records: Vec::new(),
+                next_seq: 1,
+                in_flight: BTreeMap::new(),
+                peak_in_flight: 0,
+                manifest_calls: 0,
+                model_overlaps: 0,
+                loaded,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take every later request down with it.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn config(&self) -> SimConfig {
+        self.lock().config.clone()
+    }
+
+    pub(crate) fn update_config(&self, f: impl FnOnce(&mut SimConfig)) {
+        f(&mut self.lock().config);
+    }
+
+    pub(crate) fn records(&self) -> Vec<RequestRecord> {
+        self.lock().records.clone()
+    }
+
+    pub(crate) fn stats(&self) -> SimStats {
+        let state = self.lock();
+        SimStats {
+            peak_in_flight: state.peak_in_flight,
+            in_flight: state.in_flight.len(),
+            manifest_calls: state.manifest_calls,
+            model_overlaps: state.model_overlaps,
+        }
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.lock().in_flight.len()
+    }
+
+    /// Forgets records and counters; requests still in flight keep running
+    /// (unrecorded) and keep counting as in flight.
+    pub(crate) fn reset(&self) {
+        let mut state = self.lock();
+        state.records.clear();
+        state.peak_in_flight = state.in_flight.len();
+        state.manifest_calls = 0;
+        state.model_overlaps = 0;
+        state.loaded = state.config.initially_loaded.clone();
+    }
+
+    pub(crate) fn required_key(&self) -> Option<String> {
+        self.lock().config.required_key.clone()
+    }
+
+    /// Records the arrival of a request.
+    pub(crate) fn begin(
+        self: &Arc<Self>,
+        method: String,
+        path: String,
+        auth: Option<String>,
+    ) -> RecordGuard {
+        let mut state = self.lock();
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        tracing::debug!(seq, %method, %path, "request");
+        let record = RequestRecord {
+            seq,
+            method,
+            path,
+            model: None,
+            auth,
+            stream: false,
+            start_us: now_us(),
+            first_byte_us: None,
+            end_us: None,
+            outcome: Outcome::InProgress,
+            tokens_sent: 0,
+            in_flight_at_start: state.in_flight.len(),
+            other_models_in_flight_at_start: state.in_flight_models().into_iter().collect(),
+            body: Value::Null,
+        };
+        state.records.push(record);
+        RecordGuard {
+            shared: Arc::clone(self),
+            seq,
+            done: false,
+        }
+    }
+
+    /// Counts a `GET /v1/models` and returns what it answers: the model list,
+    /// or the configured failure status.
+    pub(crate) fn manifest_call(&self) -> Result<Vec<String>, u16> {
+        let mut state = self.lock();
+        state.manifest_calls += 1;
+        match state.config.manifest_status {
+            Some(status) => Err(status),
+            None => Ok(state.current_models().to_vec()),
+        }
+    }
+
+    /// The models listed now and the one loaded, without counting a manifest
+    /// call (for the `/api/*` listings).
+    pub(crate) fn listing(&self) -> (Vec<String>, Option<String>) {
+        let state = self.lock();
+        (state.current_models().to_vec(), state.loaded.clone())
+    }
+
+    pub(crate) fn behaviour_for(&self, model: &str) -> Behaviour {
+        self.lock().config.behaviour_for(model).clone()
+    }
+
+    /// Accepts chat request `seq` for `model` if the host lists that model:
+    /// counts it in flight, loads the model and, with auto-evict, aborts the
+    /// streams of other models. The returned receiver turns `true` when this
+    /// request is evicted in turn. `None` means the model is not listed.
+    pub(crate) fn admit_chat(&self, seq: u64, model: &str) -> Option<watch::Receiver<bool>> {
+        let mut state = self.lock();
+        if !state.current_models().iter().any(|m| m == model) {
+            return None;
+        }
+        // Taken before evicting: the record should show what the request
+        // arrived into, which is what a dispatcher is judged on.
+        let others = state.in_flight_models();
+        if others.iter().any(|m| m != model) {
+            state.model_overlaps += 1;
+        }
+        if state.config.auto_evict {
+            let victims: Vec<u64> = state
+                .in_flight
+                .iter()
+                .filter(|(_, f)| f.model != model)
+                .map(|(&victim, _)| victim)
+                .collect();
+            for victim in victims {
+                state.conclude(victim, Outcome::Evicted);
+                if let Some(entry) = state.in_flight.get(&victim) {
+                    // The victim stays in flight until its stream has ended.
+                    entry.evict.send_replace(true);
+                }
+            }
+        }
+        let (evict, evicted) = watch::channel(false);
+        state.in_flight.insert(
+            seq,
+            InFlight {
+                model: model.to_owned(),
+                evict,
+            },
+        );
+        let in_flight = state.in_flight.len();
+        state.peak_in_flight = state.peak_in_flight.max(in_flight);
+        state.loaded = Some(model.to_owned());
+        if let Some(record) = state.record_mut(seq) {
+            record.in_flight_at_start = in_flight;
+            record.other_models_in_flight_at_start = others.into_iter().collect();
+        }
+        Some(evicted)
+    }
+
+    fn update_record(&self, seq: u64, f: impl FnOnce(&mut RequestRecord)) {
+        if let Some(record) = self.lock().record_mut(seq) {
+            f(record);
+        }
+    }
+
+    fn settle(&self, seq: u64, outcome: Outcome) {
+        let mut state = self.lock();
+        state.in_flight.remove(&seq);
+        state.conclude(seq, outcome);
+    }
+}
+
+/// Owns one request's record until it is finished. Dropping it unfinished
+/// means hyper dropped the handler future or the response body, i.e. the
+/// client went away, so that is what gets recorded.
+pub(crate) struct RecordGuard {
+    shared: Arc<Shared>,
+    seq: u64,
+    done: bool,
+}
+
+impl RecordGuard {
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub(crate) fn update(&self, f: impl FnOnce(&mut RequestRecord)) {
+        self.shared.update_record(self.seq, f);
+    }
+
+    /// Notes that the status line is going out now (first call wins).
+    pub(crate) fn first_byte(&self) {
+        self.update(|record| {
+            record.first_byte_us.get_or_insert_with(now_us);
+        });
+    }
+
+    /// Records the outcome (unless one was set already, e.g. by an eviction)
+    /// and stops counting the request as in flight. Later calls do nothing.
+    pub(crate) fn finish(&mut self, outcome: Outcome) {
+        if !self.done {
+            self.done = true;
+            self.shared.settle(self.seq, outcome);
+        }
+    }
+}
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        self.finish(Outcome::ClientDisconnected);
+    }
+}
+
+/// Resolves once `evicted` turns `true`; never if the request is not evicted.
+pub(crate) async fn wait_evicted(evicted: &mut watch::Receiver<bool>) {
+    if evicted.wait_for(|&e| e).await.is_err() {
+        // The sender is gone only once the request has settled.
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,161 @@
+//! Shared test support: simulated hosts on loopback and a dispatcher pointed at them.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use prix_dispatch::config::{Config, ConfigSource, HostConfig, QueueSettings, ServerSettings};
+use prix_dispatch::sim::{Behaviour, RequestRecord, SimConfig, SimHost};
+use prix_dispatch::task::{ApiKey, TaskSpec};
+use prix_dispatch::{CompletionRequest, DispatchStatus, Dispatcher};
+use serde_json::{Value, json};
+
+pub struct Fleet {
+    pub sims: Vec<SimHost>,
+    pub dispatcher: Dispatcher,
+}
+
+/// One simulated host: its models, slots, behaviour and optional key.
+pub struct HostPlan {
+    pub models: Vec<&'static str>,
+    pub slots: usize,
+    pub sim: SimConfig,
+    pub api_key: Option<&'static str>,
+}
+
+pub fn host(models: &[&'static str]) -> HostPlan {
+    HostPlan {
+        models: models.to_vec(),
+        slots: 1,
+        sim: SimConfig::default(),
+        api_key: None,
+    }
+}
+
+impl HostPlan {
+    pub fn slots(mut self, n: usize) -> Self {
+        self.slots = n;
+        self
+    }
+    pub fn behaviour(mut self, b: Behaviour) -> Self {
+        self.sim.default = b;
+        self
+    }
+    pub fn sim(mut self, f: impl FnOnce(&mut SimConfig)) -> Self {
+        f(&mut self.sim);
+        self
+    }
+    pub fn key(mut self, key: &'static str) -> Self {
+        self.api_key = Some(key);
+        self
+    }
+}
+
+/// Default behaviour for tests: a few fast tokens.
+pub fn quick(tokens: usize, interval_ms: u64) -> Behaviour {
+    Behaviour {
+        tokens,
+        token_interval_ms: interval_ms,
+        ..Behaviour::default()
+    }
+}
+
+impl Fleet {
+    pub async fn start(plans: Vec<HostPlan>) -> Fleet {
+        Self::start_with(plans, QueueSettings::default()).await
+    }
+
+    pub async fn start_with(plans: Vec<HostPlan>, queue: QueueSettings) -> Fleet {
+        let mut sims = Vec::new();
+        let mut hosts = Vec::new();
+        for (i, plan) in plans.into_iter().enumerate() {
+            let mut sim_config = plan.sim;
+            sim_config.models = plan.models.iter().map(|m| m.to_string()).collect();
+            let sim = SimHost::start(sim_config).await.expect("sim starts");
+            hosts.push(HostConfig {
+                name: format!("gpu{i}"),
+                base_url: sim.url(),
+                slots: plan.slots,
+                api_key: plan.api_key.map(ApiKey::new),
+            });
+            sims.push(sim);
+        }
+        let config = Config {
+            source: ConfigSource::Environment,
+            server: ServerSettings::default(),
+            queue,
+            hosts,
+        };
+        let dispatcher = Dispatcher::start(&config);
+        Fleet { sims, dispatcher }
+    }
+
+    pub async fn status(&self) -> DispatchStatus {
+        self.dispatcher.status().await.expect("scheduler alive")
+    }
+
+    /// Waits until every slot is free again, or panics with the state after `limit`.
+    pub async fn assert_all_slots_return(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status = self.status().await;
+            if status
+                .hosts
+                .iter()
+                .all(|h| h.active == 0 && h.current_model.is_none())
+            {
+                return;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("slots did not return: {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    pub fn chat_records(&self, host: usize) -> Vec<RequestRecord> {
+        self.sims[host].chat_records()
+    }
+
+    pub async fn shutdown(self) {
+        self.dispatcher.shutdown();
+        for sim in self.sims {
+            sim.shutdown().await;
+        }
+    }
+}
+
+/// A request with one user message; `extra` fields are merged into the tool parameters.
+pub fn spec(model: &str, content: &str, extra: Value) -> TaskSpec {
+    let mut body = json!({
+        "model_id": model,
+        "messages": [{"role": "user", "content": content}],
+        "timeout_seconds": 10,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::from_value::<CompletionRequest>(body)
+        .expect("valid request")
+        .into_spec()
+        .expect("valid spec")
+}
+
+/// Checks from the hosts' own records that no host ever ran more than `slots` requests, or
+/// two models, at once.
+pub fn assert_host_invariants(records: &[RequestRecord], slots: usize) {
+    for r in records {
+        assert!(
+            r.in_flight_at_start <= slots,
+            "host had {} requests in flight (slots {slots}): {r:?}",
+            r.in_flight_at_start
+        );
+        assert!(
+            r.other_models_in_flight_at_start
+                .iter()
+                .all(|m| Some(m) == r.model.as_ref()),
+            "host ran two models at once: {r:?}"
+        );
+    }
+}

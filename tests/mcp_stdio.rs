@@ -1,0 +1,252 @@
+//! End to end: the built `prix-dispatch stdio` binary driven by rmcp's MCP client, against a
+//! simulated host: tool listing, streaming with progress, error results, cancellation by
+//! `notifications/cancelled`, and by the client closing stdin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prix_dispatch::sim::{Outcome, SimConfig, SimHost, sim_directive};
+use rmcp::ServiceExt;
+use rmcp::handler::client::ClientHandler;
+use rmcp::model::{CallToolRequestParams, CallToolResult, ProgressNotificationParam};
+use rmcp::service::{NotificationContext, RoleClient, RunningService};
+use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+#[derive(Clone, Default)]
+struct Collector {
+    progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
+}
+
+impl ClientHandler for Collector {
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _: NotificationContext<RoleClient>,
+    ) {
+        self.progress.lock().await.push(params);
+    }
+}
+
+struct Session {
+    client: RunningService<RoleClient, Collector>,
+    progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
+    _config: TempConfig,
+}
+
+struct TempConfig(std::path::PathBuf);
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+async fn connect(sim: &SimHost, tag: &str) -> Session {
+    let path = std::env::temp_dir().join(format!(
+        "prix-dispatch-test-{}-{tag}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        format!("[[host]]\nname = \"gpu0\"\nurl = \"{}/v1\"\n", sim.url()),
+    )
+    .unwrap();
+    let command =
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch")).configure(|c| {
+            c.arg("stdio")
+                .arg("--config")
+                .arg(&path)
+                .env("RUST_LOG", "warn");
+        });
+    let collector = Collector::default();
+    let progress = collector.progress.clone();
+    let client = collector
+        .serve(TokioChildProcess::new(command).unwrap())
+        .await
+        .expect("MCP handshake");
+    Session {
+        client,
+        progress,
+        _config: TempConfig(path),
+    }
+}
+
+fn call(name: &str, args: Value) -> CallToolRequestParams {
+    CallToolRequestParams::new(name.to_string()).with_arguments(args.as_object().unwrap().clone())
+}
+
+fn text(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn tools_progress_and_results_over_stdio() {
+    let sim = SimHost::start(SimConfig {
+        models: vec!["m".into()],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let s = connect(&sim, "progress").await;
+
+    let tools = s.client.list_all_tools().await.unwrap();
+    let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "complete",
+            "complete_stream",
+            "dispatch_status",
+            "list_models"
+        ]
+    );
+    let complete = tools.iter().find(|t| t.name == "complete_stream").unwrap();
+    let schema = serde_json::to_value(&complete.input_schema).unwrap();
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(required.contains(&"model_id") && required.contains(&"messages"));
+    assert_eq!(schema["properties"]["temperature"]["default"], 0.7);
+    assert_eq!(schema["properties"]["max_tokens"]["default"], 2048);
+
+    let args = json!({
+        "model_id": "m",
+        "messages": [{"role": "user", "content": sim_directive(json!({"tokens": 6, "token_interval_ms": 20}))}],
+    });
+    let result = s
+        .client
+        .call_tool(call("complete_stream", args))
+        .await
+        .unwrap();
+    assert_eq!(result.is_error, Some(false));
+    assert_eq!(text(&result), "tok0 tok1 tok2 tok3 tok4 tok5 ");
+    let structured = result.structured_content.clone().unwrap();
+    assert_eq!(structured["host"], "gpu0");
+    assert_eq!(structured["finish_reason"], "stop");
+    assert!(structured["latency_ms"].as_f64().unwrap() > 0.0);
+    assert!(structured["queue_wait_ms"].as_f64().is_some());
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let progress = s.progress.lock().await.clone();
+    assert!(
+        !progress.is_empty(),
+        "progress notifications arrive for a call with a token"
+    );
+    let values: Vec<f64> = progress.iter().map(|p| p.progress).collect();
+    assert!(
+        values.windows(2).all(|w| w[1] > w[0]),
+        "progress strictly increases: {values:?}"
+    );
+    let messages: Vec<String> = progress.iter().filter_map(|p| p.message.clone()).collect();
+    assert!(
+        messages.iter().any(|m| m.starts_with("running m on gpu0")),
+        "{messages:?}"
+    );
+    let deltas: String = messages
+        .iter()
+        .filter(|m| m.starts_with("tok"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        deltas, "tok0 tok1 tok2 tok3 tok4 tok5 ",
+        "every delta arrived as progress"
+    );
+
+    // Errors are tool results with isError, readable text, kind and retryable.
+    let bad = s
+        .client
+        .call_tool(call(
+            "complete",
+            json!({"model_id": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(bad.is_error, Some(true));
+    assert!(text(&bad).contains("Model 'nope' not available on any server"));
+    let data = bad.structured_content.unwrap();
+    assert_eq!(data["kind"], "model_not_available");
+    assert_eq!(data["retryable"], false);
+
+    let invalid = s
+        .client
+        .call_tool(call("complete", json!({"model_id": "m", "messages": []})))
+        .await
+        .unwrap();
+    assert_eq!(invalid.is_error, Some(true));
+    assert_eq!(
+        invalid.structured_content.unwrap()["kind"],
+        "invalid_request"
+    );
+
+    let models = s
+        .client
+        .call_tool(call("list_models", json!({})))
+        .await
+        .unwrap();
+    let data = models.structured_content.unwrap();
+    assert_eq!(data["models"], json!(["m"]));
+    assert_eq!(data["unreachable"], json!([]));
+    assert_eq!(data["hosts"][0]["name"], "gpu0");
+
+    s.client.cancel().await.unwrap();
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancellation_and_closed_stdin_stop_the_host() {
+    let sim = SimHost::start(SimConfig {
+        models: vec!["m".into()],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let s = connect(&sim, "cancel").await;
+    let long = json!({
+        "model_id": "m",
+        "messages": [{"role": "user", "content": sim_directive(json!({"tokens": 200, "token_interval_ms": 20}))}],
+    });
+
+    // Abandoning the call sends notifications/cancelled: the host connection must drop.
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(300),
+        s.client.call_tool(call("complete_stream", long.clone())),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the call was still running");
+    assert!(
+        sim.wait_idle(Duration::from_secs(2)).await,
+        "host still streaming after cancel"
+    );
+    assert_eq!(sim.chat_records()[0].outcome, Outcome::ClientDisconnected);
+    let status = s
+        .client
+        .call_tool(call("dispatch_status", json!({})))
+        .await
+        .unwrap();
+    let status = status.structured_content.unwrap();
+    assert_eq!(status["hosts"][0]["active"], 0);
+    assert_eq!(status["counters"]["cancelled"], 1);
+
+    // The session still works, and a client that closes stdin stops its work too.
+    let peer = s.client.peer().clone();
+    let running = tokio::spawn(async move { peer.call_tool(call("complete_stream", long)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sim.stats().in_flight, 1);
+    s.client.cancel().await.unwrap();
+    assert!(
+        sim.wait_idle(Duration::from_secs(2)).await,
+        "host still streaming after stdin closed"
+    );
+    assert_eq!(sim.chat_records()[1].outcome, Outcome::ClientDisconnected);
+    let _ = running.await;
+    sim.shutdown().await;
+}
