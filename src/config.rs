@@ -455,6 +455,18 @@ mod tests {
     }
 
     #[test]
+    fn shipped_configs_are_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let c = Config::from_file(&root.join("config/prix-dispatch.toml"), &no_env).unwrap();
+        assert_eq!(c.hosts[0].base_url, "http://127.0.0.1:1234");
+        let env = |k: &str| (k == "WS_B_LMSTUDIO_TOKEN").then(|| "token".to_string());
+        let c = Config::from_file(&root.join("config/example-fleet.toml"), &env).unwrap();
+        let slots: Vec<usize> = c.hosts.iter().map(|h| h.slots).collect();
+        assert_eq!(slots, [1, 2, 1]);
+        assert!(c.hosts[2].api_key.is_some() && c.hosts[0].api_key.is_none());
+    }
+
+    #[test]
     fn prompt_prix_environment_fallback() {
         let vars = [
             ("LOCAL_INFERENCE_SERVER_1", "http://10.0.0.1:1234/v1"),

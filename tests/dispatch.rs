@@ -599,3 +599,92 @@ async fn queue_wait_is_reported_apart_from_latency() {
     );
     fleet.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_dead_host_is_reported_and_the_rest_of_the_fleet_serves() {
+    // upstream: server0 refuses connections → only server1's models are listed, server0 is
+    // unreachable, and work still flows.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let config = prix_dispatch::Config {
+        source: prix_dispatch::config::ConfigSource::Environment,
+        server: Default::default(),
+        queue: Default::default(),
+        hosts: vec![
+            prix_dispatch::config::HostConfig {
+                name: "dead".into(),
+                base_url: dead_url.clone(),
+                slots: 1,
+                api_key: None,
+            },
+            prix_dispatch::config::HostConfig {
+                name: "alive".into(),
+                base_url: fleet.sims[0].url(),
+                slots: 1,
+                api_key: None,
+            },
+        ],
+    };
+    let dispatcher = prix_dispatch::Dispatcher::start(&config);
+    let r = dispatcher
+        .run(spec("m", "hi", json!({})), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.host, "alive");
+    let status = dispatcher.status().await.unwrap();
+    let dead_host = &status.hosts[0];
+    assert!(!dead_host.reachable && dead_host.models.is_empty());
+    let why = dead_host.last_error.as_deref().unwrap();
+    assert!(why.to_lowercase().contains("connect"), "{why}");
+    assert_eq!(dead_host.url, dead_url);
+    dispatcher.shutdown();
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn queue_timeout_fails_the_waiting_task_and_not_the_running_one() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let d = &fleet.dispatcher;
+    let (running, waiting) =
+        tokio::join!(d.run(spec("m", &sized(4, 50), json!({})), |_| {}), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            d.run(
+                spec("m", "hi", json!({"queue_timeout_seconds": 0.1})),
+                |_| {},
+            )
+            .await
+        });
+    let e = waiting.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::QueueTimeout);
+    assert!(e.message.contains("timeout") && e.retryable, "{e}");
+    running.expect("the running task keeps its slot and finishes");
+    assert_eq!(
+        fleet.chat_records(0).len(),
+        1,
+        "the timed-out task never reached the host"
+    );
+    fleet.shutdown().await;
+}
+
+#[tokio::test]
+async fn sequential_models_on_one_host_follow_each_other() {
+    // upstream: only s0 lists [A, B]; A then B gives exactly [A, B] on s0 (the guard resets).
+    let fleet = Fleet::start(vec![host(&["model-a", "model-b"]).slots(2), host(&[])]).await;
+    for m in ["model-a", "model-b"] {
+        fleet
+            .dispatcher
+            .run(spec(m, "hi", json!({})), |_| {})
+            .await
+            .unwrap();
+    }
+    let models: Vec<String> = fleet
+        .chat_records(0)
+        .iter()
+        .filter_map(|r| r.model.clone())
+        .collect();
+    assert_eq!(models, ["model-a", "model-b"]);
+    fleet.assert_all_slots_return(Duration::from_secs(1)).await;
+    fleet.shutdown().await;
+}

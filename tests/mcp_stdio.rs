@@ -197,6 +197,25 @@ async fn tools_progress_and_results_over_stdio() {
     assert_eq!(data["unreachable"], json!([]));
     assert_eq!(data["hosts"][0]["name"], "gpu0");
 
+    // Concurrent calls on one session share the one queue: one host, one slot, one at a time.
+    let calls = (0..4).map(|i| {
+        let args = json!({
+            "model_id": "m",
+            "messages": [{"role": "user", "content": sim_directive(json!({"tokens": 3, "token_interval_ms": 10}))}],
+            "seed": i,
+        });
+        s.client.call_tool(call("complete", args))
+    });
+    for r in futures::future::join_all(calls).await {
+        assert_eq!(r.unwrap().is_error, Some(false));
+    }
+    assert_eq!(
+        sim.stats().peak_in_flight,
+        1,
+        "two requests were on the one slot at once"
+    );
+    assert_eq!(sim.chat_records().len(), 5);
+
     s.client.cancel().await.unwrap();
     sim.shutdown().await;
 }
