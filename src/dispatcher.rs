@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::backend::{self, HostClient};
 use crate::config::Config;
 use crate::error::DispatchError;
-use crate::scheduler::state::{Counters, HostId, Limits};
+use crate::scheduler::state::{Counters, HostId, HostSnapshot, Limits};
 use crate::scheduler::{Scheduler, TaskHandle};
 use crate::task::{CompletionResult, TaskEvent, TaskSpec};
 use crate::worker;
@@ -34,21 +34,11 @@ impl Drop for Inner {
 /// Per-host state for `list_models`, `dispatch_status` and `/status`. Never holds a key.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct HostStatus {
-    pub name: String,
+    #[serde(flatten)]
+    pub state: HostSnapshot,
     pub url: String,
-    pub slots: usize,
-    pub active: usize,
-    /// The model streaming now (the drain guard keeps other models out until it finishes).
-    pub current_model: Option<String>,
-    pub models: Vec<String>,
-    /// Models loaded in memory, when the host tells (LM Studio); null when unknown.
-    pub loaded_models: Option<Vec<String>>,
-    /// Why the last manifest read failed, if it did.
-    pub last_error: Option<String>,
     /// True when the last manifest read succeeded.
     pub reachable: bool,
-    /// Tasks started on this host since the daemon started.
-    pub tasks_started: u64,
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -59,30 +49,7 @@ pub struct DispatchStatus {
     pub queued_total: usize,
     /// Tasks waiting for a manifest read to learn whether any host has their model.
     pub awaiting_manifest: usize,
-    pub counters: CounterStatus,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, JsonSchema)]
-pub struct CounterStatus {
-    pub submitted: u64,
-    pub started: u64,
-    pub completed: u64,
-    pub failed: u64,
-    pub cancelled: u64,
-    pub rejected: u64,
-}
-
-impl From<Counters> for CounterStatus {
-    fn from(c: Counters) -> Self {
-        Self {
-            submitted: c.submitted,
-            started: c.started,
-            completed: c.completed,
-            failed: c.failed,
-            cancelled: c.cancelled,
-            rejected: c.rejected,
-        }
-    }
+    pub counters: Counters,
 }
 
 impl Dispatcher {
@@ -132,17 +99,10 @@ impl Dispatcher {
             .hosts
             .into_iter()
             .zip(self.inner.hosts.iter())
-            .map(|(s, client)| HostStatus {
-                reachable: s.last_error.is_none(),
-                name: s.name,
+            .map(|(state, client)| HostStatus {
+                reachable: state.last_error.is_none(),
                 url: client.base_url.clone(),
-                slots: s.slots,
-                active: s.active,
-                current_model: s.current_model,
-                models: s.models,
-                loaded_models: s.loaded_models,
-                last_error: s.last_error,
-                tasks_started: s.started,
+                state,
             })
             .collect();
         Ok(DispatchStatus {
@@ -150,7 +110,7 @@ impl Dispatcher {
             queued_total: snapshot.queue.values().sum(),
             queue: snapshot.queue,
             awaiting_manifest: snapshot.awaiting_manifest,
-            counters: snapshot.counters.into(),
+            counters: snapshot.counters,
         })
     }
 

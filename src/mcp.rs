@@ -89,7 +89,11 @@ impl PrixServer {
             Ok(s) => s,
             Err(e) => return Ok(error_result(&e)),
         };
-        let mut models: Vec<String> = status.hosts.iter().flat_map(|h| h.models.clone()).collect();
+        let mut models: Vec<String> = status
+            .hosts
+            .iter()
+            .flat_map(|h| h.state.models.clone())
+            .collect();
         models.sort();
         models.dedup();
         let list = ModelList {
@@ -97,12 +101,12 @@ impl PrixServer {
             servers: status
                 .hosts
                 .iter()
-                .map(|h| (h.url.clone(), h.models.clone()))
+                .map(|h| (h.url.clone(), h.state.models.clone()))
                 .collect(),
             unreachable: status
                 .hosts
                 .iter()
-                .filter(|h| h.models.is_empty())
+                .filter(|h| h.state.models.is_empty())
                 .map(|h| h.url.clone())
                 .collect(),
             hosts: status.hosts,

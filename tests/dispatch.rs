@@ -635,8 +635,8 @@ async fn a_dead_host_is_reported_and_the_rest_of_the_fleet_serves() {
     assert_eq!(r.host, "alive");
     let status = dispatcher.status().await.unwrap();
     let dead_host = &status.hosts[0];
-    assert!(!dead_host.reachable && dead_host.models.is_empty());
-    let why = dead_host.last_error.as_deref().unwrap();
+    assert!(!dead_host.reachable && dead_host.state.models.is_empty());
+    let why = dead_host.state.last_error.as_deref().unwrap();
     assert!(why.to_lowercase().contains("connect"), "{why}");
     assert_eq!(dead_host.url, dead_url);
     dispatcher.shutdown();

@@ -258,9 +258,9 @@ async fn lm_studio_loaded_state_is_reported() {
     fleet.dispatcher.refresh_manifests().await.unwrap();
     let status = fleet.status().await;
     assert_eq!(
-        status.hosts[0].loaded_models.as_deref(),
+        status.hosts[0].state.loaded_models.as_deref(),
         Some(&["n".to_string()][..])
     );
-    assert_eq!(status.hosts[0].models, vec!["m", "n"]);
+    assert_eq!(status.hosts[0].state.models, vec!["m", "n"]);
     fleet.shutdown().await;
 }

@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -89,7 +90,8 @@ impl Host {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+/// Tasks by what became of them since the daemon started.
+#[derive(Debug, Default, Clone, Copy, Serialize, JsonSchema, PartialEq, Eq)]
 pub struct Counters {
     pub submitted: u64,
     pub started: u64,
@@ -110,16 +112,21 @@ pub struct Snapshot {
     pub counters: Counters,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct HostSnapshot {
     pub name: String,
     pub slots: usize,
+    /// Requests in flight now.
     pub active: usize,
+    /// The model streaming now (the drain guard keeps other models out until it finishes).
     pub current_model: Option<String>,
     pub models: Vec<String>,
+    /// Models loaded in memory, when the host tells (LM Studio); null when unknown.
     pub loaded_models: Option<Vec<String>>,
+    /// Why the last manifest read failed, if it did.
     pub last_error: Option<String>,
-    pub started: u64,
+    /// Tasks started on this host since the daemon started.
+    pub tasks_started: u64,
 }
 
 pub struct DispatchState<T> {
@@ -412,7 +419,7 @@ impl<T: Queueable> DispatchState<T> {
                     models: h.models.iter().cloned().collect(),
                     loaded_models: h.loaded.clone(),
                     last_error: h.last_error.clone(),
-                    started: h.started,
+                    tasks_started: h.started,
                 })
                 .collect(),
             queue: self

@@ -101,7 +101,7 @@ impl Fleet {
             if status
                 .hosts
                 .iter()
-                .all(|h| h.active == 0 && h.current_model.is_none())
+                .all(|h| h.state.active == 0 && h.state.current_model.is_none())
             {
                 return;
             }

@@ -32,6 +32,22 @@ impl Queueable for T {
     }
 }
 
+fn listed(host: usize, models: &[&str]) -> ManifestReport {
+    ManifestReport {
+        host: HostId(host),
+        models: Ok(models.iter().map(|m| m.to_string()).collect()),
+        loaded: None,
+    }
+}
+
+fn failed(host: usize, why: &str) -> ManifestReport {
+    ManifestReport {
+        host: HostId(host),
+        models: Err(why.to_string()),
+        loaded: None,
+    }
+}
+
 struct Harness {
     state: DispatchState<T>,
     now: Instant,
@@ -51,11 +67,7 @@ impl Harness {
         let reports = hosts
             .iter()
             .enumerate()
-            .map(|(i, (_, models))| ManifestReport {
-                host: HostId(i),
-                models: Ok(models.iter().map(|m| m.to_string()).collect()),
-                loaded: None,
-            })
+            .map(|(i, (_, models))| listed(i, models))
             .collect();
         let d = h.state.manifests_read(reports, h.now);
         h.apply(d);
@@ -355,21 +367,9 @@ fn tasks_before_the_first_manifest_read_wait_for_it() {
         "single flight: no second read while one runs"
     );
     assert_eq!(h.host_of(a), None);
-    let d = h.state.manifests_read(
-        vec![
-            ManifestReport {
-                host: HostId(0),
-                models: Ok(vec!["a".into()]),
-                loaded: None,
-            },
-            ManifestReport {
-                host: HostId(1),
-                models: Err("HTTP 401".into()),
-                loaded: None,
-            },
-        ],
-        h.now,
-    );
+    let d = h
+        .state
+        .manifests_read(vec![listed(0, &["a"]), failed(1, "HTTP 401")], h.now);
     h.apply(d);
     assert_eq!(h.host_of(a), Some(0));
     assert!(
@@ -377,21 +377,9 @@ fn tasks_before_the_first_manifest_read_wait_for_it() {
         "the first read began before zzz arrived: it gets one more"
     );
     assert_eq!(h.manifest_reads, 2);
-    let d = h.state.manifests_read(
-        vec![
-            ManifestReport {
-                host: HostId(0),
-                models: Ok(vec!["a".into()]),
-                loaded: None,
-            },
-            ManifestReport {
-                host: HostId(1),
-                models: Err("HTTP 401".into()),
-                loaded: None,
-            },
-        ],
-        h.now,
-    );
+    let d = h
+        .state
+        .manifests_read(vec![listed(0, &["a"]), failed(1, "HTTP 401")], h.now);
     h.apply(d);
     let (id, err) = &h.failed[0];
     assert_eq!(*id, z);
@@ -411,14 +399,7 @@ fn unknown_model_triggers_one_coalesced_reread() {
     let reads = h.manifest_reads;
     let ids: Vec<u64> = (0..50).map(|_| h.submit("b")).collect();
     assert_eq!(h.manifest_reads, reads + 1, "50 requests, one re-read");
-    let d = h.state.manifests_read(
-        vec![ManifestReport {
-            host: HostId(0),
-            models: Ok(vec!["a".into(), "b".into()]),
-            loaded: None,
-        }],
-        h.now,
-    );
+    let d = h.state.manifests_read(vec![listed(0, &["a", "b"])], h.now);
     h.apply(d);
     assert_eq!(
         h.host_of(ids[0]),
@@ -433,18 +414,7 @@ fn no_models_anywhere_names_each_hosts_error() {
     let mut h = Harness::unread(&[(1, &[]), (1, &[])], LONG);
     let x = h.submit("a");
     let d = h.state.manifests_read(
-        vec![
-            ManifestReport {
-                host: HostId(0),
-                models: Err("connection refused".into()),
-                loaded: None,
-            },
-            ManifestReport {
-                host: HostId(1),
-                models: Err("HTTP 401".into()),
-                loaded: None,
-            },
-        ],
+        vec![failed(0, "connection refused"), failed(1, "HTTP 401")],
         h.now,
     );
     h.apply(d);
@@ -452,18 +422,7 @@ fn no_models_anywhere_names_each_hosts_error() {
         h.manifest_reads, 2,
         "one more read for a task that arrived during the first"
     );
-    let reports = vec![
-        ManifestReport {
-            host: HostId(0),
-            models: Err("connection refused".into()),
-            loaded: None,
-        },
-        ManifestReport {
-            host: HostId(1),
-            models: Err("HTTP 401".into()),
-            loaded: None,
-        },
-    ];
+    let reports = vec![failed(0, "connection refused"), failed(1, "HTTP 401")];
     let d = h.state.manifests_read(reports, h.now);
     h.apply(d);
     let (id, err) = &h.failed[0];
