@@ -55,6 +55,8 @@ pub struct Config {
     pub source: ConfigSource,
     pub server: ServerSettings,
     pub queue: QueueSettings,
+    pub health: HealthSettings,
+    pub timeouts: TimeoutSettings,
     pub hosts: Vec<HostConfig>,
 }
 
@@ -63,6 +65,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub auth_token_env: Option<String>,
     pub max_request_bytes: usize,
+    /// How long running tasks may finish after SIGINT/SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +75,30 @@ pub struct QueueSettings {
     /// Default bound on a task's wait in the queue; `None` waits as long as needed.
     pub wait_timeout: Option<Duration>,
     pub max_bypass: Duration,
+    /// Most times one task is sent to a host; retries only before any response byte.
+    pub max_attempts: u32,
+    /// How long a task waits for a host of its model to come back.
+    pub host_wait: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// How often a host that is out of rotation is probed.
+    pub probe_interval: Duration,
+    /// How often every manifest is re-read.
+    pub manifest_refresh: Duration,
+    /// Consecutive 5xx answers that cool a host down (circuit breaker).
+    pub failure_threshold: u32,
+    pub cooldown: Duration,
+}
+
+/// Defaults for the per-task timeouts of the same names.
+#[derive(Debug, Clone)]
+pub struct TimeoutSettings {
+    /// From sending a request to the host's first byte (covers a cold model load).
+    pub first_token: Duration,
+    /// Longest silence between bytes after the first.
+    pub inactivity: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +116,27 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8765)),
             auth_token_env: None,
             max_request_bytes: 16 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            probe_interval: Duration::from_secs(5),
+            manifest_refresh: Duration::from_secs(60),
+            failure_threshold: 3,
+            cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for TimeoutSettings {
+    fn default() -> Self {
+        Self {
+            first_token: Duration::from_secs(600),
+            inactivity: Duration::from_secs(300),
         }
     }
 }
@@ -98,6 +147,8 @@ impl Default for QueueSettings {
             max_pending: 10_000,
             wait_timeout: None,
             max_bypass: Duration::from_secs(30),
+            max_attempts: 2,
+            host_wait: Duration::from_secs(30),
         }
     }
 }
@@ -112,6 +163,10 @@ struct FileConfig {
     #[serde(default)]
     queue: FileQueue,
     #[serde(default)]
+    health: FileHealth,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+    #[serde(default)]
     host: Vec<FileHost>,
 }
 
@@ -121,6 +176,7 @@ struct FileServer {
     listen: Option<String>,
     auth_token_env: Option<String>,
     max_request_bytes: Option<u64>,
+    shutdown_grace_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,6 +185,24 @@ struct FileQueue {
     max_pending: Option<i64>,
     wait_timeout_seconds: Option<f64>,
     max_bypass_seconds: Option<f64>,
+    max_attempts: Option<i64>,
+    host_wait_seconds: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealth {
+    probe_interval_seconds: Option<f64>,
+    manifest_refresh_seconds: Option<f64>,
+    failure_threshold: Option<i64>,
+    cooldown_seconds: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    first_token_timeout_seconds: Option<f64>,
+    timeout_seconds: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -233,6 +307,48 @@ impl Config {
             })?;
         }
 
+        if let Some(s) = file.server.shutdown_grace_seconds {
+            server.shutdown_grace =
+                seconds(s, "[server] shutdown_grace_seconds", true).map_err(&invalid)?;
+        }
+        if let Some(n) = file.queue.max_attempts {
+            queue.max_attempts = u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                invalid(format!("[queue] max_attempts must be at least 1, got {n}"))
+            })?;
+        }
+        if let Some(s) = file.queue.host_wait_seconds {
+            queue.host_wait = seconds(s, "[queue] host_wait_seconds", true).map_err(&invalid)?;
+        }
+        let mut health = HealthSettings::default();
+        if let Some(s) = file.health.probe_interval_seconds {
+            health.probe_interval =
+                seconds(s, "[health] probe_interval_seconds", false).map_err(&invalid)?;
+        }
+        if let Some(s) = file.health.manifest_refresh_seconds {
+            health.manifest_refresh =
+                seconds(s, "[health] manifest_refresh_seconds", false).map_err(&invalid)?;
+        }
+        if let Some(n) = file.health.failure_threshold {
+            health.failure_threshold =
+                u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    invalid(format!(
+                        "[health] failure_threshold must be at least 1, got {n}"
+                    ))
+                })?;
+        }
+        if let Some(s) = file.health.cooldown_seconds {
+            health.cooldown = seconds(s, "[health] cooldown_seconds", true).map_err(&invalid)?;
+        }
+        let mut timeouts = TimeoutSettings::default();
+        if let Some(s) = file.timeouts.first_token_timeout_seconds {
+            timeouts.first_token =
+                seconds(s, "[timeouts] first_token_timeout_seconds", false).map_err(&invalid)?;
+        }
+        if let Some(s) = file.timeouts.timeout_seconds {
+            timeouts.inactivity =
+                seconds(s, "[timeouts] timeout_seconds", false).map_err(&invalid)?;
+        }
+
         if file.host.is_empty() {
             return Err(invalid(
                 "no [[host]] entries: add at least one, e.g. [[host]] name = \"gpu0\" url = \"http://127.0.0.1:1234\""
@@ -290,6 +406,8 @@ impl Config {
             source,
             server,
             queue,
+            health,
+            timeouts,
             hosts,
         })
     }
@@ -330,12 +448,34 @@ impl Config {
         if hosts.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Config {
-            source: ConfigSource::Environment,
+        Ok(Some(Config::with_hosts(ConfigSource::Environment, hosts)))
+    }
+}
+
+impl Config {
+    /// All defaults around these hosts (tests, the demo, the environment fallback).
+    pub fn with_hosts(source: ConfigSource, hosts: Vec<HostConfig>) -> Config {
+        Config {
+            source,
             server: ServerSettings::default(),
             queue: QueueSettings::default(),
+            health: HealthSettings::default(),
+            timeouts: TimeoutSettings::default(),
             hosts,
-        }))
+        }
+    }
+}
+
+/// A duration setting: positive, or also zero when `zero_ok`.
+fn seconds(s: f64, key: &str, zero_ok: bool) -> Result<Duration, String> {
+    let ok = (0.0..1e9).contains(&s) && (zero_ok || s > 0.0);
+    if ok {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        let range = if zero_ok { ">= 0" } else { "> 0" };
+        Err(format!(
+            "{key} must be a number of seconds {range}, got {s}"
+        ))
     }
 }
 

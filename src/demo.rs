@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::config::{Config, ConfigSource, HostConfig, QueueSettings, ServerSettings};
+use crate::config::{Config, ConfigSource, HostConfig};
 use crate::dispatcher::Dispatcher;
 use crate::sim::{Behaviour, SimConfig, SimHost};
 use crate::task::CompletionRequest;
@@ -139,14 +139,9 @@ async fn battery(
             .await?,
         );
     }
-    let config = Config {
-        source: ConfigSource::Environment,
-        server: ServerSettings::default(),
-        queue: QueueSettings {
-            max_bypass,
-            ..QueueSettings::default()
-        },
-        hosts: hosts
+    let mut config = Config::with_hosts(
+        ConfigSource::Environment,
+        hosts
             .iter()
             .zip(&sims)
             .map(|((name, _), sim)| HostConfig {
@@ -156,7 +151,8 @@ async fn battery(
                 api_key: None,
             })
             .collect(),
-    };
+    );
+    config.queue.max_bypass = max_bypass;
     let dispatcher = Dispatcher::start(&config);
     let started = Instant::now();
     let models = std::iter::repeat_n(MODEL_A, plan.a_tasks)

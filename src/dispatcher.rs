@@ -5,13 +5,15 @@ use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::Serialize;
+use tokio::sync::watch;
 
 use crate::backend::{self, HostClient};
 use crate::config::Config;
 use crate::error::DispatchError;
-use crate::scheduler::state::{Counters, HostId, HostSnapshot, Limits};
+use crate::scheduler::state::{Counters, Health, HostId, HostSnapshot, Limits};
 use crate::scheduler::{Scheduler, TaskHandle};
-use crate::task::{CompletionResult, TaskEvent, TaskSpec};
+use crate::scheduler::{SchedulerSettings, TaskDefaults};
+use crate::task::{CompletionResult, TaskEvent, TaskSpec, Timeouts};
 use crate::worker;
 
 /// Cheap to clone; the fleet stops when the last clone is dropped or `shutdown` is called.
@@ -23,6 +25,9 @@ pub struct Dispatcher {
 struct Inner {
     scheduler: Scheduler,
     hosts: Arc<[HostClient]>,
+    max_request_bytes: usize,
+    /// Becomes true if the scheduler actor panicked.
+    crashed: watch::Receiver<bool>,
 }
 
 impl Drop for Inner {
@@ -37,7 +42,7 @@ pub struct HostStatus {
     #[serde(flatten)]
     pub state: HostSnapshot,
     pub url: String,
-    /// True when the last manifest read succeeded.
+    /// False while the host is out of rotation (down, being probed).
     pub reachable: bool,
 }
 
@@ -49,6 +54,8 @@ pub struct DispatchStatus {
     pub queued_total: usize,
     /// Tasks waiting for a manifest read to learn whether any host has their model.
     pub awaiting_manifest: usize,
+    /// True once a graceful shutdown began: new tasks are refused.
+    pub closing: bool,
     pub counters: Counters,
 }
 
@@ -63,11 +70,35 @@ impl Dispatcher {
             .map(|h| HostClient::new(h, http.clone()))
             .collect();
         let slots: Vec<usize> = config.hosts.iter().map(|h| h.slots).collect();
-        let limits = Limits {
-            max_pending: config.queue.max_pending,
-            max_bypass: config.queue.max_bypass,
+        let settings = SchedulerSettings {
+            limits: Limits {
+                max_pending: config.queue.max_pending,
+                max_bypass: config.queue.max_bypass,
+                max_attempts: config.queue.max_attempts,
+                host_wait: config.queue.host_wait,
+                probe_interval: config.health.probe_interval,
+                breaker_threshold: config.health.failure_threshold,
+                breaker_cooldown: config.health.cooldown,
+            },
+            defaults: TaskDefaults {
+                timeouts: Timeouts {
+                    first_token: config.timeouts.first_token,
+                    inactivity: config.timeouts.inactivity,
+                },
+                queue_timeout: config.queue.wait_timeout,
+            },
+            manifest_refresh: config.health.manifest_refresh,
         };
-        let scheduler = Scheduler::spawn(hosts.clone(), &slots, limits, config.queue.wait_timeout);
+        let (scheduler, actor) = Scheduler::spawn(hosts.clone(), &slots, settings);
+        let (crash_tx, crashed) = watch::channel(false);
+        tokio::spawn(async move {
+            if let Err(e) = actor.await
+                && e.is_panic()
+            {
+                tracing::error!("the scheduler panicked; every waiting task has failed");
+                let _ = crash_tx.send(true);
+            }
+        });
         for (i, host) in hosts.iter().enumerate() {
             let client = Arc::new(host.clone());
             for _ in 0..slots[i] {
@@ -75,8 +106,41 @@ impl Dispatcher {
             }
         }
         Dispatcher {
-            inner: Arc::new(Inner { scheduler, hosts }),
+            inner: Arc::new(Inner {
+                scheduler,
+                hosts,
+                max_request_bytes: config.server.max_request_bytes,
+                crashed,
+            }),
         }
+    }
+
+    /// Largest request a front end should accept, in bytes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.inner.max_request_bytes
+    }
+
+    /// Resolves if the scheduler panics (the process should then exit non-zero so that a
+    /// supervisor restarts it); never resolves otherwise.
+    pub async fn crashed(&self) {
+        let mut crashed = self.inner.crashed.clone();
+        if crashed.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Graceful stop: no new work, waiting tasks fail with a retryable "shutting down",
+    /// running ones get up to `grace` to finish; then everything stops. Returns true when
+    /// every running task finished in time.
+    pub async fn drain(&self, grace: std::time::Duration) -> bool {
+        let finished = tokio::time::timeout(grace, self.inner.scheduler.close()).await;
+        self.shutdown();
+        matches!(finished, Ok(Ok(())))
+    }
+
+    #[doc(hidden)]
+    pub fn inject_scheduler_panic(&self) {
+        self.inner.scheduler.inject_panic();
     }
 
     pub fn submit(&self, spec: TaskSpec) -> Result<TaskHandle, DispatchError> {
@@ -100,7 +164,7 @@ impl Dispatcher {
             .into_iter()
             .zip(self.inner.hosts.iter())
             .map(|(state, client)| HostStatus {
-                reachable: state.last_error.is_none(),
+                reachable: state.health != Health::Down,
                 url: client.base_url.clone(),
                 state,
             })
@@ -110,6 +174,7 @@ impl Dispatcher {
             queued_total: snapshot.queue.values().sum(),
             queue: snapshot.queue,
             awaiting_manifest: snapshot.awaiting_manifest,
+            closing: snapshot.closing,
             counters: snapshot.counters,
         })
     }

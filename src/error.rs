@@ -104,3 +104,50 @@ impl ErrorKind {
         }
     }
 }
+
+/// What one attempt says about its host's health, for the scheduler's health rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostSignal {
+    /// The host answered properly: clears the circuit breaker.
+    Healthy,
+    /// The host could not be reached or dropped the connection.
+    Unreachable(String),
+    /// A 5xx answer: counts toward the circuit breaker.
+    ServerError(String),
+    /// Nothing learnt (cancellation, a slow model, a 4xx, a bad stream).
+    Neutral,
+}
+
+/// A failed attempt on one host: what the client hears, what it says about the host, and
+/// whether the task may run elsewhere (only when the host sent no byte at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptError {
+    pub error: DispatchError,
+    pub signal: HostSignal,
+    pub retry_elsewhere: bool,
+}
+
+impl From<DispatchError> for AttemptError {
+    fn from(error: DispatchError) -> Self {
+        Self {
+            error,
+            signal: HostSignal::Neutral,
+            retry_elsewhere: false,
+        }
+    }
+}
+
+/// Why a host's model list could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFailure {
+    /// Short, for status pages: "HTTP 401", "connection refused".
+    pub reason: String,
+    /// The host answered (an HTTP error or a bad body) rather than being unreachable.
+    pub answered: bool,
+}
+
+impl std::fmt::Display for ManifestFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}

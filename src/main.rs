@@ -82,9 +82,36 @@ async fn main() -> anyhow::Result<()> {
             let config = load(config)?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
-            mcp::serve_stdio(dispatcher)
-                .await
-                .context("MCP handshake on stdio failed")?;
+            let mut service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
+            tokio::select! {
+                served = &mut service => {
+                    served.context("the MCP service stopped unexpectedly")?
+                        .context("MCP handshake on stdio failed")?;
+                }
+                _ = next_signal() => {
+                    let grace = config.server.shutdown_grace;
+                    tracing::info!(grace_seconds = grace.as_secs_f64(), "signal received: finishing running tasks (a second signal exits at once)");
+                    // The MCP service keeps running meanwhile, so finished tasks reach the client.
+                    tokio::select! {
+                        in_time = dispatcher.drain(grace) => {
+                            if !in_time {
+                                tracing::warn!("grace period over: stopping the tasks still running");
+                            }
+                        }
+                        _ = next_signal() => {
+                            tracing::warn!("second signal: exiting now");
+                            std::process::exit(130);
+                        }
+                    }
+                    // Let the last results and errors reach the client before leaving.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                _ = dispatcher.crashed() => {
+                    // Every waiting client already got an error; a supervisor restarts us.
+                    tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
+                    std::process::exit(70);
+                }
+            }
         }
         Command::CheckConfig { config, probe } => {
             let config = load(config)?;
@@ -100,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
                             models.len(),
                             models.join(", ")
                         ),
-                        Err(why) => println!("  {}: UNREACHABLE: {why}", host.name),
+                        Err(why) => println!("  {}: FAILED: {why}", host.name),
                     }
                 }
             }
@@ -120,6 +147,22 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn next_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops gracefully");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
 
 fn describe(config: &Config) -> String {

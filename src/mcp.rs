@@ -13,6 +13,10 @@ use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler,
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Value, json};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio_util::sync::CancellationToken;
 
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
@@ -134,6 +138,19 @@ impl PrixServer {
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         let model = request.model_id.clone();
+        if !request.unknown.is_empty() {
+            let names: Vec<&String> = request.unknown.keys().collect();
+            tracing::debug!(?names, "ignoring parameters this server does not know");
+        }
+        let size = request.payload_bytes();
+        let limit = self.dispatcher.max_request_bytes();
+        if size > limit {
+            let error = DispatchError::invalid(format!(
+                "request too large: {size} bytes of messages and tools, over the limit of {limit} \
+                 ([server] max_request_bytes); shorten the conversation or raise the limit"
+            ));
+            return Ok(error_result(&error));
+        }
         let spec = match request.into_spec() {
             Ok(spec) => spec,
             Err(e) => return Ok(error_result(&e)),
@@ -236,15 +253,58 @@ pub fn error_result(error: &DispatchError) -> CallToolResult {
 impl ServerHandler for PrixServer {}
 
 /// Serves MCP over stdin/stdout until the client closes stdin, then stops all work.
+///
+/// A closed stdin means the client is gone: its tasks are cancelled at once (rmcp itself
+/// would let running handlers go on for seconds to flush answers nobody can read).
 pub async fn serve_stdio(
     dispatcher: Dispatcher,
 ) -> Result<(), rmcp::service::ServerInitializeError> {
     use rmcp::ServiceExt;
+    let client_gone = CancellationToken::new();
+    let stdin = SignalEof {
+        inner: tokio::io::stdin(),
+        eof: client_gone.clone(),
+    };
+    let watcher = {
+        let dispatcher = dispatcher.clone();
+        let client_gone = client_gone.clone();
+        tokio::spawn(async move {
+            client_gone.cancelled().await;
+            tracing::info!("stdin closed: cancelling every task of this client");
+            dispatcher.shutdown();
+        })
+    };
     let service = PrixServer::new(dispatcher.clone())
-        .serve(rmcp::transport::stdio())
+        .serve((stdin, tokio::io::stdout()))
         .await?;
     let reason = service.waiting().await;
     tracing::info!(?reason, "MCP client went away; stopping");
-    dispatcher.shutdown();
+    client_gone.cancel();
+    let _ = watcher.await;
     Ok(())
+}
+
+/// Stdin that fires a token when it reaches end of file.
+struct SignalEof<R> {
+    inner: R,
+    eof: CancellationToken,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for SignalEof<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let wanted = buf.remaining() > 0;
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &polled
+            && wanted
+            && buf.filled().len() == before
+        {
+            self.eof.cancel();
+        }
+        polled
+    }
 }

@@ -58,16 +58,12 @@ impl JsonSchema for ApiKey {
 
 pub const DEFAULT_TEMPERATURE: f64 = 0.7;
 pub const DEFAULT_MAX_TOKENS: u32 = 2048;
-pub const DEFAULT_TIMEOUT_SECONDS: f64 = 300.0;
 
 fn default_temperature() -> f64 {
     DEFAULT_TEMPERATURE
 }
 fn default_max_tokens() -> i64 {
     DEFAULT_MAX_TOKENS as i64
-}
-fn default_timeout_seconds() -> f64 {
-    DEFAULT_TIMEOUT_SECONDS
 }
 
 /// One chat completion, as a client asks for it (the parameters of `complete_stream`).
@@ -83,11 +79,18 @@ pub struct CompletionRequest {
     /// Most tokens to generate (at least 1).
     #[serde(default = "default_max_tokens")]
     pub max_tokens: i64,
-    /// Longest silence from the host, in seconds, before the first byte and between bytes.
-    /// Time spent waiting in the queue does not count.
-    #[serde(default = "default_timeout_seconds")]
-    pub timeout_seconds: f64,
-    /// Longest wait in the queue, in seconds; absent or 0 means the daemon's default.
+    /// Longest silence from the host between bytes once it has started answering, in
+    /// seconds (default 300, or the daemon's [timeouts] timeout_seconds). Queue wait never counts.
+    #[serde(default)]
+    #[schemars(extend("default" = 300))]
+    pub timeout_seconds: Option<f64>,
+    /// Longest wait from sending the request to the host's first byte, in seconds; covers a
+    /// cold model load (default 600, or the daemon's [timeouts] first_token_timeout_seconds).
+    #[serde(default)]
+    #[schemars(extend("default" = 600))]
+    pub first_token_timeout_seconds: Option<f64>,
+    /// Longest wait in the queue for a free slot, in seconds; 0 = no limit (default: the
+    /// daemon's [queue] wait_timeout_seconds, 0).
     #[serde(default)]
     pub queue_timeout_seconds: Option<f64>,
     /// Tool definitions; flat `{name, description, parameters}` ones are wrapped as OpenAI functions.
@@ -108,6 +111,10 @@ pub struct CompletionRequest {
     /// Key for this request only; overrides the host's configured key.
     #[serde(default)]
     pub api_key: Option<ApiKey>,
+    /// Parameters this daemon does not know; ignored (and logged at debug).
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub unknown: Map<String, Value>,
 }
 
 /// What the host is asked to do: the chat parameters, already checked.
@@ -131,13 +138,42 @@ pub struct TaskSpec {
     pub model: String,
     pub params: ChatParams,
     pub api_key: Option<ApiKey>,
-    /// Inactivity bound on the host connection (first byte, then between bytes).
-    pub timeout: Duration,
-    /// Longest wait in the queue; `None` means no bound.
+    /// Longest silence between bytes; `None` = the daemon's default.
+    pub timeout: Option<Duration>,
+    /// Longest wait for the first byte; `None` = the daemon's default.
+    pub first_token_timeout: Option<Duration>,
+    /// Longest wait in the queue; `None` = the daemon's default, zero = no limit.
     pub queue_timeout: Option<Duration>,
 }
 
+/// The host-side timeouts of one task, with the daemon's defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub first_token: Duration,
+    pub inactivity: Duration,
+}
+
 impl CompletionRequest {
+    /// Bytes of the payload a host would receive (messages, tools, response format): what
+    /// `[server] max_request_bytes` bounds.
+    pub fn payload_bytes(&self) -> usize {
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        let _ = serde_json::to_writer(&mut count, &self.messages);
+        let _ = serde_json::to_writer(&mut count, &self.tools);
+        let _ = serde_json::to_writer(&mut count, &self.response_format);
+        count.0
+    }
+
     /// Checks ranges and shapes; every rejection names the parameter and what it accepts.
     pub fn into_spec(self) -> Result<TaskSpec, DispatchError> {
         if self.model_id.trim().is_empty() {
@@ -171,10 +207,17 @@ impl CompletionRequest {
                     self.max_tokens
                 ))
             })?;
-        let timeout = positive_seconds("timeout_seconds", self.timeout_seconds)?;
+        let timeout = self
+            .timeout_seconds
+            .map(|s| positive_seconds("timeout_seconds", s))
+            .transpose()?;
+        let first_token_timeout = self
+            .first_token_timeout_seconds
+            .map(|s| positive_seconds("first_token_timeout_seconds", s))
+            .transpose()?;
         let queue_timeout = match self.queue_timeout_seconds {
             None => None,
-            Some(0.0) => None,
+            Some(0.0) => Some(Duration::ZERO),
             Some(s) => Some(positive_seconds("queue_timeout_seconds", s)?),
         };
         if let Some(p) = self.repeat_penalty
@@ -199,6 +242,7 @@ impl CompletionRequest {
             },
             api_key: self.api_key.filter(|k| !k.expose().is_empty()),
             timeout,
+            first_token_timeout,
             queue_timeout,
         })
     }
@@ -219,6 +263,11 @@ fn positive_seconds(name: &str, seconds: f64) -> Result<Duration, DispatchError>
 pub struct InferenceTask {
     pub id: TaskId,
     pub spec: TaskSpec,
+    pub timeouts: Timeouts,
+    /// Longest wait in the queue, resolved; `None` = no limit.
+    pub queue_timeout: Option<Duration>,
+    /// Times a host has been sent this task (retries happen only before any response byte).
+    pub attempts: u32,
     pub enqueued_at: Instant,
     /// Fired when the client gives up; whoever holds the task stops working on it.
     pub cancel: CancellationToken,
@@ -298,4 +347,6 @@ pub struct CompletionResult {
     /// Name of the host that served the task.
     pub host: String,
     pub model: String,
+    /// Hosts tried: 1, or more when an earlier one failed before answering.
+    pub attempts: u32,
 }

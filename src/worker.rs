@@ -1,63 +1,106 @@
 //! Slot workers: one per host slot, each pulling its next task only when its slot is idle.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::backend::HostClient;
-use crate::error::{DispatchError, ErrorKind};
+use crate::backend::{HostClient, StreamOutput};
+use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
 use crate::scheduler::state::{HostId, Outcome};
 use crate::scheduler::{Assignment, Scheduler};
-use crate::task::{CompletionResult, TaskEvent};
+use crate::task::{CompletionResult, InferenceTask, TaskEvent};
 
 /// Runs until the scheduler stops.
 pub async fn run(scheduler: Scheduler, host: HostId, client: Arc<HostClient>) {
-    while let Some(Assignment { task, mut lease }) = scheduler.next_task(host).await {
+    while let Some(Assignment { mut task, lease }) = scheduler.next_task(host).await {
+        task.attempts += 1;
         let taken = Instant::now();
         let result = if task.abandoned() {
             // Cancelled between assignment and now: the slot goes straight back.
-            Err(DispatchError::cancelled())
+            Err(DispatchError::cancelled().into())
         } else {
             task.emit(TaskEvent::Started {
                 host: client.name.clone(),
             });
-            tokio::select! {
-                biased;
-                _ = task.abandoned_signal() => Err(DispatchError::cancelled()),
-                output = client.stream_chat(&task) => output,
-            }
+            attempt(&client, &task).await
         };
-        let event = match result {
+        match result {
             Ok(output) => {
-                lease.set_outcome(Outcome::Completed);
-                TaskEvent::Finished(CompletionResult {
-                    text: output.text,
-                    reasoning: output.reasoning,
-                    tool_calls: output.tool_calls,
-                    finish_reason: output.finish_reason,
-                    usage: output.usage,
-                    latency_ms: millis(taken.elapsed()),
-                    ttft_ms: output.ttft.map(millis),
-                    queue_wait_ms: millis(taken.saturating_duration_since(task.enqueued_at)),
-                    host: client.name.clone(),
-                    model: task.spec.model.clone(),
-                })
+                lease.release(Outcome::Completed, HostSignal::Healthy);
+                let result = completion(output, &task, &client.name, taken);
+                task.emit(TaskEvent::Finished(result));
             }
-            Err(error) => {
+            Err(AttemptError {
+                error,
+                signal,
+                retry_elsewhere: true,
+            }) => {
+                tracing::info!(host = %client.name, task = %task.id, %error, "host failed before answering; the task goes back to the queue");
+                // The scheduler runs it elsewhere or fails it; the client hears from there.
+                lease.retry(task, error, signal);
+            }
+            Err(AttemptError { error, signal, .. }) => {
                 let outcome = if error.kind == ErrorKind::Cancelled {
                     Outcome::Cancelled
                 } else {
                     tracing::info!(host = %client.name, task = %task.id, model = %task.spec.model, %error, "task failed");
                     Outcome::Failed
                 };
-                lease.set_outcome(outcome);
-                TaskEvent::Failed(error)
+                // Give the slot back before the client hears the end, so the next task can
+                // start while this answer travels.
+                lease.release(outcome, signal);
+                task.emit(TaskEvent::Failed(error));
             }
-        };
-        // Give the slot back before the client hears the end, so the next task can start
-        // while this answer travels.
-        drop(lease);
-        task.emit(event);
+        }
+    }
+}
+
+/// One attempt on the host, stopped at once when the client goes away. A panic in it fails
+/// the task, not the worker: the slot must keep serving.
+async fn attempt(client: &HostClient, task: &InferenceTask) -> Result<StreamOutput, AttemptError> {
+    let run = async {
+        tokio::select! {
+            biased;
+            _ = task.abandoned_signal() => Err(DispatchError::cancelled().into()),
+            output = client.stream_chat(task) => output,
+        }
+    };
+    match AssertUnwindSafe(run).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::error!(host = %client.name, task = %task.id, "the host client panicked; failing the task");
+            Err(DispatchError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "internal error while reading {}'s answer for {} (a bug in prix-dispatch); retry",
+                    client.name, task.spec.model
+                ),
+            )
+            .into())
+        }
+    }
+}
+
+fn completion(
+    output: StreamOutput,
+    task: &InferenceTask,
+    host: &str,
+    taken: Instant,
+) -> CompletionResult {
+    CompletionResult {
+        text: output.text,
+        reasoning: output.reasoning,
+        tool_calls: output.tool_calls,
+        finish_reason: output.finish_reason,
+        usage: output.usage,
+        latency_ms: millis(taken.elapsed()),
+        ttft_ms: output.ttft.map(millis),
+        queue_wait_ms: millis(taken.saturating_duration_since(task.enqueued_at)),
+        host: host.to_string(),
+        model: task.spec.model.clone(),
+        attempts: task.attempts,
     }
 }
 

@@ -608,11 +608,9 @@ async fn a_dead_host_is_reported_and_the_rest_of_the_fleet_serves() {
     let dead_url = format!("http://{}", dead.local_addr().unwrap());
     drop(dead);
     let fleet = Fleet::start(vec![host(&["m"])]).await;
-    let config = prix_dispatch::Config {
-        source: prix_dispatch::config::ConfigSource::Environment,
-        server: Default::default(),
-        queue: Default::default(),
-        hosts: vec![
+    let config = prix_dispatch::Config::with_hosts(
+        prix_dispatch::config::ConfigSource::Environment,
+        vec![
             prix_dispatch::config::HostConfig {
                 name: "dead".into(),
                 base_url: dead_url.clone(),
@@ -626,7 +624,7 @@ async fn a_dead_host_is_reported_and_the_rest_of_the_fleet_serves() {
                 api_key: None,
             },
         ],
-    };
+    );
     let dispatcher = prix_dispatch::Dispatcher::start(&config);
     let r = dispatcher
         .run(spec("m", "hi", json!({})), |_| {})

@@ -185,12 +185,15 @@ async fn a_rejected_key_is_an_authentication_error() {
 async fn silence_before_the_first_byte_times_out_and_drops_the_connection() {
     let (r, fleet) = one(
         json!({"hang_before_first_byte": true}),
-        json!({"timeout_seconds": 0.3}),
+        json!({"first_token_timeout_seconds": 0.3, "timeout_seconds": 60}),
     )
     .await;
     let e = r.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Timeout);
-    assert!(e.message.contains("timeout") && e.retryable, "{e}");
+    assert!(
+        e.message.starts_with("first-token timeout") && e.retryable,
+        "{e}"
+    );
     assert!(fleet.sims[0].wait_idle(Duration::from_secs(1)).await);
     assert_eq!(
         fleet.chat_records(0)[0].outcome,
@@ -209,7 +212,10 @@ async fn silence_mid_stream_times_out() {
     .await;
     let e = r.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Timeout);
-    assert!(e.message.contains("mid-stream"), "{e}");
+    assert!(
+        e.message.starts_with("inactivity timeout") && e.message.contains("mid-stream"),
+        "{e}"
+    );
     fleet.shutdown().await;
 }
 

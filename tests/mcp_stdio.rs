@@ -265,7 +265,12 @@ async fn cancellation_and_closed_stdin_stop_the_host() {
         sim.wait_idle(Duration::from_secs(2)).await,
         "host still streaming after stdin closed"
     );
-    assert_eq!(sim.chat_records()[1].outcome, Outcome::ClientDisconnected);
+    let records = sim.chat_records();
+    assert_eq!(
+        records[1].outcome,
+        Outcome::ClientDisconnected,
+        "{records:#?}"
+    );
     let _ = running.await;
     sim.shutdown().await;
 }

@@ -9,10 +9,11 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::config::HostConfig;
-use crate::error::{DispatchError, ErrorKind};
+pub use crate::error::ManifestFailure;
+use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
 use crate::task::{ApiKey, InferenceTask, TaskEvent, ToolCall, Usage};
 use sse::{ChatStream, InStreamError, SseDecoder};
 
@@ -75,21 +76,28 @@ impl HostClient {
 
     /// `GET /v1/models`: the ids this host can serve (with LM Studio's JIT loading, every
     /// downloaded model). The error is short, for status pages: "HTTP 401", "connection refused".
-    pub async fn read_manifest(&self) -> Result<Vec<String>, String> {
+    pub async fn read_manifest(&self) -> Result<Vec<String>, ManifestFailure> {
+        let answered = |reason: String| ManifestFailure {
+            reason,
+            answered: true,
+        };
         let response = self
             .get("/v1/models")
             .timeout(MANIFEST_TIMEOUT)
             .send()
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(|e| ManifestFailure {
+                reason: describe(&e),
+                answered: false,
+            })?;
         let status = response.status();
         if !status.is_success() {
-            return Err(format!("HTTP {}", status.as_u16()));
+            return Err(answered(format!("HTTP {}", status.as_u16())));
         }
         let body: Value = response
             .json()
             .await
-            .map_err(|e| format!("bad /v1/models body: {}", describe(&e)))?;
+            .map_err(|e| answered(format!("bad /v1/models body: {}", describe(&e))))?;
         let Some(data) = body.get("data").and_then(Value::as_array) else {
             // LM Studio answers unknown paths with 200 and {"error": ...}.
             let why = body
@@ -99,7 +107,7 @@ impl HostClient {
                     "/v1/models answered without a \"data\" list: not an OpenAI-compatible server?"
                         .into()
                 });
-            return Err(why);
+            return Err(answered(why));
         };
         Ok(data
             .iter()
@@ -151,10 +159,11 @@ impl HostClient {
 
     /// Runs one chat completion, forwarding deltas to the task's client as they arrive.
     ///
-    /// `task.spec.timeout` bounds the wait for the first byte and every gap between bytes;
-    /// the task's queue wait is not part of it. Dropping the future drops the connection,
-    /// which is how a cancelled task stops the host.
-    pub async fn stream_chat(&self, task: &InferenceTask) -> Result<StreamOutput, DispatchError> {
+    /// `first_token` bounds the wait from sending to the host's first byte (a cold model load);
+    /// `inactivity` bounds every gap between bytes after that. The task's queue wait is part of
+    /// neither. Dropping the future drops the connection, which is how a cancelled task stops
+    /// the host.
+    pub async fn stream_chat(&self, task: &InferenceTask) -> Result<StreamOutput, AttemptError> {
         let model = &task.spec.model;
         let body = request::chat_body(model, &task.spec.params);
         let mut request = self
@@ -164,13 +173,20 @@ impl HostClient {
         if let Some(key) = task.spec.api_key.as_ref().or(self.api_key.as_ref()) {
             request = request.bearer_auth(key.expose());
         }
-        let limit = task.spec.timeout;
+        let limits = task.timeouts;
         let sent = Instant::now();
-        let response = match timeout(limit, request.send()).await {
-            Err(_) => {
-                return Err(self.timeout_error(model, limit, "before answering"));
+        let first_byte_by = sent + limits.first_token;
+        let response = match timeout_at(first_byte_by, request.send()).await {
+            Err(_) => return Err(self.first_token_timeout(model, limits.first_token).into()),
+            Ok(Err(e)) => {
+                // Nothing reached the client and the host sent nothing: safe to run elsewhere.
+                let error = self.connection_error(&e);
+                return Err(AttemptError {
+                    signal: HostSignal::Unreachable(short_cause(&e)),
+                    retry_elsewhere: true,
+                    error,
+                });
             }
-            Ok(Err(e)) => return Err(self.connection_error(&e)),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
@@ -182,10 +198,11 @@ impl HostClient {
                     self.name,
                     status.as_u16()
                 ),
-            ));
+            )
+            .into());
         }
         if !status.is_success() {
-            let detail = match timeout(limit, response.bytes()).await {
+            let detail = match timeout(limits.inactivity, response.bytes()).await {
                 Ok(Ok(bytes)) => error_detail(&bytes),
                 _ => String::from("(no body)"),
             };
@@ -198,13 +215,26 @@ impl HostClient {
                 ),
             );
             error.retryable = status.is_server_error() || status.as_u16() == 429;
-            return Err(error);
+            let signal = if status.is_server_error() {
+                HostSignal::ServerError(format!("HTTP {}: {detail}", status.as_u16()))
+            } else {
+                HostSignal::Neutral
+            };
+            return Err(AttemptError {
+                error,
+                signal,
+                retry_elsewhere: false,
+            });
         }
 
-        let mut decoder = SseDecoder::default();
-        let mut stream = ChatStream::default();
-        let mut payloads = Vec::new();
-        let mut ttft = None;
+        let mut reader = StreamReader {
+            host: self,
+            task,
+            stream: ChatStream::default(),
+            sent,
+            ttft: None,
+            deltas: 0,
+        };
         let is_json = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
@@ -213,40 +243,41 @@ impl HostClient {
         if is_json {
             // A server that ignores `stream: true` (or LM Studio's 200-with-error on unknown
             // paths) answers with one JSON document; read it as a single chunk.
-            let bytes = match timeout(limit, response.bytes()).await {
-                Err(_) => return Err(self.timeout_error(model, limit, "mid-answer")),
-                Ok(Err(e)) => return Err(self.connection_error(&e)),
+            let bytes = match timeout_at(first_byte_by, response.bytes()).await {
+                Err(_) => return Err(self.first_token_timeout(model, limits.first_token).into()),
+                Ok(Err(e)) => return Err(self.lost_mid_answer(&e)),
                 Ok(Ok(bytes)) => bytes,
             };
-            self.apply(
-                task,
-                &mut stream,
-                &String::from_utf8_lossy(&bytes),
-                sent,
-                &mut ttft,
-            )?;
-            stream.done = stream.finish_reason.is_some() || stream.has_output();
-            return self.finish(model, stream, ttft, None);
+            reader.apply(&String::from_utf8_lossy(&bytes))?;
+            reader.stream.done =
+                reader.stream.finish_reason.is_some() || reader.stream.has_output();
+            return reader.finish(None);
         }
+
         let mut response = response;
-        let mut broken: Option<String> = None;
-        'read: while !stream.done {
-            let chunk = match timeout(limit, response.chunk()).await {
-                Err(_) => {
-                    let when = if ttft.is_some() {
-                        "mid-stream"
-                    } else {
-                        "before the first token"
-                    };
-                    return Err(self.timeout_error(model, limit, when));
+        let mut decoder = SseDecoder::default();
+        let mut payloads = Vec::new();
+        let mut got_bytes = false;
+        let mut broken: Option<reqwest::Error> = None;
+        'read: while !reader.stream.done {
+            let next = if got_bytes {
+                timeout(limits.inactivity, response.chunk()).await
+            } else {
+                timeout_at(first_byte_by, response.chunk()).await
+            };
+            let chunk = match next {
+                Err(_) if got_bytes => {
+                    return Err(self.inactivity_timeout(model, limits.inactivity).into());
                 }
+                Err(_) => return Err(self.first_token_timeout(model, limits.first_token).into()),
                 Ok(Err(e)) => {
-                    broken = Some(describe(&e));
+                    broken = Some(e);
                     break;
                 }
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(bytes))) => bytes,
             };
+            got_bytes = true;
             if decoder.push(&chunk, &mut payloads).is_err() {
                 return Err(DispatchError::new(
                     ErrorKind::Protocol,
@@ -255,108 +286,42 @@ impl HostClient {
                         self.name,
                         sse::MAX_LINE_BYTES >> 20
                     ),
-                ));
+                )
+                .into());
             }
             for payload in payloads.drain(..) {
-                self.apply(task, &mut stream, &payload, sent, &mut ttft)?;
-                if stream.done {
+                reader.apply(&payload)?;
+                if reader.stream.done {
                     break 'read;
                 }
             }
         }
-        if !stream.done {
+        if !reader.stream.done {
             decoder.finish(&mut payloads);
             for payload in payloads.drain(..) {
-                self.apply(task, &mut stream, &payload, sent, &mut ttft)?;
+                reader.apply(&payload)?;
             }
         }
-        self.finish(model, stream, ttft, broken)
+        reader.finish(broken)
     }
 
-    /// Tells a complete answer from an aborted or truncated stream.
-    fn finish(
-        &self,
-        model: &str,
-        stream: ChatStream,
-        ttft: Option<Duration>,
-        broken: Option<String>,
-    ) -> Result<StreamOutput, DispatchError> {
-        if stream.bad_payloads > 0 {
-            tracing::debug!(host = %self.name, count = stream.bad_payloads, "skipped stream lines that were not JSON");
-        }
-        if !stream.complete() {
-            let cause = broken
-                .map(|b| format!(": connection lost ({b})"))
-                .unwrap_or_default();
-            return Err(if stream.has_output() {
-                DispatchError::new(
-                    ErrorKind::StreamTruncated,
-                    format!(
-                        "Stream truncated for {model} at {}: it ended after {} chars without [DONE] \
-                         or a finish_reason{cause}; the answer is incomplete, retry",
-                        self.name,
-                        stream.text.len()
-                    ),
-                )
-            } else {
-                DispatchError::new(
-                    ErrorKind::StreamAborted,
-                    format!(
-                        "Stream aborted for {model} at {} (no [DONE], no content){cause}; \
-                         the host may have aborted a model load, retry",
-                        self.name
-                    ),
-                )
-            });
-        }
-        let tool_calls = stream.tool_calls();
-        Ok(StreamOutput {
-            text: stream.text,
-            reasoning: Some(stream.reasoning).filter(|r| !r.is_empty()),
-            tool_calls,
-            finish_reason: stream.finish_reason,
-            usage: stream.usage,
-            ttft,
-        })
-    }
-
-    fn apply(
-        &self,
-        task: &InferenceTask,
-        stream: &mut ChatStream,
-        payload: &str,
-        sent: Instant,
-        ttft: &mut Option<Duration>,
-    ) -> Result<(), DispatchError> {
-        let applied = stream.apply(payload).map_err(|InStreamError(message)| {
-            DispatchError::new(
-                ErrorKind::StreamError,
-                format!(
-                    "Inference error for {} at {} (in the stream): {message}",
-                    task.spec.model, self.name
-                ),
-            )
-        })?;
-        if ttft.is_none()
-            && (applied.content.is_some() || applied.reasoning.is_some() || applied.tool_call)
-        {
-            *ttft = Some(sent.elapsed());
-        }
-        if let Some(text) = applied.reasoning {
-            task.emit(TaskEvent::ReasoningDelta(text));
-        }
-        if let Some(text) = applied.content {
-            task.emit(TaskEvent::Delta(text));
-        }
-        Ok(())
-    }
-
-    fn timeout_error(&self, model: &str, limit: Duration, when: &str) -> DispatchError {
+    fn first_token_timeout(&self, model: &str, limit: Duration) -> DispatchError {
         DispatchError::new(
             ErrorKind::Timeout,
             format!(
-                "timeout: {} sent nothing for {:.1}s {when} ({model}); raise timeout_seconds \
-                 if the model is slow to load",
+                "first-token timeout: {} sent no byte for {model} within {:.1}s of the request \
+                 (first_token_timeout_seconds); the model may still be loading, raise it for cold loads",
+                self.name,
+                limit.as_secs_f64()
+            ),
+        )
+    }
+
+    fn inactivity_timeout(&self, model: &str, limit: Duration) -> DispatchError {
+        DispatchError::new(
+            ErrorKind::Timeout,
+            format!(
+                "inactivity timeout: {} went silent for {:.1}s mid-stream for {model} (timeout_seconds)",
                 self.name,
                 limit.as_secs_f64()
             ),
@@ -374,6 +339,134 @@ impl HostClient {
             ),
         )
     }
+
+    fn lost_mid_answer(&self, e: &reqwest::Error) -> AttemptError {
+        AttemptError {
+            error: DispatchError::new(
+                ErrorKind::Connection,
+                format!(
+                    "connection to {} lost mid-answer: {}",
+                    self.name,
+                    describe(e)
+                ),
+            ),
+            signal: HostSignal::Unreachable(short_cause(e)),
+            retry_elsewhere: false,
+        }
+    }
+}
+
+/// Folds one stream into a [`StreamOutput`], forwarding deltas as they come.
+struct StreamReader<'a> {
+    host: &'a HostClient,
+    task: &'a InferenceTask,
+    stream: ChatStream,
+    sent: Instant,
+    ttft: Option<Duration>,
+    /// Output deltas seen: a host that streams far past `max_tokens` is broken.
+    deltas: u64,
+}
+
+impl StreamReader<'_> {
+    fn apply(&mut self, payload: &str) -> Result<(), AttemptError> {
+        let model = &self.task.spec.model;
+        let applied = self
+            .stream
+            .apply(payload)
+            .map_err(|InStreamError(message)| {
+                DispatchError::new(
+                    ErrorKind::StreamError,
+                    format!(
+                        "Inference error for {model} at {} (in the stream): {message}",
+                        self.host.name
+                    ),
+                )
+            })?;
+        let output = applied.content.is_some() || applied.reasoning.is_some() || applied.tool_call;
+        if output {
+            self.ttft.get_or_insert_with(|| self.sent.elapsed());
+            self.deltas += 1;
+            let max = u64::from(self.task.spec.params.max_tokens);
+            if self.deltas > 2 * max + 32 {
+                return Err(DispatchError::new(
+                    ErrorKind::Protocol,
+                    format!(
+                        "{} kept streaming past max_tokens ({max}) for {model}: {} deltas; stopped it",
+                        self.host.name, self.deltas
+                    ),
+                )
+                .into());
+            }
+        }
+        if let Some(text) = applied.reasoning {
+            self.task.emit(TaskEvent::ReasoningDelta(text));
+        }
+        if let Some(text) = applied.content {
+            self.task.emit(TaskEvent::Delta(text));
+        }
+        Ok(())
+    }
+
+    /// Tells a complete answer from an aborted or truncated stream.
+    fn finish(self, broken: Option<reqwest::Error>) -> Result<StreamOutput, AttemptError> {
+        let host = &self.host.name;
+        let model = &self.task.spec.model;
+        let stream = self.stream;
+        if stream.bad_payloads > 0 {
+            tracing::debug!(%host, count = stream.bad_payloads, "skipped stream lines that were not JSON");
+        }
+        if !stream.complete() {
+            let cause = broken
+                .as_ref()
+                .map(|b| format!(": connection lost ({})", describe(b)))
+                .unwrap_or_default();
+            let error = if stream.has_output() {
+                DispatchError::new(
+                    ErrorKind::StreamTruncated,
+                    format!(
+                        "Stream truncated for {model} at {host}: it ended after {} chars without \
+                         [DONE] or a finish_reason{cause}; the answer is incomplete, retry",
+                        stream.text.len()
+                    ),
+                )
+            } else {
+                DispatchError::new(
+                    ErrorKind::StreamAborted,
+                    format!(
+                        "Stream aborted for {model} at {host} (no [DONE], no content){cause}; \
+                         the host may have aborted a model load, retry"
+                    ),
+                )
+            };
+            // A broken connection may be a host that died: have it probed at once.
+            let signal = broken.as_ref().map_or(HostSignal::Neutral, |b| {
+                HostSignal::Unreachable(short_cause(b))
+            });
+            return Err(AttemptError {
+                error,
+                signal,
+                retry_elsewhere: false,
+            });
+        }
+        let tool_calls = stream.tool_calls();
+        Ok(StreamOutput {
+            text: stream.text,
+            reasoning: Some(stream.reasoning).filter(|r| !r.is_empty()),
+            tool_calls,
+            finish_reason: stream.finish_reason,
+            usage: stream.usage,
+            ttft: self.ttft,
+        })
+    }
+}
+
+/// The innermost cause, short enough for a status page ("Connection refused (os error 111)").
+fn short_cause(e: &reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
 }
 
 /// A reqwest error with its causes: the top-level text alone hides "connection refused".

@@ -1,9 +1,9 @@
 //! The scheduler actor: the single owner of dispatch state.
 //!
 //! It feeds events into the pure [`state::DispatchState`] and carries out its decisions:
-//! handing tasks to waiting slot workers, failing tasks, reading manifests. Everything else
-//! talks to it through the cloneable [`Scheduler`] handle; no lock is shared and none is held
-//! across I/O.
+//! handing tasks to waiting slot workers, failing tasks, reading manifests, probing hosts that
+//! went down. Everything else talks to it through the cloneable [`Scheduler`] handle; no lock
+//! is shared and none is held across I/O.
 
 pub mod state;
 
@@ -13,14 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::HostClient;
-use crate::error::{DispatchError, ErrorKind};
-use crate::task::{InferenceTask, TaskEvent, TaskId, TaskSpec};
+use crate::error::{DispatchError, ErrorKind, HostSignal};
+use crate::task::{InferenceTask, TaskEvent, TaskId, TaskSpec, Timeouts};
 use state::{
-    Decision, DispatchState, HostId, Limits, ManifestReport, Outcome, Queueable, Snapshot,
+    Decision, DispatchState, HealthChange, HostId, Limits, ManifestReport, Outcome, Queueable,
+    Release, Snapshot,
 };
 
 impl Queueable for InferenceTask {
@@ -34,7 +36,13 @@ impl Queueable for InferenceTask {
         self.enqueued_at
     }
     fn queue_deadline(&self) -> Option<Instant> {
-        self.spec.queue_timeout.map(|t| self.enqueued_at + t)
+        self.queue_timeout.map(|t| self.enqueued_at + t)
+    }
+    fn attempts(&self) -> u32 {
+        self.attempts
+    }
+    fn abandoned(&self) -> bool {
+        InferenceTask::abandoned(self)
     }
     fn notify_position(&self, position: usize) {
         self.emit(TaskEvent::Queued { position });
@@ -49,13 +57,19 @@ enum Command {
     },
     Released {
         host: HostId,
-        outcome: Outcome,
+        release: Box<Release<InferenceTask>>,
     },
     Cancel(TaskId),
     ManifestsRead(Vec<ManifestReport>),
+    ProbeResult(ManifestReport),
     Refresh(oneshot::Sender<()>),
     Status(oneshot::Sender<Snapshot>),
+    /// Stop taking work; answers once no task runs any more.
+    Close(oneshot::Sender<()>),
     Shutdown,
+    /// Fault injection for the crash-safety test: the actor panics.
+    #[doc(hidden)]
+    Panic,
 }
 
 /// A task handed to a slot worker, with the slot it holds.
@@ -64,26 +78,50 @@ pub struct Assignment {
     pub lease: SlotLease,
 }
 
-/// A taken slot. Dropping it gives the slot back, exactly once, on every path: success,
-/// error, cancellation, panic, or an assignment that never reached its worker.
+/// A taken slot. It goes back exactly once: through [`SlotLease::release`] or
+/// [`SlotLease::retry`], or, on any other path (a panic, an assignment that never reached its
+/// worker), when it is dropped, counted as cancelled.
 pub struct SlotLease {
     host: HostId,
-    outcome: Outcome,
-    scheduler: mpsc::UnboundedSender<Command>,
+    scheduler: Option<mpsc::UnboundedSender<Command>>,
 }
 
 impl SlotLease {
-    /// Records how the task ended; a lease dropped without one counts as cancelled.
-    pub fn set_outcome(&mut self, outcome: Outcome) {
-        self.outcome = outcome;
+    /// Gives the slot back with how the task ended and what it says about the host.
+    pub fn release(mut self, outcome: Outcome, signal: HostSignal) {
+        self.send(Release {
+            outcome,
+            signal,
+            retry: None,
+        });
+    }
+
+    /// Gives the slot back and the task with it: it failed before the host sent a byte and
+    /// may run elsewhere (the scheduler decides, within `max_attempts`).
+    pub fn retry(mut self, task: InferenceTask, error: DispatchError, signal: HostSignal) {
+        self.send(Release {
+            outcome: Outcome::Failed,
+            signal,
+            retry: Some((task, error)),
+        });
+    }
+
+    fn send(&mut self, release: Release<InferenceTask>) {
+        if let Some(scheduler) = self.scheduler.take() {
+            let _ = scheduler.send(Command::Released {
+                host: self.host,
+                release: Box::new(release),
+            });
+        }
     }
 }
 
 impl Drop for SlotLease {
     fn drop(&mut self) {
-        let _ = self.scheduler.send(Command::Released {
-            host: self.host,
-            outcome: self.outcome,
+        self.send(Release {
+            outcome: Outcome::Cancelled,
+            signal: HostSignal::Neutral,
+            retry: None,
         });
     }
 }
@@ -111,8 +149,8 @@ impl TaskHandle {
         let event = self.events.recv().await.unwrap_or_else(|| {
             TaskEvent::Failed(DispatchError::new(
                 ErrorKind::SchedulerStopped,
-                "the dispatcher dropped this task without an answer (its scheduler or worker \
-                 stopped); retry, and restart prix-dispatch if it repeats",
+                "Dispatcher loop stopped: the dispatcher dropped this task without an answer \
+                 (its scheduler or worker stopped); retry, and restart prix-dispatch if it repeats",
             ))
         });
         self.ended = matches!(event, TaskEvent::Finished(_) | TaskEvent::Failed(_));
@@ -135,6 +173,21 @@ impl Drop for TaskHandle {
     }
 }
 
+/// The daemon-wide defaults a task's own settings fall back to.
+#[derive(Debug, Clone)]
+pub struct TaskDefaults {
+    pub timeouts: Timeouts,
+    pub queue_timeout: Option<Duration>,
+}
+
+/// Everything the actor needs besides its hosts.
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    pub limits: Limits,
+    pub defaults: TaskDefaults,
+    pub manifest_refresh: Duration,
+}
+
 /// The cloneable handle to the scheduler actor.
 #[derive(Clone)]
 pub struct Scheduler {
@@ -142,51 +195,64 @@ pub struct Scheduler {
     next_id: Arc<AtomicU64>,
     /// Parent of every task's token: cancelling it stops all work (shutdown).
     root: CancellationToken,
-    default_queue_timeout: Option<Duration>,
+    defaults: TaskDefaults,
 }
 
 impl Scheduler {
     /// Starts the actor. `hosts` are in configuration order; their clients read manifests.
+    /// The join handle tells whether the actor ended by itself or by a panic.
     pub fn spawn(
         hosts: Arc<[HostClient]>,
         slots: &[usize],
-        limits: Limits,
-        default_queue_timeout: Option<Duration>,
-    ) -> Scheduler {
+        settings: SchedulerSettings,
+    ) -> (Scheduler, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = DispatchState::new(
             hosts.iter().zip(slots).map(|(h, s)| (h.name.clone(), *s)),
-            limits,
+            settings.limits,
         );
         let actor = Actor {
             state,
             hosts,
             waiting: slots.iter().map(|_| VecDeque::new()).collect(),
             refresh_waiters: Vec::new(),
+            close_waiters: Vec::new(),
             tx: tx.clone(),
         };
         let root = CancellationToken::new();
-        tokio::spawn(actor.run(rx, root.clone()));
-        Scheduler {
+        let join = tokio::spawn(actor.run(rx, root.clone(), settings.manifest_refresh));
+        let scheduler = Scheduler {
             tx,
             next_id: Arc::new(AtomicU64::new(1)),
             root,
-            default_queue_timeout,
-        }
+            defaults: settings.defaults,
+        };
+        (scheduler, join)
     }
 
     /// Queues a task. Errors only when the scheduler is gone; every other failure arrives as
     /// a `Failed` event.
-    pub fn submit(&self, mut spec: TaskSpec) -> Result<TaskHandle, DispatchError> {
-        if spec.queue_timeout.is_none() {
-            spec.queue_timeout = self.default_queue_timeout;
-        }
+    pub fn submit(&self, spec: TaskSpec) -> Result<TaskHandle, DispatchError> {
         let id = TaskId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (events_tx, events) = mpsc::unbounded_channel();
         let cancel = self.root.child_token();
+        let timeouts = Timeouts {
+            first_token: spec
+                .first_token_timeout
+                .unwrap_or(self.defaults.timeouts.first_token),
+            inactivity: spec.timeout.unwrap_or(self.defaults.timeouts.inactivity),
+        };
+        let queue_timeout = match spec.queue_timeout {
+            Some(limit) if limit.is_zero() => None,
+            Some(limit) => Some(limit),
+            None => self.defaults.queue_timeout,
+        };
         let task = InferenceTask {
             id,
             spec,
+            timeouts,
+            queue_timeout,
+            attempts: 0,
             enqueued_at: Instant::now(),
             cancel: cancel.clone(),
             events: events_tx,
@@ -212,28 +278,40 @@ impl Scheduler {
 
     /// Re-reads every manifest (joining a read already in flight) and waits for it.
     pub async fn refresh_manifests(&self) -> Result<(), DispatchError> {
-        let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Command::Refresh(reply))
-            .map_err(|_| DispatchError::scheduler_stopped())?;
-        done.await.map_err(|_| DispatchError::scheduler_stopped())
+        self.ask(Command::Refresh).await
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, DispatchError> {
-        let (reply, snapshot) = oneshot::channel();
-        self.tx
-            .send(Command::Status(reply))
-            .map_err(|_| DispatchError::scheduler_stopped())?;
-        snapshot
-            .await
-            .map_err(|_| DispatchError::scheduler_stopped())
+        self.ask(Command::Status).await
     }
 
-    /// Fails waiting tasks with a retryable "shutting down", stops running ones, and stops
+    /// Stops taking work: waiting tasks fail with a retryable "shutting down", so do new
+    /// ones; resolves when no task runs any more.
+    pub async fn close(&self) -> Result<(), DispatchError> {
+        self.ask(Command::Close).await
+    }
+
+    async fn ask<R>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<R>) -> Command,
+    ) -> Result<R, DispatchError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(command(reply))
+            .map_err(|_| DispatchError::scheduler_stopped())?;
+        answer.await.map_err(|_| DispatchError::scheduler_stopped())
+    }
+
+    /// Stops running tasks, fails waiting ones with a retryable "shutting down", and stops
     /// the actor and its workers.
     pub fn shutdown(&self) {
         self.root.cancel();
         let _ = self.tx.send(Command::Shutdown);
+    }
+
+    #[doc(hidden)]
+    pub fn inject_panic(&self) {
+        let _ = self.tx.send(Command::Panic);
     }
 }
 
@@ -243,13 +321,22 @@ struct Actor {
     /// Per host, the workers waiting for a task (their count mirrors the state's idle workers).
     waiting: Vec<VecDeque<oneshot::Sender<Assignment>>>,
     refresh_waiters: Vec<oneshot::Sender<()>>,
+    close_waiters: Vec<oneshot::Sender<()>>,
     tx: mpsc::UnboundedSender<Command>,
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, root: CancellationToken) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Command>,
+        root: CancellationToken,
+        manifest_refresh: Duration,
+    ) {
         let decisions = self.state.start();
         self.carry_out(decisions);
+        let mut refresh =
+            tokio::time::interval_at(Instant::now() + manifest_refresh, manifest_refresh);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.state.next_deadline();
             let command = tokio::select! {
@@ -259,10 +346,17 @@ impl Actor {
                     self.carry_out(decisions);
                     continue;
                 }
+                _ = refresh.tick() => {
+                    let mut decisions = Vec::new();
+                    self.state.request_manifests(&mut decisions);
+                    self.carry_out(decisions);
+                    continue;
+                }
             };
             let now = Instant::now();
             let decisions = match command {
                 None | Some(Command::Shutdown) => break,
+                Some(Command::Panic) => panic!("injected scheduler panic (fault-injection test)"),
                 Some(Command::Submit(task)) => {
                     if task.abandoned() {
                         continue;
@@ -273,8 +367,8 @@ impl Actor {
                     self.waiting[host.0].push_back(reply);
                     self.state.worker_idle(host, now)
                 }
-                Some(Command::Released { host, outcome }) => {
-                    self.state.released(host, outcome, now)
+                Some(Command::Released { host, release }) => {
+                    self.state.released(host, *release, now)
                 }
                 Some(Command::Cancel(id)) => {
                     self.state.cancel(id);
@@ -286,6 +380,7 @@ impl Actor {
                     }
                     self.state.manifests_read(reports, now)
                 }
+                Some(Command::ProbeResult(report)) => self.state.probe_result(report, now),
                 Some(Command::Refresh(reply)) => {
                     self.refresh_waiters.push(reply);
                     let mut decisions = Vec::new();
@@ -296,8 +391,17 @@ impl Actor {
                     let _ = reply.send(self.state.snapshot());
                     continue;
                 }
+                Some(Command::Close(reply)) => {
+                    self.close_waiters.push(reply);
+                    self.state.close()
+                }
             };
             self.carry_out(decisions);
+            if self.state.running() == 0 {
+                for waiter in self.close_waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
+            }
         }
         root.cancel();
         for task in self.state.drain_waiting() {
@@ -315,8 +419,7 @@ impl Actor {
                 Decision::Start { task, host } => {
                     let lease = SlotLease {
                         host,
-                        outcome: Outcome::Cancelled,
-                        scheduler: self.tx.clone(),
+                        scheduler: Some(self.tx.clone()),
                     };
                     let assignment = Assignment { task, lease };
                     let undelivered = match self.waiting[host.0].pop_front() {
@@ -337,6 +440,21 @@ impl Actor {
                     task.emit(TaskEvent::Failed(error));
                 }
                 Decision::ReadManifests => self.read_manifests(),
+                Decision::Probe { host, after } => self.probe(host, after),
+                Decision::Health { host, change } => {
+                    let host = &self.hosts[host.0];
+                    match change {
+                        HealthChange::Down { reason } => {
+                            tracing::warn!(host = %host.name, url = %host.base_url, %reason, "host out of rotation; probing until it answers");
+                        }
+                        HealthChange::Cooling { seconds, reason } => {
+                            tracing::warn!(host = %host.name, %reason, seconds, "host answers with server errors; cooling down");
+                        }
+                        HealthChange::Up => {
+                            tracing::info!(host = %host.name, "host back in rotation")
+                        }
+                    }
+                }
             }
         }
     }
@@ -345,20 +463,33 @@ impl Actor {
         let hosts = self.hosts.clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let reads = hosts.iter().enumerate().map(|(i, host)| async move {
-                let (models, loaded) = tokio::join!(host.read_manifest(), host.read_loaded_models());
-                if let Err(why) = &models {
-                    tracing::warn!(host = %host.name, url = %host.base_url, %why, "manifest read failed");
-                }
-                ManifestReport {
-                    host: HostId(i),
-                    models,
-                    loaded,
-                }
-            });
+            let reads = (0..hosts.len()).map(|i| read_host(&hosts, HostId(i)));
             let reports = futures::future::join_all(reads).await;
             let _ = tx.send(Command::ManifestsRead(reports));
         });
+    }
+
+    fn probe(&self, host: HostId, after: Duration) {
+        let hosts = self.hosts.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let report = read_host(&hosts, host).await;
+            let _ = tx.send(Command::ProbeResult(report));
+        });
+    }
+}
+
+async fn read_host(hosts: &[HostClient], id: HostId) -> ManifestReport {
+    let host = &hosts[id.0];
+    let (models, loaded) = tokio::join!(host.read_manifest(), host.read_loaded_models());
+    if let Err(why) = &models {
+        tracing::debug!(host = %host.name, url = %host.base_url, %why, "manifest read failed");
+    }
+    ManifestReport {
+        host: id,
+        models,
+        loaded,
     }
 }
 

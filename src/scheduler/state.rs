@@ -1,10 +1,10 @@
 //! The scheduler's brain: a plain state machine with no I/O and no clock of its own.
 //!
 //! Events come in as method calls (`submit`, `worker_idle`, `released`, `cancel`,
-//! `manifests_read`, `tick`), each with the current time; decisions come out
-//! ([`Decision::Start`], [`Decision::Fail`], [`Decision::ReadManifests`]). Matching a task to
-//! an idle slot happens only in [`DispatchState::dispatch`], so "find" and "acquire" are one
-//! step by construction, and every placement rule can be tested without sockets or sleeps.
+//! `manifests_read`, `probe_result`, `tick`, `close`), each with the current time; decisions
+//! come out ([`Decision`]). Matching a task to an idle slot happens only in
+//! [`DispatchState::dispatch`], so "find" and "acquire" are one step by construction, and every
+//! placement and health rule can be tested without sockets or sleeps.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -14,15 +14,21 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::error::{DispatchError, ErrorKind};
+pub use crate::error::{HostSignal, ManifestFailure};
 use crate::task::TaskId;
 
 /// What the state machine needs to know about a queued task.
 pub trait Queueable {
+    /// Ids grow in arrival order: the queue's order among equals.
     fn id(&self) -> TaskId;
     fn model(&self) -> &str;
     fn enqueued_at(&self) -> Instant;
     /// When the task gives up waiting for a slot, if ever.
     fn queue_deadline(&self) -> Option<Instant>;
+    /// How many times a host has been sent this task.
+    fn attempts(&self) -> u32;
+    /// The client is gone: nothing to retry for.
+    fn abandoned(&self) -> bool;
     /// Tells the client where it stands; 1 = next for its model.
     fn notify_position(&self, position: usize);
 }
@@ -39,6 +45,17 @@ pub enum Decision<T> {
     Fail { task: T, error: DispatchError },
     /// Read every host's manifest and report with `manifests_read`.
     ReadManifests,
+    /// After `after`, read this host's manifest and report with `probe_result`.
+    Probe { host: HostId, after: Duration },
+    /// A host changed health: log it (once per transition, not per request).
+    Health { host: HostId, change: HealthChange },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthChange {
+    Down { reason: String },
+    Cooling { seconds: u64, reason: String },
+    Up,
 }
 
 /// How a running task ended, for the counters.
@@ -49,12 +66,21 @@ pub enum Outcome {
     Cancelled,
 }
 
+/// A slot given back: how the task ended, what that says about the host, and the task itself
+/// when it failed before the host sent a byte and may run elsewhere.
+#[derive(Debug)]
+pub struct Release<T> {
+    pub outcome: Outcome,
+    pub signal: HostSignal,
+    pub retry: Option<(T, DispatchError)>,
+}
+
 /// One host's manifest read.
 #[derive(Debug, Clone)]
 pub struct ManifestReport {
     pub host: HostId,
     /// The ids the host lists, or why it could not be read ("HTTP 401", "connection refused").
-    pub models: Result<Vec<String>, String>,
+    pub models: Result<Vec<String>, ManifestFailure>,
     /// Models loaded in memory, where the host tells (LM Studio); `None` = unknown.
     pub loaded: Option<Vec<String>>,
 }
@@ -63,6 +89,39 @@ pub struct ManifestReport {
 pub struct Limits {
     pub max_pending: usize,
     pub max_bypass: Duration,
+    /// Most times a task is sent to a host (retries happen only before any response byte).
+    pub max_attempts: u32,
+    /// How long a task waits for a host of its model to come back before failing.
+    pub host_wait: Duration,
+    pub probe_interval: Duration,
+    /// Consecutive 5xx answers that cool a host down.
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pending: 10_000,
+            max_bypass: Duration::from_secs(30),
+            max_attempts: 2,
+            host_wait: Duration::from_secs(30),
+            probe_interval: Duration::from_secs(5),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Takes work.
+    Up,
+    /// Out of rotation until a probe or manifest read succeeds.
+    Down,
+    /// Answered 5xx repeatedly; takes no work until the cool-down ends.
+    Cooling,
 }
 
 #[derive(Debug)]
@@ -75,30 +134,51 @@ struct Host {
     current_model: Option<String>,
     /// The model most recently started here; likely still in VRAM.
     last_model: Option<String>,
+    /// The last models it listed; kept while it is down, so its tasks wait for it.
     models: BTreeSet<String>,
+    /// Whether a manifest read ever succeeded: a host unreachable since start may have any
+    /// model, so tasks for unknown models wait for it.
+    models_known: bool,
+    /// The last failure was the host answering badly (401, 500, not OpenAI), not silence.
+    answered_badly: bool,
     loaded: Option<Vec<String>>,
     last_error: Option<String>,
+    health: Health,
+    cooling_until: Option<Instant>,
+    probing: bool,
+    consecutive_5xx: u32,
     started: u64,
 }
 
 impl Host {
     fn can_take(&self, model: &str) -> bool {
-        self.idle_workers > 0
+        self.health == Health::Up
+            && self.idle_workers > 0
             && self.active < self.slots
             && self.models.contains(model)
             && (self.active == 0 || self.current_model.as_deref() == Some(model))
     }
+
+    /// Will (or may soon) serve `model`: up, or cooling down for a moment.
+    fn serves(&self, model: &str) -> bool {
+        self.health != Health::Down && self.models.contains(model)
+    }
 }
 
 /// Tasks by what became of them since the daemon started.
+/// At rest, `submitted == completed + failed + cancelled`.
 #[derive(Debug, Default, Clone, Copy, Serialize, JsonSchema, PartialEq, Eq)]
 pub struct Counters {
     pub submitted: u64,
+    /// Attempts started on a host (a retried task counts once per attempt).
     pub started: u64,
     pub completed: u64,
     pub failed: u64,
     pub cancelled: u64,
+    /// Failed at once because the queue was full (included in `failed`).
     pub rejected: u64,
+    /// Attempts that failed before the host answered and went back to the queue.
+    pub retried: u64,
 }
 
 /// A point-in-time view for `list_models`, `dispatch_status` and tests.
@@ -109,21 +189,24 @@ pub struct Snapshot {
     pub queue: BTreeMap<String, usize>,
     /// Tasks waiting for a manifest read before they can be queued or refused.
     pub awaiting_manifest: usize,
+    pub closing: bool,
     pub counters: Counters,
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct HostSnapshot {
     pub name: String,
+    pub health: Health,
     pub slots: usize,
     /// Requests in flight now.
     pub active: usize,
     /// The model streaming now (the drain guard keeps other models out until it finishes).
     pub current_model: Option<String>,
+    /// The models it listed at its last successful manifest read.
     pub models: Vec<String>,
     /// Models loaded in memory, when the host tells (LM Studio); null when unknown.
     pub loaded_models: Option<Vec<String>>,
-    /// Why the last manifest read failed, if it did.
+    /// The last error seen from this host (manifest read, connection, 5xx), if any.
     pub last_error: Option<String>,
     /// Tasks started on this host since the daemon started.
     pub tasks_started: u64,
@@ -132,11 +215,14 @@ pub struct HostSnapshot {
 pub struct DispatchState<T> {
     hosts: Vec<Host>,
     limits: Limits,
-    /// Per model, waiting tasks by arrival sequence: the head is the oldest.
-    queues: HashMap<String, BTreeMap<u64, T>>,
-    /// Where each waiting task sits, for O(log n) cancellation.
-    index: HashMap<TaskId, (String, u64)>,
+    /// Per model, waiting tasks in arrival order: the head is the oldest. A retried task keeps
+    /// its id, so it goes back to its place at the front.
+    queues: HashMap<String, BTreeMap<TaskId, T>>,
+    /// The model of each waiting task, for O(log n) cancellation.
+    index: HashMap<TaskId, String>,
     deadlines: BTreeSet<(Instant, TaskId)>,
+    /// Models with waiting tasks and no host up to serve them, since when.
+    unserved_since: HashMap<String, Instant>,
     /// Tasks whose model no host listed, waiting for the manifest read in flight, which
     /// started after they arrived: its answer settles them.
     parked: Vec<T>,
@@ -145,10 +231,10 @@ pub struct DispatchState<T> {
     parked_next: Vec<T>,
     manifests_known: bool,
     reading_manifests: bool,
-    /// How many hosts list each model: the scarcity used by the placement rule.
+    /// How many healthy hosts list each model: the scarcity used by the placement rule.
     coverage: HashMap<String, usize>,
-    next_seq: u64,
     waiting: usize,
+    closing: bool,
     counters: Counters,
 }
 
@@ -170,8 +256,14 @@ impl<T: Queueable> DispatchState<T> {
                     current_model: None,
                     last_model: None,
                     models: BTreeSet::new(),
+                    models_known: false,
+                    answered_badly: false,
                     loaded: None,
                     last_error: None,
+                    health: Health::Up,
+                    cooling_until: None,
+                    probing: false,
+                    consecutive_5xx: 0,
                     started: 0,
                 })
                 .collect(),
@@ -179,13 +271,14 @@ impl<T: Queueable> DispatchState<T> {
             queues: HashMap::new(),
             index: HashMap::new(),
             deadlines: BTreeSet::new(),
+            unserved_since: HashMap::new(),
             parked: Vec::new(),
             parked_next: Vec::new(),
             manifests_known: false,
             reading_manifests: false,
             coverage: HashMap::new(),
-            next_seq: 0,
             waiting: 0,
+            closing: false,
             counters: Counters::default(),
         }
     }
@@ -208,6 +301,10 @@ impl<T: Queueable> DispatchState<T> {
     pub fn submit(&mut self, task: T, now: Instant) -> Vec<Decision<T>> {
         let mut out = Vec::new();
         self.counters.submitted += 1;
+        if self.closing {
+            self.fail(task, shutting_down(), &mut out);
+            return out;
+        }
         let pending = self.waiting + self.parked.len() + self.parked_next.len();
         if pending >= self.limits.max_pending {
             self.counters.rejected += 1;
@@ -217,10 +314,10 @@ impl<T: Queueable> DispatchState<T> {
                     "queue full ({pending} pending): retry later, or raise [queue] max_pending"
                 ),
             );
-            out.push(Decision::Fail { task, error });
+            self.fail(task, error, &mut out);
             return out;
         }
-        if !self.manifests_known || !self.coverage.contains_key(task.model()) {
+        if !self.manifests_known || !self.may_exist(task.model()) {
             // Unknown model: a host may have been loading at the last read. One coalesced
             // re-read decides; until then the task waits here.
             if self.reading_manifests {
@@ -231,7 +328,7 @@ impl<T: Queueable> DispatchState<T> {
             }
             return out;
         }
-        self.enqueue(task);
+        self.enqueue(task, now);
         self.dispatch(now, &mut out);
         out
     }
@@ -249,8 +346,15 @@ impl<T: Queueable> DispatchState<T> {
         out
     }
 
-    /// A slot of `host` was given back (exactly once per `Start`, by the lease's `Drop`).
-    pub fn released(&mut self, host: HostId, outcome: Outcome, now: Instant) -> Vec<Decision<T>> {
+    /// A slot of `host` was given back (exactly once per `Start`, by the lease). What the
+    /// attempt says about the host is accounted in the same step (never a second release).
+    pub fn released(
+        &mut self,
+        host: HostId,
+        release: Release<T>,
+        now: Instant,
+    ) -> Vec<Decision<T>> {
+        let mut out = Vec::new();
         let h = &mut self.hosts[host.0];
         debug_assert!(
             h.active > 0,
@@ -261,12 +365,43 @@ impl<T: Queueable> DispatchState<T> {
         if h.active == 0 {
             h.current_model = None;
         }
-        match outcome {
-            Outcome::Completed => self.counters.completed += 1,
-            Outcome::Failed => self.counters.failed += 1,
-            Outcome::Cancelled => self.counters.cancelled += 1,
+        match release.signal {
+            HostSignal::Healthy => h.consecutive_5xx = 0,
+            HostSignal::Neutral => {}
+            HostSignal::Unreachable(reason) => {
+                self.host_down(host, reason, Duration::ZERO, &mut out)
+            }
+            HostSignal::ServerError(reason) => {
+                h.consecutive_5xx += 1;
+                h.last_error = Some(reason.clone());
+                if h.consecutive_5xx >= self.limits.breaker_threshold && h.health == Health::Up {
+                    h.health = Health::Cooling;
+                    h.cooling_until = Some(now + self.limits.breaker_cooldown);
+                    let seconds = self.limits.breaker_cooldown.as_secs();
+                    out.push(Decision::Health {
+                        host,
+                        change: HealthChange::Cooling { seconds, reason },
+                    });
+                    self.refresh_coverage(now);
+                }
+            }
         }
-        let mut out = Vec::new();
+        match (release.outcome, release.retry) {
+            (_, Some((task, error))) => {
+                if task.abandoned() {
+                    self.counters.cancelled += 1;
+                } else if task.attempts() < self.limits.max_attempts && !self.closing {
+                    self.counters.retried += 1;
+                    self.enqueue(task, now);
+                } else {
+                    let error = with_attempts(error, task.attempts());
+                    self.fail(task, error, &mut out);
+                }
+            }
+            (Outcome::Completed, None) => self.counters.completed += 1,
+            (Outcome::Failed, None) => self.counters.failed += 1,
+            (Outcome::Cancelled, None) => self.counters.cancelled += 1,
+        }
         // Draining a model can open this host's other idle slots to other models.
         self.dispatch(now, &mut out);
         out
@@ -275,8 +410,8 @@ impl<T: Queueable> DispatchState<T> {
     /// The client gave up. A waiting task is removed and returned; a running one is stopped
     /// by its worker (through the task's cancellation token), not here.
     pub fn cancel(&mut self, id: TaskId) -> Option<T> {
-        let task = if let Some((model, seq)) = self.index.remove(&id) {
-            let task = self.remove_queued(&model, seq);
+        let task = if let Some(model) = self.index.remove(&id) {
+            let task = self.remove_queued(&model, id);
             if let Some(deadline) = task.queue_deadline() {
                 self.deadlines.remove(&(deadline, id));
             }
@@ -297,42 +432,25 @@ impl<T: Queueable> DispatchState<T> {
         reports: Vec<ManifestReport>,
         now: Instant,
     ) -> Vec<Decision<T>> {
+        let mut out = Vec::new();
         for report in reports {
-            let host = &mut self.hosts[report.host.0];
-            match report.models {
-                Ok(models) => {
-                    host.models = models.into_iter().collect();
-                    host.last_error = None;
-                }
-                Err(why) => {
-                    host.models.clear();
-                    host.last_error = Some(why);
-                }
-            }
-            host.loaded = report.loaded;
-        }
-        self.coverage.clear();
-        for host in &self.hosts {
-            for model in &host.models {
-                *self.coverage.entry(model.clone()).or_default() += 1;
-            }
+            self.apply_report(report, &mut out);
         }
         self.reading_manifests = false;
         self.manifests_known = true;
+        self.refresh_coverage(now);
 
-        let mut out = Vec::new();
         for task in std::mem::take(&mut self.parked) {
-            if self.coverage.contains_key(task.model()) {
-                self.enqueue(task);
+            if self.may_exist(task.model()) {
+                self.enqueue(task, now);
             } else {
-                let error = self.unavailable_error(task.model());
-                self.counters.failed += 1;
-                out.push(Decision::Fail { task, error });
+                let error = self.unavailable_error(task.model(), None);
+                self.fail(task, error, &mut out);
             }
         }
         for task in std::mem::take(&mut self.parked_next) {
-            if self.coverage.contains_key(task.model()) {
-                self.enqueue(task);
+            if self.may_exist(task.model()) {
+                self.enqueue(task, now);
             } else {
                 self.parked.push(task);
                 self.request_manifests(&mut out);
@@ -342,25 +460,32 @@ impl<T: Queueable> DispatchState<T> {
         let orphaned: Vec<String> = self
             .queues
             .keys()
-            .filter(|m| !self.coverage.contains_key(*m))
+            .filter(|m| !self.may_exist(m))
             .cloned()
             .collect();
         for model in orphaned {
-            let error = self.unavailable_error(&model);
+            let error = self.unavailable_error(&model, None);
             for (_, task) in self.queues.remove(&model).unwrap_or_default() {
                 self.forget(&task);
-                self.counters.failed += 1;
-                out.push(Decision::Fail {
-                    task,
-                    error: error.clone(),
-                });
+                self.fail(task, error.clone(), &mut out);
             }
         }
+        self.refresh_coverage(now);
         self.dispatch(now, &mut out);
         out
     }
 
-    /// Fails the tasks whose queue deadline has passed.
+    /// The answer to a `Probe`: a host that answers comes back with its fresh manifest.
+    pub fn probe_result(&mut self, report: ManifestReport, now: Instant) -> Vec<Decision<T>> {
+        let mut out = Vec::new();
+        self.hosts[report.host.0].probing = false;
+        self.apply_report(report, &mut out);
+        self.refresh_coverage(now);
+        self.dispatch(now, &mut out);
+        out
+    }
+
+    /// Expires queue deadlines, host waits and cool-downs.
     pub fn tick(&mut self, now: Instant) -> Vec<Decision<T>> {
         let mut out = Vec::new();
         while let Some(&(deadline, id)) = self.deadlines.first() {
@@ -368,10 +493,10 @@ impl<T: Queueable> DispatchState<T> {
                 break;
             }
             self.deadlines.pop_first();
-            let Some((model, seq)) = self.index.remove(&id) else {
+            let Some(model) = self.index.remove(&id) else {
                 continue;
             };
-            let task = self.remove_queued(&model, seq);
+            let task = self.remove_queued(&model, id);
             let waited = now
                 .saturating_duration_since(task.enqueued_at())
                 .as_secs_f64();
@@ -382,15 +507,68 @@ impl<T: Queueable> DispatchState<T> {
                      (queue_timeout_seconds); every host that lists it stayed busy"
                 ),
             );
-            self.counters.failed += 1;
-            out.push(Decision::Fail { task, error });
+            self.fail(task, error, &mut out);
+        }
+        let unserved: Vec<(String, Instant)> = self
+            .unserved_since
+            .iter()
+            .map(|(m, since)| (m.clone(), *since))
+            .collect();
+        for (model, since) in unserved {
+            while let Some(task) = self.queues.get(&model).and_then(|q| q.values().next()) {
+                if self.host_wait_deadline(task, since) > now {
+                    break;
+                }
+                let id = task.id();
+                self.index.remove(&id);
+                let task = self.remove_queued(&model, id);
+                self.forget_deadline(&task);
+                let waited = now.saturating_duration_since(since.max(task.enqueued_at()));
+                let error = self.unavailable_error(&model, Some(waited));
+                self.fail(task, error, &mut out);
+            }
+        }
+        let mut thawed = false;
+        for (i, h) in self.hosts.iter_mut().enumerate() {
+            if h.health == Health::Cooling && h.cooling_until.is_some_and(|t| t <= now) {
+                // Half-open: one more 5xx cools it again, a success clears the count.
+                h.health = Health::Up;
+                h.cooling_until = None;
+                h.consecutive_5xx = self.limits.breaker_threshold.saturating_sub(1);
+                out.push(Decision::Health {
+                    host: HostId(i),
+                    change: HealthChange::Up,
+                });
+                thawed = true;
+            }
+        }
+        self.refresh_coverage(now);
+        if thawed {
+            self.dispatch(now, &mut out);
         }
         out
     }
 
-    /// The earliest queue deadline, for the actor's timer.
+    /// The earliest moment `tick` has work to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.first().map(|(d, _)| *d)
+        let queue = self.deadlines.first().map(|(d, _)| *d);
+        let host_wait = self.unserved_since.iter().filter_map(|(model, since)| {
+            let head = self.queues.get(model)?.values().next()?;
+            Some(self.host_wait_deadline(head, *since))
+        });
+        let cooling = self.hosts.iter().filter_map(|h| h.cooling_until);
+        queue.into_iter().chain(host_wait).chain(cooling).min()
+    }
+
+    /// Stops taking work: every waiting task fails with a retryable "shutting down", and so
+    /// does every task submitted from now on. Running tasks go on.
+    pub fn close(&mut self) -> Vec<Decision<T>> {
+        self.closing = true;
+        let mut out = Vec::new();
+        for task in self.drain_waiting() {
+            self.fail(task, shutting_down(), &mut out);
+        }
+        out
     }
 
     /// Removes every waiting task (shutdown, crash), oldest first per model.
@@ -402,8 +580,14 @@ impl<T: Queueable> DispatchState<T> {
         }
         self.index.clear();
         self.deadlines.clear();
+        self.unserved_since.clear();
         self.waiting = 0;
         all
+    }
+
+    /// Tasks running on hosts now.
+    pub fn running(&self) -> usize {
+        self.hosts.iter().map(|h| h.active).sum()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -413,6 +597,7 @@ impl<T: Queueable> DispatchState<T> {
                 .iter()
                 .map(|h| HostSnapshot {
                     name: h.name.clone(),
+                    health: h.health,
                     slots: h.slots,
                     active: h.active,
                     current_model: h.current_model.clone(),
@@ -429,33 +614,130 @@ impl<T: Queueable> DispatchState<T> {
                 .map(|(m, q)| (m.clone(), q.len()))
                 .collect(),
             awaiting_manifest: self.parked.len() + self.parked_next.len(),
+            closing: self.closing,
             counters: self.counters,
         }
     }
 
-    fn enqueue(&mut self, task: T) {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+    fn fail(&mut self, task: T, error: DispatchError, out: &mut Vec<Decision<T>>) {
+        self.counters.failed += 1;
+        out.push(Decision::Fail { task, error });
+    }
+
+    fn apply_report(&mut self, report: ManifestReport, out: &mut Vec<Decision<T>>) {
+        let id = report.host;
+        match report.models {
+            Ok(models) => {
+                let h = &mut self.hosts[id.0];
+                h.models = models.into_iter().collect();
+                h.models_known = true;
+                h.answered_badly = false;
+                h.loaded = report.loaded;
+                if h.health == Health::Down {
+                    h.health = Health::Up;
+                    h.consecutive_5xx = 0;
+                    out.push(Decision::Health {
+                        host: id,
+                        change: HealthChange::Up,
+                    });
+                }
+                if h.health == Health::Up {
+                    h.last_error = None;
+                }
+            }
+            Err(failure) => {
+                self.hosts[id.0].answered_badly = failure.answered;
+                self.host_down(id, failure.reason, self.limits.probe_interval, out);
+            }
+        }
+    }
+
+    /// Takes a host out of rotation and starts probing it, logging the transition once.
+    fn host_down(
+        &mut self,
+        id: HostId,
+        reason: String,
+        first_probe: Duration,
+        out: &mut Vec<Decision<T>>,
+    ) {
+        let h = &mut self.hosts[id.0];
+        h.last_error = Some(reason.clone());
+        if h.health != Health::Down {
+            h.health = Health::Down;
+            h.cooling_until = None;
+            out.push(Decision::Health {
+                host: id,
+                change: HealthChange::Down { reason },
+            });
+        }
+        if !h.probing {
+            h.probing = true;
+            out.push(Decision::Probe {
+                host: id,
+                after: first_probe,
+            });
+        }
+    }
+
+    /// Whether some host lists `model`, or might: it has been unreachable since start. (A host
+    /// that answers with errors, say 401, tells us it will not serve anything until fixed.)
+    fn may_exist(&self, model: &str) -> bool {
+        self.hosts.iter().any(|h| {
+            h.models.contains(model)
+                || (!h.models_known && h.health == Health::Down && !h.answered_badly)
+        })
+    }
+
+    /// Recomputes scarcity and which waiting models have no host up to serve them.
+    fn refresh_coverage(&mut self, now: Instant) {
+        self.coverage.clear();
+        for host in self.hosts.iter().filter(|h| h.health == Health::Up) {
+            for model in &host.models {
+                *self.coverage.entry(model.clone()).or_default() += 1;
+            }
+        }
+        let hosts = &self.hosts;
+        self.unserved_since
+            .retain(|model, _| !hosts.iter().any(|h| h.serves(model)));
+        for model in self.queues.keys() {
+            if !hosts.iter().any(|h| h.serves(model)) {
+                self.unserved_since.entry(model.clone()).or_insert(now);
+            }
+        }
+    }
+
+    fn host_wait_deadline(&self, task: &T, since: Instant) -> Instant {
+        since.max(task.enqueued_at()) + self.limits.host_wait
+    }
+
+    fn enqueue(&mut self, task: T, now: Instant) {
         let id = task.id();
         let model = task.model().to_string();
         if let Some(deadline) = task.queue_deadline() {
             self.deadlines.insert((deadline, id));
         }
+        if !self.hosts.iter().any(|h| h.serves(&model)) {
+            self.unserved_since.entry(model.clone()).or_insert(now);
+        }
         let queue = self.queues.entry(model.clone()).or_default();
-        task.notify_position(queue.len() + 1);
-        queue.insert(seq, task);
-        self.index.insert(id, (model, seq));
+        queue.insert(id, task);
+        let position = queue.range(..id).count() + 1;
+        if position <= POSITION_UPDATES {
+            queue[&id].notify_position(position);
+        }
+        self.index.insert(id, model);
         self.waiting += 1;
     }
 
-    fn remove_queued(&mut self, model: &str, seq: u64) -> T {
+    fn remove_queued(&mut self, model: &str, id: TaskId) -> T {
         let queue = self
             .queues
             .get_mut(model)
             .expect("indexed model has a queue");
-        let task = queue.remove(&seq).expect("indexed task is queued");
+        let task = queue.remove(&id).expect("indexed task is queued");
         if queue.is_empty() {
             self.queues.remove(model);
+            self.unserved_since.remove(model);
         }
         self.waiting -= 1;
         task
@@ -463,10 +745,14 @@ impl<T: Queueable> DispatchState<T> {
 
     fn forget(&mut self, task: &T) {
         self.index.remove(&task.id());
+        self.forget_deadline(task);
+        self.waiting -= 1;
+    }
+
+    fn forget_deadline(&mut self, task: &T) {
         if let Some(deadline) = task.queue_deadline() {
             self.deadlines.remove(&(deadline, task.id()));
         }
-        self.waiting -= 1;
     }
 
     /// Matches waiting tasks to idle slots until no pair is left (work conservation).
@@ -479,9 +765,9 @@ impl<T: Queueable> DispatchState<T> {
     fn dispatch(&mut self, now: Instant, out: &mut Vec<Decision<T>>) {
         loop {
             let held = self.held_for_drain(now);
-            let mut best: Option<((u8, usize, u64), &str)> = None;
+            let mut best: Option<((u8, usize, TaskId), &str)> = None;
             for (model, queue) in &self.queues {
-                let Some((&seq, head)) = queue.first_key_value() else {
+                let Some((&id, head)) = queue.first_key_value() else {
                     continue;
                 };
                 if self.pick_host(model, &held).is_none() {
@@ -490,9 +776,9 @@ impl<T: Queueable> DispatchState<T> {
                 let overdue =
                     now.saturating_duration_since(head.enqueued_at()) >= self.limits.max_bypass;
                 let key = if overdue {
-                    (0, 0, seq)
+                    (0, 0, id)
                 } else {
-                    (1, self.coverage.get(model).copied().unwrap_or(0), seq)
+                    (1, self.coverage.get(model).copied().unwrap_or(0), id)
                 };
                 if best.is_none_or(|(k, _)| key < k) {
                     best = Some((key, model));
@@ -503,9 +789,10 @@ impl<T: Queueable> DispatchState<T> {
             let host = self
                 .pick_host(&model, &held)
                 .expect("a model competes only with an eligible host");
-            let (&seq, _) = self.queues[&model].first_key_value().expect("non-empty");
-            let task = self.remove_queued(&model, seq);
-            self.forget_index_only(&task);
+            let (&id, _) = self.queues[&model].first_key_value().expect("non-empty");
+            self.index.remove(&id);
+            let task = self.remove_queued(&model, id);
+            self.forget_deadline(&task);
 
             let h = &mut self.hosts[host.0];
             h.idle_workers -= 1;
@@ -521,13 +808,6 @@ impl<T: Queueable> DispatchState<T> {
                     t.notify_position(i + 1);
                 }
             }
-        }
-    }
-
-    fn forget_index_only(&mut self, task: &T) {
-        self.index.remove(&task.id());
-        if let Some(deadline) = task.queue_deadline() {
-            self.deadlines.remove(&(deadline, task.id()));
         }
     }
 
@@ -550,7 +830,8 @@ impl<T: Queueable> DispatchState<T> {
                 .iter()
                 .enumerate()
                 .filter(|(_, h)| {
-                    h.idle_workers > 0
+                    h.health == Health::Up
+                        && h.idle_workers > 0
                         && h.active > 0
                         && h.models.contains(model.as_str())
                         && h.current_model.as_deref() != Some(model.as_str())
@@ -579,25 +860,36 @@ impl<T: Queueable> DispatchState<T> {
             .map(|(i, _)| HostId(i))
     }
 
-    fn unavailable_error(&self, model: &str) -> DispatchError {
+    fn unavailable_error(&self, model: &str, waited: Option<Duration>) -> DispatchError {
         let errors: Vec<String> = self
             .hosts
             .iter()
             .filter_map(|h| h.last_error.as_ref().map(|e| format!("{}: {e}", h.name)))
             .collect();
-        if self.coverage.is_empty() {
+        let listed_anywhere = self.hosts.iter().any(|h| !h.models.is_empty());
+        if !listed_anywhere {
             let reasons = if errors.is_empty() {
                 "every host answered with an empty model list".to_string()
             } else {
                 errors.join("; ")
             };
-            return DispatchError::new(
+            let waited = waited
+                .map(|w| {
+                    format!(
+                        " after waiting {:.0}s (host_wait_seconds) for a host",
+                        w.as_secs_f64()
+                    )
+                })
+                .unwrap_or_default();
+            let mut error = DispatchError::new(
                 ErrorKind::NoModelsAvailable,
                 format!(
-                    "No models available from any server ({reasons}); check that the servers \
-                     are running, have models, and accept the configured api_key"
+                    "No models available from any server ({reasons}){waited}; check that the \
+                     servers are running, have models, and accept the configured api_key"
                 ),
             );
+            error.retryable = !waited.is_empty();
+            return error;
         }
         let detail = if errors.is_empty() {
             let listed: Vec<String> = self
@@ -612,11 +904,35 @@ impl<T: Queueable> DispatchState<T> {
         } else {
             format!("servers with errors: {}", errors.join("; "))
         };
-        DispatchError::new(
+        let mut error = DispatchError::new(
             ErrorKind::ModelNotAvailable,
-            format!("Model '{model}' not available on any server; {detail}"),
-        )
+            match waited {
+                None => format!("Model '{model}' not available on any server; {detail}"),
+                Some(w) => format!(
+                    "Model '{model}' not available on any server: no healthy host lists it and \
+                     none came back within {:.0}s (host_wait_seconds); {detail}",
+                    w.as_secs_f64()
+                ),
+            },
+        );
+        // A host that is down may come back: worth retrying later.
+        error.retryable = waited.is_some();
+        error
     }
+}
+
+fn shutting_down() -> DispatchError {
+    DispatchError::new(
+        ErrorKind::ShuttingDown,
+        "prix-dispatch is shutting down; retry against the next instance",
+    )
+}
+
+fn with_attempts(mut error: DispatchError, attempts: u32) -> DispatchError {
+    if attempts > 1 {
+        error.message = format!("{} (after {attempts} attempts)", error.message);
+    }
+    error
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use prix_dispatch::config::{Config, ConfigSource, HostConfig, QueueSettings, ServerSettings};
+use prix_dispatch::config::{Config, ConfigSource, HostConfig, QueueSettings};
 use prix_dispatch::sim::{Behaviour, RequestRecord, SimConfig, SimHost};
 use prix_dispatch::task::{ApiKey, TaskSpec};
 use prix_dispatch::{CompletionRequest, DispatchStatus, Dispatcher};
@@ -79,12 +79,8 @@ impl Fleet {
             });
             sims.push(sim);
         }
-        let config = Config {
-            source: ConfigSource::Environment,
-            server: ServerSettings::default(),
-            queue,
-            hosts,
-        };
+        let mut config = Config::with_hosts(ConfigSource::Environment, hosts);
+        config.queue = queue;
         let dispatcher = Dispatcher::start(&config);
         Fleet { sims, dispatcher }
     }

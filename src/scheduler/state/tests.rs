@@ -11,6 +11,7 @@ struct T {
     model: String,
     at: Instant,
     deadline: Option<Instant>,
+    attempts: u32,
     position: Rc<Cell<usize>>,
 }
 
@@ -27,6 +28,12 @@ impl Queueable for T {
     fn queue_deadline(&self) -> Option<Instant> {
         self.deadline
     }
+    fn attempts(&self) -> u32 {
+        self.attempts
+    }
+    fn abandoned(&self) -> bool {
+        false
+    }
     fn notify_position(&self, position: usize) {
         self.position.set(position);
     }
@@ -40,11 +47,23 @@ fn listed(host: usize, models: &[&str]) -> ManifestReport {
     }
 }
 
+/// A failed read: "HTTP ..." reasons are hosts that answered, others are unreachable.
 fn failed(host: usize, why: &str) -> ManifestReport {
     ManifestReport {
         host: HostId(host),
-        models: Err(why.to_string()),
+        models: Err(ManifestFailure {
+            reason: why.to_string(),
+            answered: why.starts_with("HTTP"),
+        }),
         loaded: None,
+    }
+}
+
+fn done() -> Release<T> {
+    Release {
+        outcome: Outcome::Completed,
+        signal: HostSignal::Healthy,
+        retry: None,
     }
 }
 
@@ -58,6 +77,8 @@ struct Harness {
     started: Vec<(u64, HostId, Instant)>,
     failed: Vec<(u64, DispatchError)>,
     manifest_reads: usize,
+    probes: Vec<HostId>,
+    health: Vec<(HostId, HealthChange)>,
 }
 
 impl Harness {
@@ -78,6 +99,7 @@ impl Harness {
         let limits = Limits {
             max_pending: 100_000,
             max_bypass,
+            ..Limits::default()
         };
         let state = DispatchState::new(
             hosts
@@ -95,6 +117,8 @@ impl Harness {
             started: Vec::new(),
             failed: Vec::new(),
             manifest_reads: 0,
+            probes: Vec::new(),
+            health: Vec::new(),
         };
         let d = h.state.start();
         h.apply(d);
@@ -114,6 +138,7 @@ impl Harness {
             model: model.into(),
             at: self.now,
             deadline: None,
+            attempts: 0,
             position: Rc::new(Cell::new(0)),
         }
     }
@@ -145,6 +170,8 @@ impl Harness {
                 }
                 Decision::Fail { task, error } => self.failed.push((task.id, error)),
                 Decision::ReadManifests => self.manifest_reads += 1,
+                Decision::Probe { host, .. } => self.probes.push(host),
+                Decision::Health { host, change } => self.health.push((host, change)),
             }
             self.assert_work_conserving();
         }
@@ -158,9 +185,7 @@ impl Harness {
             .position(|r| r.iter().any(|(t, _)| *t == id))
             .expect("task is running");
         self.running[host].retain(|(t, _)| *t != id);
-        let d = self
-            .state
-            .released(HostId(host), Outcome::Completed, self.now);
+        let d = self.state.released(HostId(host), done(), self.now);
         self.apply(d);
         let d = self.state.worker_idle(HostId(host), self.now);
         self.apply(d);
@@ -411,19 +436,17 @@ fn unknown_model_triggers_one_coalesced_reread() {
 
 #[test]
 fn no_models_anywhere_names_each_hosts_error() {
+    // Both hosts answered with errors: nothing will come back by itself, fail fast.
     let mut h = Harness::unread(&[(1, &[]), (1, &[])], LONG);
-    let x = h.submit("a");
-    let d = h.state.manifests_read(
-        vec![failed(0, "connection refused"), failed(1, "HTTP 401")],
-        h.now,
-    );
+    let d = h
+        .state
+        .manifests_read(vec![failed(0, "HTTP 500"), failed(1, "HTTP 401")], h.now);
     h.apply(d);
-    assert_eq!(
-        h.manifest_reads, 2,
-        "one more read for a task that arrived during the first"
-    );
-    let reports = vec![failed(0, "connection refused"), failed(1, "HTTP 401")];
-    let d = h.state.manifests_read(reports, h.now);
+    let x = h.submit("a");
+    assert_eq!(h.manifest_reads, 2, "one coalesced re-read");
+    let d = h
+        .state
+        .manifests_read(vec![failed(0, "HTTP 500"), failed(1, "HTTP 401")], h.now);
     h.apply(d);
     let (id, err) = &h.failed[0];
     assert_eq!(*id, x);
@@ -432,7 +455,39 @@ fn no_models_anywhere_names_each_hosts_error() {
         err.message
             .starts_with("No models available from any server (")
     );
-    assert!(err.message.contains("h0: connection refused") && err.message.contains("h1: HTTP 401"));
+    assert!(err.message.contains("h0: HTTP 500") && err.message.contains("h1: HTTP 401"));
+    assert!(!err.retryable);
+}
+
+#[test]
+fn a_host_unreachable_since_start_is_waited_for() {
+    let mut h = Harness::unread(&[(1, &[]), (1, &[])], LONG);
+    let d = h.state.manifests_read(
+        vec![failed(0, "connection refused"), failed(1, "HTTP 401")],
+        h.now,
+    );
+    h.apply(d);
+    assert_eq!(h.probes, vec![HostId(0), HostId(1)], "both are probed");
+    let x = h.submit("a");
+    assert!(h.failed.is_empty(), "h0 may have it: wait for it");
+    h.now += Duration::from_secs(29);
+    let d = h.state.tick(h.now);
+    h.apply(d);
+    assert!(h.failed.is_empty());
+    assert_eq!(
+        h.state.next_deadline(),
+        Some(h.now + Duration::from_secs(1))
+    );
+    h.now += Duration::from_secs(1);
+    let d = h.state.tick(h.now);
+    h.apply(d);
+    let (id, err) = &h.failed[0];
+    assert_eq!(*id, x);
+    assert_eq!(err.kind, ErrorKind::NoModelsAvailable);
+    assert!(
+        err.message.contains("h0: connection refused") && err.message.contains("host_wait_seconds")
+    );
+    assert!(err.retryable, "a host may come back");
 }
 
 #[test]
