@@ -192,7 +192,7 @@ impl Dispatcher {
 /// Reads a task's events to its end.
 pub async fn finish(
     handle: &mut TaskHandle,
-    on_event: &mut impl FnMut(&TaskEvent),
+    mut on_event: impl FnMut(&TaskEvent),
 ) -> Result<CompletionResult, DispatchError> {
     while let Some(event) = handle.next().await {
         match event {

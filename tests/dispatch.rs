@@ -263,7 +263,7 @@ async fn wait_started(
 async fn dispatcher_finish(
     handle: &mut prix_dispatch::scheduler::TaskHandle,
 ) -> prix_dispatch::CompletionResult {
-    prix_dispatch::dispatcher::finish(handle, &mut |_| {})
+    prix_dispatch::dispatcher::finish(handle, |_| {})
         .await
         .expect("completes")
 }

@@ -33,6 +33,9 @@ pub struct SimConfig {
     /// Like LM Studio's JIT loader with auto-evict: a chat request for one
     /// model aborts in-flight streams of every other model.
     pub auto_evict: bool,
+    /// Accept every connection and close it at once, before reading a byte: a host that
+    /// crashes as requests arrive ("connection reset" / "closed before message completed").
+    pub reset_connections: bool,
     /// Behaviour of models without an entry in `per_model`.
     pub default: Behaviour,
     pub per_model: HashMap<String, Behaviour>,
@@ -47,6 +50,7 @@ impl Default for SimConfig {
             required_key: None,
             initially_loaded: None,
             auto_evict: false,
+            reset_connections: false,
             default: Behaviour::default(),
             per_model: HashMap::new(),
         }
@@ -145,6 +149,11 @@ pub struct Behaviour {
     /// Interleave the junk real servers emit (broken JSON, `choices: null`,
     /// comments, other SSE fields) with the real chunks.
     pub malformed: bool,
+    /// Send one `data:` line of this many bytes before the first token (a runaway host;
+    /// over 8 MiB it exceeds what a client should buffer for one line).
+    pub garbage_line_bytes: usize,
+    /// Stream all `tokens` even past the request's `max_tokens` (a broken host).
+    pub ignore_max_tokens: bool,
     /// After the generated pieces, send an error event instead of finishing.
     pub in_stream_error: Option<String>,
 }
@@ -167,6 +176,8 @@ impl Default for Behaviour {
             send_done: true,
             send_finish_reason: true,
             malformed: false,
+            garbage_line_bytes: 0,
+            ignore_max_tokens: false,
             in_stream_error: None,
         }
     }

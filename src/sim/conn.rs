@@ -17,6 +17,8 @@ use axum::serve::Listener;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::state::Shared;
+
 #[derive(Default)]
 pub(crate) struct Connections {
     registry: Mutex<Registry>,
@@ -66,6 +68,13 @@ impl Connections {
         }
     }
 
+    /// Shuts down the connections open now; new ones are served as usual.
+    pub(crate) fn cut_open(&self) {
+        for socket in self.lock().open.values() {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+    }
+
     fn forget(&self, id: u64) {
         self.lock().open.remove(&id);
     }
@@ -75,11 +84,20 @@ impl Connections {
 pub(crate) struct TrackedListener {
     inner: TcpListener,
     connections: Arc<Connections>,
+    shared: Arc<Shared>,
 }
 
 impl TrackedListener {
-    pub(crate) fn new(inner: TcpListener, connections: Arc<Connections>) -> Self {
-        Self { inner, connections }
+    pub(crate) fn new(
+        inner: TcpListener,
+        connections: Arc<Connections>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            inner,
+            connections,
+            shared,
+        }
     }
 }
 
@@ -91,6 +109,12 @@ impl Listener for TrackedListener {
         loop {
             // Accept errors are logged and retried by tokio's listener impl.
             let (stream, addr) = Listener::accept(&mut self.inner).await;
+            if self.shared.reset_new_connection() {
+                // Linger 0 turns the close into a TCP reset, as from a crashing process.
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                continue;
+            }
             match self.connections.track(stream) {
                 Ok(tracked) => return (tracked, addr),
                 Err(err) => {

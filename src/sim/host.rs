@@ -34,7 +34,8 @@ impl SimHost {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let connections = Arc::new(Connections::default());
-        let listener = TrackedListener::new(listener, Arc::clone(&connections));
+        let listener =
+            TrackedListener::new(listener, Arc::clone(&connections), Arc::clone(&shared));
         let app = server::router(Arc::clone(&shared));
         let serve = tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
@@ -88,6 +89,12 @@ impl SimHost {
 
     pub fn update_config(&self, f: impl FnOnce(&mut SimConfig)) {
         self.shared.update_config(f);
+    }
+
+    /// Cuts every open connection (kept-alive ones included) while staying up, as a server
+    /// process that crashed and was restarted behind the same port.
+    pub fn cut_connections(&self) {
+        self.connections.cut_open();
     }
 
     /// Forgets records and counters, and reloads `initially_loaded`.

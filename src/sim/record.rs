@@ -78,6 +78,8 @@ pub struct SimStats {
     /// Chat requests that started while one for a different model was in
     /// flight: what a dispatcher that keeps one model per GPU must avoid.
     pub model_overlaps: u64,
+    /// Connections closed unread because `reset_connections` was set.
+    pub connections_reset: u64,
 }
 
 /// Wall-clock microseconds since the UNIX epoch.

@@ -73,6 +73,7 @@ pub(crate) struct Script {
     pub send_done: bool,
     pub send_finish_reason: bool,
     pub malformed: bool,
+    pub garbage_line_bytes: usize,
 }
 
 impl Script {
@@ -84,7 +85,10 @@ impl Script {
     ) -> Self {
         // max_tokens bounds reasoning plus content; tool-call fragments are
         // not counted, but a length cut-off leaves the call out entirely.
-        let budget = request.max_tokens.unwrap_or(usize::MAX);
+        let budget = match request.max_tokens {
+            Some(max) if !behaviour.ignore_max_tokens => max,
+            _ => usize::MAX,
+        };
         let reasoning = behaviour.reasoning_tokens.min(budget);
         let content = behaviour.tokens.min(budget - reasoning);
         let hit_length = reasoning + content < behaviour.reasoning_tokens + behaviour.tokens;
@@ -148,6 +152,7 @@ impl Script {
             send_done: behaviour.send_done,
             send_finish_reason: behaviour.send_finish_reason,
             malformed: behaviour.malformed,
+            garbage_line_bytes: behaviour.garbage_line_bytes,
         }
     }
 

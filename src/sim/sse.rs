@@ -121,6 +121,12 @@ fn steps(script: &Script) -> Vec<Step> {
         Duration::ZERO,
         &chunk(script, json!({"role": "assistant", "content": null}), None),
     )];
+    if script.garbage_line_bytes > 0 {
+        steps.push(raw(format!(
+            "data: {}\n\n",
+            "x".repeat(script.garbage_line_bytes)
+        )));
+    }
     // Spread the junk over the first pieces; whatever is left goes after them.
     let mut quirks = if script.malformed {
         quirks(script)

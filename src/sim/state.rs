@@ -26,6 +26,7 @@ struct State {
     peak_in_flight: usize,
     manifest_calls: u64,
     model_overlaps: u64,
+    connections_reset: u64,
     loaded: Option<String>,
 }
 
@@ -73,6 +74,7 @@ impl Shared {
                 peak_in_flight: 0,
                 manifest_calls: 0,
                 model_overlaps: 0,
+                connections_reset: 0,
                 loaded,
             }),
         }
@@ -102,6 +104,7 @@ impl Shared {
             in_flight: state.in_flight.len(),
             manifest_calls: state.manifest_calls,
             model_overlaps: state.model_overlaps,
+            connections_reset: state.connections_reset,
         }
     }
 
@@ -117,7 +120,17 @@ impl Shared {
         state.peak_in_flight = state.in_flight.len();
         state.manifest_calls = 0;
         state.model_overlaps = 0;
+        state.connections_reset = 0;
         state.loaded = state.config.initially_loaded.clone();
+    }
+
+    /// Whether a new connection must be reset at once; counts it if so.
+    pub(crate) fn reset_new_connection(&self) -> bool {
+        let mut state = self.lock();
+        if state.config.reset_connections {
+            state.connections_reset += 1;
+        }
+        state.config.reset_connections
     }
 
     pub(crate) fn required_key(&self) -> Option<String> {

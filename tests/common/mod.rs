@@ -9,6 +9,11 @@ use prix_dispatch::task::{ApiKey, TaskSpec};
 use prix_dispatch::{CompletionRequest, DispatchStatus, Dispatcher};
 use serde_json::{Value, json};
 
+pub struct Killed {
+    pub addr: std::net::SocketAddr,
+    pub config: SimConfig,
+}
+
 pub struct Fleet {
     pub sims: Vec<SimHost>,
     pub dispatcher: Dispatcher,
@@ -65,6 +70,11 @@ impl Fleet {
     }
 
     pub async fn start_with(plans: Vec<HostPlan>, queue: QueueSettings) -> Fleet {
+        Self::start_tuned(plans, |config| config.queue = queue).await
+    }
+
+    /// Starts the hosts, then the dispatcher with `tune` applied to its configuration.
+    pub async fn start_tuned(plans: Vec<HostPlan>, tune: impl FnOnce(&mut Config)) -> Fleet {
         let mut sims = Vec::new();
         let mut hosts = Vec::new();
         for (i, plan) in plans.into_iter().enumerate() {
@@ -80,9 +90,51 @@ impl Fleet {
             sims.push(sim);
         }
         let mut config = Config::with_hosts(ConfigSource::Environment, hosts);
-        config.queue = queue;
+        tune(&mut config);
         let dispatcher = Dispatcher::start(&config);
         Fleet { sims, dispatcher }
+    }
+
+    /// Kills host `i` (port closed, connections cut), as a rebooting workstation.
+    pub async fn kill(&mut self, i: usize) -> Killed {
+        let placeholder = SimHost::start(SimConfig::with_models(Vec::<String>::new()))
+            .await
+            .expect("sim starts");
+        let host = std::mem::replace(&mut self.sims[i], placeholder);
+        let killed = Killed {
+            addr: host.addr(),
+            config: host.config(),
+        };
+        host.shutdown().await;
+        killed
+    }
+
+    /// Starts host `i` again on the same address, fresh (no records).
+    pub async fn revive(&mut self, i: usize, killed: Killed) {
+        let host = SimHost::start_on(killed.addr, killed.config)
+            .await
+            .expect("the port is free again");
+        let placeholder = std::mem::replace(&mut self.sims[i], host);
+        placeholder.shutdown().await;
+    }
+
+    /// Polls the status until `check` holds, or panics with the last status after `limit`.
+    pub async fn wait_status(
+        &self,
+        limit: Duration,
+        check: impl Fn(&DispatchStatus) -> bool,
+    ) -> DispatchStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let status = self.status().await;
+            if check(&status) {
+                return status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("status never reached the expected state: {status:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn status(&self) -> DispatchStatus {
