@@ -60,11 +60,12 @@ enum Command {
 }
 
 fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("prix_dispatch=info"))
+        // rmcp logs whole requests at debug, `api_key` arguments included: never below info.
+        .add_directive("rmcp=info".parse().expect("a static directive"));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("prix_dispatch=info")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
@@ -103,8 +104,10 @@ async fn main() -> anyhow::Result<()> {
                             std::process::exit(130);
                         }
                     }
-                    // Let the last results and errors reach the client before leaving.
+                    // Let the last results and errors reach the client before leaving. Exit
+                    // explicitly: the runtime would wait on the blocking stdin reader.
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    std::process::exit(0);
                 }
                 _ = dispatcher.crashed() => {
                     // Every waiting client already got an error; a supervisor restarts us.

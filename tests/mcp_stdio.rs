@@ -274,3 +274,219 @@ async fn cancellation_and_closed_stdin_stop_the_host() {
     let _ = running.await;
     sim.shutdown().await;
 }
+
+/// The binary as a child we own (for signals, exit status and stderr), with an MCP client.
+struct Owned {
+    child: tokio::process::Child,
+    client: RunningService<RoleClient, Collector>,
+    stderr: tokio::task::JoinHandle<String>,
+    _config: TempConfig,
+}
+
+async fn spawn_owned(config_text: String, tag: &str) -> Owned {
+    use tokio::io::AsyncReadExt;
+    let path = std::env::temp_dir().join(format!(
+        "prix-dispatch-test-{}-{tag}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, config_text).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch"))
+        .arg("stdio")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text).await;
+        text
+    });
+    let client = Collector::default()
+        .serve((stdout, stdin))
+        .await
+        .expect("MCP handshake");
+    Owned {
+        child,
+        client,
+        stderr,
+        _config: TempConfig(path),
+    }
+}
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn fleet_config(sim: &SimHost, extra: &str) -> String {
+    format!(
+        "{extra}\n[[host]]\nname = \"gpu0\"\nurl = \"{}\"\n",
+        sim.url()
+    )
+}
+
+#[tokio::test]
+async fn sigterm_lets_running_tasks_finish_and_refuses_queued_ones() {
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
+    let mut owned = spawn_owned(
+        fleet_config(&sim, "[server]\nshutdown_grace_seconds = 10"),
+        "sigterm",
+    )
+    .await;
+    let peer = owned.client.peer().clone();
+    let args = |tokens: usize| json!({"model_id": "m", "messages": [{"role": "user", "content": sim_directive(json!({"tokens": tokens, "token_interval_ms": 30}))}]});
+    let running = tokio::spawn({
+        let peer = peer.clone();
+        let a = args(20);
+        async move { peer.call_tool(call("complete_stream", a)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let queued = tokio::spawn({
+        let a = args(1);
+        async move { peer.call_tool(call("complete_stream", a)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    signal(&owned.child, "TERM");
+
+    let done = running
+        .await
+        .unwrap()
+        .expect("the running call gets its answer");
+    assert_eq!(done.is_error, Some(false));
+    assert_eq!(text(&done).split_whitespace().count(), 20);
+    let refused = queued
+        .await
+        .unwrap()
+        .expect("the queued call gets an answer");
+    assert_eq!(refused.is_error, Some(true));
+    assert!(text(&refused).contains("shutting down"));
+    assert_eq!(refused.structured_content.unwrap()["retryable"], true);
+    let status = tokio::time::timeout(Duration::from_secs(5), owned.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "graceful exit");
+    assert_eq!(sim.chat_records().len(), 1);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
+    let mut owned = spawn_owned(fleet_config(&sim, ""), "sigtwice").await;
+    let peer = owned.client.peer().clone();
+    let args = json!({"model_id": "m", "messages": [{"role": "user", "content": sim_directive(json!({"tokens": 500, "token_interval_ms": 20}))}]});
+    let _running = tokio::spawn(async move { peer.call_tool(call("complete_stream", args)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&owned.child, "TERM");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    signal(&owned.child, "INT");
+    let at = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(3), owned.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(at.elapsed() < Duration::from_secs(1));
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        sim.wait_idle(Duration::from_secs(1)).await,
+        "the host connection went with the process"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_clearly_and_keys_never_leak() {
+    let sim = SimHost::start(SimConfig {
+        models: vec!["m".into()],
+        required_key: Some("host-secret-456".into()),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = format!(
+        "[server]\nmax_request_bytes = 2000\n[[host]]\nname = \"gpu0\"\nurl = \"{}\"\napi_key = \"host-secret-456\"\n",
+        sim.url()
+    );
+    let owned = spawn_owned(config, "badinput").await;
+    let c = &owned.client;
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases = [
+        (json!({"model_id": "m"}), "messages"),
+        (json!({"model_id": "m", "messages": "hi"}), "invalid type"),
+        (
+            json!({"model_id": "m", "messages": []}),
+            "at least one message",
+        ),
+        (
+            json!({"model_id": "m", "messages": [{"content": "hi"}]}),
+            "role",
+        ),
+        (
+            json!({"model_id": "m", "messages": user, "max_tokens": 0}),
+            "max_tokens must be at least 1",
+        ),
+        (
+            json!({"model_id": "m", "messages": user, "temperature": 3}),
+            "temperature must be between 0 and 2",
+        ),
+        (
+            json!({"model_id": "m", "messages": user, "temperature": "hot"}),
+            "invalid type",
+        ),
+        (
+            json!({"model_id": "m", "messages": [{"role": "user", "content": "x".repeat(3000)}]}),
+            "request too large",
+        ),
+        (
+            json!({"model_id": "m", "messages": user, "api_key": "req-secret-123"}),
+            "Authentication failed",
+        ),
+    ];
+    for (args, needle) in cases {
+        let r = c.call_tool(call("complete", args.clone())).await.unwrap();
+        assert_eq!(r.is_error, Some(true), "{args}");
+        let t = text(&r);
+        assert!(t.contains(needle), "{needle:?} not in {t:?}");
+        assert!(!t.contains("secret"), "a key leaked into an error: {t}");
+    }
+    // Unknown parameters are ignored, and the daemon still serves.
+    let ok = c
+        .call_tool(call(
+            "complete",
+            json!({"model_id": "m", "messages": user, "frobnicate": true}),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(ok.is_error, Some(false));
+    for tool in ["list_models", "dispatch_status"] {
+        let r = c.call_tool(call(tool, json!({}))).await.unwrap();
+        let all = format!("{}{}", text(&r), r.structured_content.unwrap());
+        assert!(!all.contains("secret"), "{tool} shows a key: {all}");
+    }
+    // The host key went only to the host; the per-request key replaced it for that call.
+    assert!(
+        sim.records()
+            .iter()
+            .any(|r| r.auth.as_deref() == Some("Bearer req-secret-123"))
+    );
+    let Owned { client, stderr, .. } = owned;
+    client.cancel().await.unwrap();
+    let logs = stderr.await.unwrap();
+    assert!(logs.contains("DEBUG"), "debug logging was on");
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains("secret")).collect();
+    assert!(leaks.is_empty(), "a key leaked into the logs: {leaks:#?}");
+    sim.shutdown().await;
+}
