@@ -310,6 +310,18 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_lines_are_skipped_not_fatal() {
+        let out = decode(&[b"data: {\"choices\":[{\"delta\":{\"content\":\"\xff\xfe\"}}]}\n\n", b"data: \xc3\x28\n\n"]);
+        let mut s = ChatStream::default();
+        for p in &out {
+            s.apply(p).unwrap();
+        }
+        // Lossy decoding keeps the valid JSON (with replacement characters); the rest is skipped.
+        assert_eq!(s.text, "\u{fffd}\u{fffd}");
+        assert_eq!(s.bad_payloads, 1);
+    }
+
+    #[test]
     fn tolerant_of_null_and_empty_choices_and_bad_json() {
         let mut s = ChatStream::default();
         for p in [
