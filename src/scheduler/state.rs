@@ -720,8 +720,14 @@ impl<T: Queueable> DispatchState<T> {
             self.unserved_since.entry(model.clone()).or_insert(now);
         }
         let queue = self.queues.entry(model.clone()).or_default();
+        // New tasks join at the back; only a retried task goes back into the line.
+        let at_back = queue.last_key_value().is_none_or(|(last, _)| *last < id);
         queue.insert(id, task);
-        let position = queue.range(..id).count() + 1;
+        let position = if at_back {
+            queue.len()
+        } else {
+            queue.range(..id).count() + 1
+        };
         if position <= POSITION_UPDATES {
             queue[&id].notify_position(position);
         }
