@@ -67,6 +67,8 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// How long running tasks may finish after SIGINT/SIGTERM.
     pub shutdown_grace: Duration,
+    /// `Host` header values `/mcp` accepts besides loopback (required to listen beyond it).
+    pub allowed_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +119,7 @@ impl Default for ServerSettings {
             auth_token_env: None,
             max_request_bytes: 16 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -177,6 +180,7 @@ struct FileServer {
     auth_token_env: Option<String>,
     max_request_bytes: Option<u64>,
     shutdown_grace_seconds: Option<f64>,
+    allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +279,22 @@ impl Config {
             })?;
         }
         server.auth_token_env = file.server.auth_token_env.filter(|s| !s.is_empty());
+        if let Some(var) = &server.auth_token_env
+            && env(var).is_none_or(|t| t.is_empty())
+        {
+            return Err(invalid(format!(
+                "[server] auth_token_env = {var:?} but that environment variable is not set (or empty)"
+            )));
+        }
+        server.allowed_hosts = file.server.allowed_hosts.unwrap_or_default();
+        if !server.listen.ip().is_loopback() && server.allowed_hosts.is_empty() {
+            return Err(invalid(format!(
+                "[server] listen = \"{}\" is reachable from other machines: list the names \
+                 clients use to reach it in [server] allowed_hosts (e.g. [\"gpu-box.lan\", \"192.168.1.20\"]) \
+                 and set auth_token_env",
+                server.listen
+            )));
+        }
         if let Some(bytes) = file.server.max_request_bytes {
             if bytes == 0 {
                 return Err(invalid(

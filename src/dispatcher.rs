@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::backend::{self, HostClient};
 use crate::config::Config;
 use crate::error::DispatchError;
+use crate::metrics::Metrics;
 use crate::scheduler::state::{Counters, Health, HostId, HostSnapshot, Limits};
 use crate::scheduler::{Scheduler, TaskHandle};
 use crate::scheduler::{SchedulerSettings, TaskDefaults};
@@ -26,6 +27,7 @@ struct Inner {
     scheduler: Scheduler,
     hosts: Arc<[HostClient]>,
     max_request_bytes: usize,
+    metrics: Arc<Metrics>,
     /// Becomes true if the scheduler actor panicked.
     crashed: watch::Receiver<bool>,
 }
@@ -99,10 +101,16 @@ impl Dispatcher {
                 let _ = crash_tx.send(true);
             }
         });
+        let metrics = Arc::new(Metrics::default());
         for (i, host) in hosts.iter().enumerate() {
             let client = Arc::new(host.clone());
             for _ in 0..slots[i] {
-                tokio::spawn(worker::run(scheduler.clone(), HostId(i), client.clone()));
+                tokio::spawn(worker::run(
+                    scheduler.clone(),
+                    HostId(i),
+                    client.clone(),
+                    metrics.clone(),
+                ));
             }
         }
         Dispatcher {
@@ -110,9 +118,16 @@ impl Dispatcher {
                 scheduler,
                 hosts,
                 max_request_bytes: config.server.max_request_bytes,
+                metrics,
                 crashed,
             }),
         }
+    }
+
+    /// The Prometheus exposition of this daemon's metrics.
+    pub async fn metrics_text(&self) -> Result<String, DispatchError> {
+        let status = self.status().await?;
+        Ok(self.inner.metrics.render(&status))
     }
 
     /// Largest request a front end should accept, in bytes.

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use prix_dispatch::config::{self, Config};
-use prix_dispatch::{Dispatcher, demo, mcp};
+use prix_dispatch::{Dispatcher, demo, http, mcp};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,15 @@ enum Command {
     Stdio {
         /// Fleet configuration (TOML). Default: $PRIX_DISPATCH_CONFIG, else
         /// config/prix-dispatch.toml, else the LOCAL_INFERENCE_SERVER_N variables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run the long-lived daemon on [server] listen: MCP over Streamable HTTP at /mcp, the
+    /// OpenAI-compatible API at /v1, /metrics (Prometheus), /status (JSON), /healthz, and a
+    /// live status page at /.
+    ///
+    /// Every client on the machine can share it. SIGINT/SIGTERM drain it gracefully.
+    Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -83,38 +92,47 @@ async fn main() -> anyhow::Result<()> {
             let config = load(config)?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
-            let mut service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
-            tokio::select! {
-                served = &mut service => {
-                    served.context("the MCP service stopped unexpectedly")?
-                        .context("MCP handshake on stdio failed")?;
-                }
-                _ = next_signal() => {
-                    let grace = config.server.shutdown_grace;
-                    tracing::info!(grace_seconds = grace.as_secs_f64(), "signal received: finishing running tasks (a second signal exits at once)");
-                    // The MCP service keeps running meanwhile, so finished tasks reach the client.
-                    tokio::select! {
-                        in_time = dispatcher.drain(grace) => {
-                            if !in_time {
-                                tracing::warn!("grace period over: stopping the tasks still running");
-                            }
-                        }
-                        _ = next_signal() => {
-                            tracing::warn!("second signal: exiting now");
-                            std::process::exit(130);
-                        }
-                    }
-                    // Let the last results and errors reach the client before leaving. Exit
-                    // explicitly: the runtime would wait on the blocking stdin reader.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    std::process::exit(0);
-                }
-                _ = dispatcher.crashed() => {
-                    // Every waiting client already got an error; a supervisor restarts us.
-                    tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
-                    std::process::exit(70);
-                }
-            }
+            let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
+            let served = supervise(&dispatcher, config.server.shutdown_grace, service).await;
+            served
+                .context("the MCP service stopped unexpectedly")?
+                .context("MCP handshake on stdio failed")?;
+        }
+        Command::Serve { config } => {
+            let config = load(config)?;
+            let auth_token = match &config.server.auth_token_env {
+                Some(var) => Some(std::env::var(var).with_context(|| format!("{var} is not set"))?),
+                None => None,
+            };
+            let listener = tokio::net::TcpListener::bind(config.server.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot listen on {} ([server] listen)",
+                        config.server.listen
+                    )
+                })?;
+            let addr = listener.local_addr()?;
+            tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving on http://{addr} (MCP at /mcp, OpenAI API at /v1, status page at /)");
+            let dispatcher = Dispatcher::start(&config);
+            let options = http::HttpOptions {
+                auth_token,
+                max_request_bytes: config.server.max_request_bytes,
+                allowed_hosts: config.server.allowed_hosts.clone(),
+            };
+            let stop = tokio_util::sync::CancellationToken::new();
+            let server = tokio::spawn(http::serve(
+                listener,
+                dispatcher.clone(),
+                options,
+                stop.clone().cancelled_owned(),
+            ));
+            // On a signal the listener keeps serving the requests in flight while they drain.
+            let served = supervise(&dispatcher, config.server.shutdown_grace, server).await;
+            stop.cancel();
+            served
+                .context("the HTTP server stopped unexpectedly")?
+                .context("HTTP server failed")?;
         }
         Command::CheckConfig { config, probe } => {
             let config = load(config)?;
@@ -150,6 +168,43 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `service` until it ends by itself, or until SIGINT/SIGTERM: then no new work, waiting
+/// tasks fail with "shutting down", running ones get `grace` to finish, and the process exits
+/// 0 (130 on a second signal). A scheduler panic exits 70 so that a supervisor restarts us.
+async fn supervise<T>(
+    dispatcher: &Dispatcher,
+    grace: std::time::Duration,
+    mut service: tokio::task::JoinHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::select! {
+        served = &mut service => served,
+        _ = next_signal() => {
+            tracing::info!(grace_seconds = grace.as_secs_f64(), "signal received: finishing running tasks (a second signal exits at once)");
+            // The front end keeps running meanwhile, so finished tasks reach their clients.
+            tokio::select! {
+                in_time = dispatcher.drain(grace) => {
+                    if !in_time {
+                        tracing::warn!("grace period over: stopping the tasks still running");
+                    }
+                }
+                _ = next_signal() => {
+                    tracing::warn!("second signal: exiting now");
+                    std::process::exit(130);
+                }
+            }
+            // Let the last results and errors reach the clients. Exit explicitly: the runtime
+            // would wait on stdin's blocking reader.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            std::process::exit(0);
+        }
+        _ = dispatcher.crashed() => {
+            // Every waiting client already got an error.
+            tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
+            std::process::exit(70);
+        }
+    }
 }
 
 /// SIGINT or SIGTERM.

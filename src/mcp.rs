@@ -188,7 +188,9 @@ impl PrixServer {
                     progress.send(format!("running {model} on {host}")).await;
                 }
                 Some(TaskEvent::Delta(text)) => progress.send(text).await,
-                Some(TaskEvent::ReasoningDelta(_)) => {}
+                Some(
+                    TaskEvent::ReasoningDelta(_) | TaskEvent::Answer { .. } | TaskEvent::Bytes(_),
+                ) => {}
             }
         };
         Ok(match outcome {

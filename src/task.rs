@@ -128,15 +128,36 @@ pub struct ChatParams {
     pub seed: Option<i64>,
     pub repeat_penalty: Option<f64>,
     pub response_format: Option<Value>,
-    /// Further body fields a front end forwards unchanged (the OpenAI front door keeps unknown fields).
-    pub extra: Map<String, Value>,
+}
+
+/// What is sent to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskBody {
+    /// Built from typed parameters (MCP): always streamed, usage included.
+    Chat(ChatParams),
+    /// An OpenAI request forwarded as the client wrote it, unknown fields kept; the host's
+    /// answer is relayed byte for byte ([`TaskEvent::Answer`], [`TaskEvent::Bytes`]).
+    Relay(Map<String, Value>),
+}
+
+impl TaskBody {
+    /// The token limit the client asked for, if any (a host streaming far past it is broken).
+    pub fn max_tokens(&self) -> Option<u64> {
+        match self {
+            TaskBody::Chat(params) => Some(u64::from(params.max_tokens)),
+            TaskBody::Relay(body) => body
+                .get("max_completion_tokens")
+                .or_else(|| body.get("max_tokens"))
+                .and_then(Value::as_u64),
+        }
+    }
 }
 
 /// Everything needed to run a task, minus the plumbing: built from a request after validation.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
     pub model: String,
-    pub params: ChatParams,
+    pub body: TaskBody,
     pub api_key: Option<ApiKey>,
     /// Longest silence between bytes; `None` = the daemon's default.
     pub timeout: Option<Duration>,
@@ -229,7 +250,7 @@ impl CompletionRequest {
         }
         Ok(TaskSpec {
             model: self.model_id,
-            params: ChatParams {
+            body: TaskBody::Chat(ChatParams {
                 messages: self.messages,
                 temperature: self.temperature,
                 max_tokens,
@@ -238,8 +259,7 @@ impl CompletionRequest {
                 seed: self.seed,
                 repeat_penalty: self.repeat_penalty,
                 response_format: self.response_format,
-                extra: Map::new(),
-            },
+            }),
             api_key: self.api_key.filter(|k| !k.expose().is_empty()),
             timeout,
             first_token_timeout,
@@ -307,6 +327,12 @@ pub enum TaskEvent {
     },
     Delta(String),
     ReasoningDelta(String),
+    /// Relay only: the host accepted the request and answers with this content type.
+    Answer {
+        content_type: String,
+    },
+    /// Relay only: bytes of the host's answer, as they arrived.
+    Bytes(bytes::Bytes),
     Finished(CompletionResult),
     Failed(DispatchError),
 }

@@ -8,12 +8,18 @@ use tokio::time::Instant;
 
 use crate::backend::{HostClient, StreamOutput};
 use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
+use crate::metrics::Metrics;
 use crate::scheduler::state::{HostId, Outcome};
 use crate::scheduler::{Assignment, Scheduler};
 use crate::task::{CompletionResult, InferenceTask, TaskEvent};
 
 /// Runs until the scheduler stops.
-pub async fn run(scheduler: Scheduler, host: HostId, client: Arc<HostClient>) {
+pub async fn run(
+    scheduler: Scheduler,
+    host: HostId,
+    client: Arc<HostClient>,
+    metrics: Arc<Metrics>,
+) {
     while let Some(Assignment { mut task, lease }) = scheduler.next_task(host).await {
         task.attempts += 1;
         let taken = Instant::now();
@@ -30,6 +36,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, client: Arc<HostClient>) {
             Ok(output) => {
                 lease.release(Outcome::Completed, HostSignal::Healthy);
                 let result = completion(output, &task, &client.name, taken);
+                metrics.completed(&result);
                 task.emit(TaskEvent::Finished(result));
             }
             Err(AttemptError {
@@ -51,6 +58,8 @@ pub async fn run(scheduler: Scheduler, host: HostId, client: Arc<HostClient>) {
                 // Give the slot back before the client hears the end, so the next task can
                 // start while this answer travels.
                 lease.release(outcome, signal);
+                let waited = taken.saturating_duration_since(task.enqueued_at);
+                metrics.ended_early(waited.as_secs_f64(), taken.elapsed().as_secs_f64());
                 task.emit(TaskEvent::Failed(error));
             }
         }

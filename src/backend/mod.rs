@@ -14,7 +14,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use crate::config::HostConfig;
 pub use crate::error::ManifestFailure;
 use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
-use crate::task::{ApiKey, InferenceTask, TaskEvent, ToolCall, Usage};
+use crate::task::{ApiKey, InferenceTask, TaskBody, TaskEvent, ToolCall, Usage};
 use sse::{ChatStream, InStreamError, SseDecoder};
 
 /// How long a manifest read may take, as upstream had it.
@@ -165,7 +165,11 @@ impl HostClient {
     /// the host.
     pub async fn stream_chat(&self, task: &InferenceTask) -> Result<StreamOutput, AttemptError> {
         let model = &task.spec.model;
-        let body = request::chat_body(model, &task.spec.params);
+        let relay = matches!(task.spec.body, TaskBody::Relay(_));
+        let body = match &task.spec.body {
+            TaskBody::Chat(params) => request::chat_body(model, params),
+            TaskBody::Relay(body) => request::relay_body(model, body),
+        };
         let mut request = self
             .http
             .post(format!("{}/v1/chat/completions", self.base_url))
@@ -235,12 +239,18 @@ impl HostClient {
             ttft: None,
             deltas: 0,
         };
-        let is_json = response
+        let content_type = response
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json"));
-        if is_json {
+            .unwrap_or("text/event-stream")
+            .to_string();
+        if relay {
+            task.emit(TaskEvent::Answer {
+                content_type: content_type.clone(),
+            });
+        }
+        if content_type.starts_with("application/json") {
             // A server that ignores `stream: true` (or LM Studio's 200-with-error on unknown
             // paths) answers with one JSON document; read it as a single chunk.
             let bytes = match timeout_at(first_byte_by, response.bytes()).await {
@@ -248,6 +258,9 @@ impl HostClient {
                 Ok(Err(e)) => return Err(self.lost_mid_answer(&e)),
                 Ok(Ok(bytes)) => bytes,
             };
+            if relay {
+                task.emit(TaskEvent::Bytes(bytes.clone()));
+            }
             reader.apply(&String::from_utf8_lossy(&bytes))?;
             reader.stream.done =
                 reader.stream.finish_reason.is_some() || reader.stream.has_output();
@@ -278,6 +291,10 @@ impl HostClient {
                 Ok(Ok(Some(bytes))) => bytes,
             };
             got_bytes = true;
+            if relay {
+                // Forwarded before parsing: the client sees bytes as soon as we do.
+                task.emit(TaskEvent::Bytes(chunk.clone()));
+            }
             if decoder.push(&chunk, &mut payloads).is_err() {
                 return Err(DispatchError::new(
                     ErrorKind::Protocol,
@@ -386,7 +403,7 @@ impl StreamReader<'_> {
         if output {
             self.ttft.get_or_insert_with(|| self.sent.elapsed());
             self.deltas += 1;
-            let max = u64::from(self.task.spec.params.max_tokens);
+            let max = self.task.spec.body.max_tokens().unwrap_or(u64::MAX / 4);
             if self.deltas > 2 * max + 32 {
                 return Err(DispatchError::new(
                     ErrorKind::Protocol,

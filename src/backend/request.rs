@@ -7,7 +7,7 @@ use crate::task::ChatParams;
 /// Always streaming with usage; optional fields only when set (`repeat_penalty` only when it
 /// changes anything, since it is a llama.cpp / LM Studio extension other servers may reject).
 pub fn chat_body(model: &str, params: &ChatParams) -> Value {
-    let mut body: Map<String, Value> = params.extra.clone();
+    let mut body = Map::new();
     body.insert("model".into(), json!(model));
     body.insert("messages".into(), Value::Array(params.messages.clone()));
     body.insert("temperature".into(), json!(params.temperature));
@@ -35,6 +35,13 @@ pub fn chat_body(model: &str, params: &ChatParams) -> Value {
     Value::Object(body)
 }
 
+/// The body of a relayed request: the client's own, with the model it was routed by.
+pub fn relay_body(model: &str, body: &Map<String, Value>) -> Value {
+    let mut body = body.clone();
+    body.insert("model".into(), json!(model));
+    Value::Object(body)
+}
+
 /// Flat BFCL-style `{name, description, parameters}` tools become OpenAI function tools;
 /// tools already in OpenAI shape pass unchanged.
 pub fn normalise_tool(tool: &Value) -> Value {
@@ -59,7 +66,6 @@ mod tests {
             seed: None,
             repeat_penalty: None,
             response_format: None,
-            extra: Map::new(),
         }
     }
 

@@ -311,7 +311,10 @@ mod tests {
 
     #[test]
     fn invalid_utf8_lines_are_skipped_not_fatal() {
-        let out = decode(&[b"data: {\"choices\":[{\"delta\":{\"content\":\"\xff\xfe\"}}]}\n\n", b"data: \xc3\x28\n\n"]);
+        let out = decode(&[
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"\xff\xfe\"}}]}\n\n",
+            b"data: \xc3\x28\n\n",
+        ]);
         let mut s = ChatStream::default();
         for p in &out {
             s.apply(p).unwrap();

@@ -1,0 +1,223 @@
+//! The OpenAI-compatible front door: any OpenAI client — prompt-prix's adapter included —
+//! points at the daemon as if it were one LM Studio server and gets correct dispatch.
+//!
+//! Requests are forwarded as the client wrote them (unknown fields kept) and the host's answer
+//! is relayed byte for byte as it arrives; only the routing is ours.
+
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use super::App;
+use crate::error::{DispatchError, ErrorKind};
+use crate::scheduler::TaskHandle;
+use crate::task::{TaskBody, TaskEvent, TaskSpec};
+
+/// `GET /v1/models`: a fresh (single-flight) read of every host, as `list_models` does, so a
+/// client never sees a stale or not-yet-read list.
+pub(super) async fn models(State(app): State<App>) -> Response {
+    if let Err(e) = app.dispatcher.refresh_manifests().await {
+        return error_response(&e);
+    }
+    let status = match app.dispatcher.status().await {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
+    };
+    let mut ids: Vec<&String> = status
+        .hosts
+        .iter()
+        .filter(|h| h.reachable)
+        .flat_map(|h| &h.state.models)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let data: Vec<Value> = ids
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "prix-dispatch"}))
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub(super) async fn chat_completions(State(app): State<App>, body: Bytes) -> Response {
+    let request = match parse(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(&e),
+    };
+    let stream = request.get("stream") == Some(&Value::Bool(true));
+    let model = request["model"].as_str().unwrap_or_default().to_string();
+    let spec = TaskSpec {
+        model,
+        body: TaskBody::Relay(request),
+        // The client's Authorization header is for this daemon, never for a host.
+        api_key: None,
+        timeout: None,
+        first_token_timeout: None,
+        queue_timeout: None,
+    };
+    let submitted = Instant::now();
+    let mut handle = match app.dispatcher.submit(spec) {
+        Ok(h) => h,
+        Err(e) => return error_response(&e),
+    };
+    let mut host = String::new();
+    let mut queue_wait_ms = 0.0;
+    let content_type = loop {
+        match handle.next().await {
+            Some(TaskEvent::Started { host: h }) => {
+                host = h;
+                queue_wait_ms = submitted.elapsed().as_secs_f64() * 1e3;
+            }
+            Some(TaskEvent::Answer { content_type }) => break content_type,
+            Some(TaskEvent::Failed(e)) => return error_response(&e),
+            Some(TaskEvent::Finished(_)) | None => {
+                return error_response(&DispatchError::scheduler_stopped());
+            }
+            Some(_) => {}
+        }
+    };
+    let mut response = if stream {
+        // Headers go out now; every byte the host sends follows at once.
+        Response::new(Body::from_stream(relay(handle)))
+    } else {
+        // One JSON document: wait for it whole, so a late failure still gets its status.
+        let mut bytes = Vec::new();
+        loop {
+            match handle.next().await {
+                Some(TaskEvent::Bytes(b)) => bytes.extend_from_slice(&b),
+                Some(TaskEvent::Finished(_)) => break,
+                Some(TaskEvent::Failed(e)) => return error_response(&e),
+                None => return error_response(&DispatchError::scheduler_stopped()),
+                Some(_) => {}
+            }
+        }
+        Response::new(Body::from(bytes))
+    };
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        headers.insert("x-prix-host", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{queue_wait_ms:.1}")) {
+        headers.insert("x-prix-queue-wait-ms", v);
+    }
+    if stream {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    }
+    response
+}
+
+/// The host's bytes as they come; a failure after the first byte becomes an SSE error event.
+/// The handle lives in the stream: a client that disconnects drops it, which cancels the task.
+fn relay(
+    handle: TaskHandle,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    futures::stream::unfold(Some(handle), |handle| async move {
+        let mut handle = handle?;
+        loop {
+            match handle.next().await {
+                Some(TaskEvent::Bytes(bytes)) => return Some((Ok(bytes), Some(handle))),
+                Some(TaskEvent::Failed(e)) => {
+                    let event = format!("data: {}\n\n", error_json(&e));
+                    return Some((Ok(Bytes::from(event)), None));
+                }
+                Some(TaskEvent::Finished(_)) | None => return None,
+                Some(_) => {}
+            }
+        }
+    })
+}
+
+/// A chat request: a JSON object with a model and messages; everything else is the host's business.
+fn parse(body: &[u8]) -> Result<Map<String, Value>, DispatchError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| DispatchError::invalid(format!("the request body is not JSON: {e}")))?;
+    let Value::Object(request) = value else {
+        return Err(DispatchError::invalid(
+            "the request body must be a JSON object",
+        ));
+    };
+    match request.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() => {}
+        _ => {
+            return Err(DispatchError::invalid(
+                "\"model\" is required: the id of a model a host lists",
+            ));
+        }
+    }
+    let Some(messages) = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+    else {
+        return Err(DispatchError::invalid(
+            "\"messages\" must be a non-empty array, e.g. [{\"role\":\"user\",\"content\":\"hi\"}]",
+        ));
+    };
+    for (i, message) in messages.iter().enumerate() {
+        if !message.get("role").is_some_and(Value::is_string) {
+            return Err(DispatchError::invalid(format!(
+                "messages[{i}] must be an object with a string \"role\""
+            )));
+        }
+    }
+    Ok(request)
+}
+
+/// The HTTP status a failure maps to.
+fn status_for(error: &DispatchError) -> StatusCode {
+    match error.kind {
+        ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
+        // Known to no host at all: the client asked for something that does not exist.
+        ErrorKind::ModelNotAvailable if !error.retryable => StatusCode::NOT_FOUND,
+        // Known, but no healthy host serves it now.
+        ErrorKind::ModelNotAvailable | ErrorKind::NoModelsAvailable | ErrorKind::ShuttingDown => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorKind::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::QueueTimeout | ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Authentication
+        | ErrorKind::HostError
+        | ErrorKind::Connection
+        | ErrorKind::StreamAborted
+        | ErrorKind::StreamTruncated
+        | ErrorKind::StreamError
+        | ErrorKind::Protocol => StatusCode::BAD_GATEWAY,
+        ErrorKind::Cancelled | ErrorKind::SchedulerStopped => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 404 => "invalid_request_error",
+        401 => "authentication_error",
+        429 => "rate_limit_error",
+        _ => "server_error",
+    }
+}
+
+fn error_json(error: &DispatchError) -> Value {
+    let status = status_for(error);
+    json!({"error": {
+        "message": error.message,
+        "type": error_type(status),
+        "code": error.kind,
+        "retryable": error.retryable,
+    }})
+}
+
+/// A failure in OpenAI's `{"error": {"message", "type", "code"}}` shape with a fitting status.
+pub(super) fn error_response(error: &DispatchError) -> Response {
+    (status_for(error), axum::Json(error_json(error))).into_response()
+}
+
+pub(super) fn error_body(status: StatusCode, code: &str, kind: &str, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "code": code}});
+    (status, axum::Json(body)).into_response()
+}

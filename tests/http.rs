@@ -1,0 +1,487 @@
+//! `serve`'s HTTP surfaces over real sockets: the OpenAI-compatible API (relay without
+//! buffering, errors, disconnects), MCP over Streamable HTTP, auth, limits, metrics, status.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Fleet, HostPlan, assert_host_invariants, host, quick};
+use futures::StreamExt;
+use prix_dispatch::http::{HttpOptions, serve};
+use prix_dispatch::sim::{Outcome, sim_directive};
+use serde_json::{Value, json};
+
+struct Daemon {
+    fleet: Fleet,
+    base: String,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+async fn daemon(
+    plans: Vec<HostPlan>,
+    token: Option<&str>,
+    tune: impl FnOnce(&mut prix_dispatch::Config),
+) -> Daemon {
+    let fleet = Fleet::start_tuned(plans, tune).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = HttpOptions {
+        auth_token: token.map(str::to_string),
+        max_request_bytes: 64 * 1024,
+        allowed_hosts: vec![],
+    };
+    tokio::spawn(serve(
+        listener,
+        fleet.dispatcher.clone(),
+        options,
+        stop.clone().cancelled_owned(),
+    ));
+    Daemon { fleet, base, stop }
+}
+
+impl Daemon {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.fleet.shutdown().await;
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+fn chat(model: &str, content: &str, stream: bool) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": content}], "stream": stream})
+}
+
+#[tokio::test]
+async fn streaming_is_relayed_as_it_arrives_with_dispatch_headers() {
+    let d = daemon(vec![host(&["m"]).behaviour(quick(6, 100))], None, |_| {}).await;
+    let client = reqwest::Client::new();
+    let mut body = chat("m", "hi", true);
+    body["x_unknown_field"] = json!({"kept": true});
+    let response = client
+        .post(format!("{}/v1/chat/completions", d.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["x-prix-host"], "gpu0");
+    assert!(
+        response.headers()["x-prix-queue-wait-ms"]
+            .to_str()
+            .unwrap()
+            .parse::<f64>()
+            .is_ok()
+    );
+    let mut stream = response.bytes_stream();
+    let mut first_content_at = None;
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = String::from_utf8(chunk.unwrap().to_vec()).unwrap();
+        if first_content_at.is_none() && chunk.contains("tok0") {
+            first_content_at = Some(now_us());
+        }
+        text.push_str(&chunk);
+    }
+    assert!(text.contains("data: [DONE]"));
+    let record = &d.fleet.chat_records(0)[0];
+    assert!(
+        first_content_at.unwrap() < record.end_us.unwrap(),
+        "the first token reached the client before the host finished: no buffering"
+    );
+    assert_eq!(
+        record.body["x_unknown_field"]["kept"], true,
+        "unknown fields are forwarded"
+    );
+    assert!(
+        record.body.get("stream_options").is_none(),
+        "the body is the client's own"
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn non_streaming_answers_are_relayed_whole() {
+    let d = daemon(vec![host(&["m"]).behaviour(quick(3, 1))], None, |_| {}).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", d.base))
+        .json(&chat("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "tok0 tok1 tok2 ");
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn errors_use_openai_shape_and_fitting_statuses() {
+    let d = daemon(vec![host(&["m"]).behaviour(quick(20, 50))], None, |c| {
+        c.queue.max_pending = 1;
+        c.timeouts.first_token = Duration::from_millis(200);
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", d.base);
+    let post = |body: Value| client.post(&url).json(&body).send();
+
+    let r = post(chat("nope", "hi", false)).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_available");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Model 'nope' not available on any server")
+    );
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+
+    let r = client.post(&url).body("{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post(json!({"model": "m", "messages": []})).await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    let r = post(chat("m", &sim_directive(json!({"ttft_ms": 1000})), false))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504, "first-token timeout");
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("first-token timeout")
+    );
+
+    // One running, one waiting: the next is refused with 429.
+    let running = tokio::spawn(post(chat("m", "hi", true)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = tokio::spawn(post(chat("m", "hi", false)));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = post(chat("m", "hi", false)).await.unwrap();
+    assert_eq!(r.status(), 429);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+    drop((running, waiting));
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn no_healthy_host_is_503() {
+    let mut d = daemon(vec![host(&["m"])], None, |c| {
+        c.queue.host_wait = Duration::from_millis(200);
+        c.health.probe_interval = Duration::from_secs(60);
+    })
+    .await;
+    d.fleet.dispatcher.refresh_manifests().await.unwrap();
+    let _killed = d.fleet.kill(0).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", d.base))
+        .json(&chat("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_the_slot_and_the_host() {
+    let d = daemon(vec![host(&["m"]).behaviour(quick(500, 10))], None, |_| {}).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", d.base))
+        .json(&chat("m", "hi", true))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        if String::from_utf8_lossy(&chunk.unwrap()).contains("tok1") {
+            break;
+        }
+    }
+    drop(stream);
+    assert!(d.fleet.sims[0].wait_idle(Duration::from_secs(1)).await);
+    assert_eq!(
+        d.fleet.chat_records(0)[0].outcome,
+        Outcome::ClientDisconnected
+    );
+    d.fleet
+        .assert_all_slots_return(Duration::from_secs(1))
+        .await;
+    assert_eq!(d.fleet.status().await.counters.cancelled, 1);
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_guards_every_route_but_healthz() {
+    let d = daemon(
+        vec![host(&["m"]).behaviour(quick(1, 0))],
+        Some("s3cret-token"),
+        |_| {},
+    )
+    .await;
+    let client = reqwest::Client::new();
+    for path in ["/", "/status", "/metrics", "/v1/models"] {
+        let r = client
+            .get(format!("{}{path}", d.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = client
+            .get(format!("{}{path}", d.base))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        let r = client
+            .get(format!("{}{path}", d.base))
+            .bearer_auth("s3cret-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let r = client
+        .post(format!("{}/mcp", d.base))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "/mcp");
+    let r = client
+        .get(format!("{}/healthz", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The browser form for the status page.
+    let r = client
+        .get(format!("{}/status?token=s3cret-token", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .post(format!("{}/v1/chat/completions", d.base))
+        .bearer_auth("s3cret-token")
+        .json(&chat("m", "hi", false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let auth = d.fleet.chat_records(0)[0].auth.clone();
+    assert_eq!(
+        auth, None,
+        "the daemon's token is never forwarded to a host"
+    );
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let d = daemon(vec![host(&["m"])], None, |_| {}).await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", d.base))
+        .json(&chat("m", &"x".repeat(100 * 1024), false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(d.fleet.chat_records(0).is_empty());
+    d.shutdown().await;
+}
+
+/// Parses Prometheus text: every sample line is `name{labels} value`.
+fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            let metric = name.split('{').next().unwrap();
+            assert!(
+                metric
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad name in {l:?}"
+            );
+            (name.to_string(), value)
+        })
+        .collect()
+}
+
+fn sample(all: &[(String, f64)], name: &str) -> f64 {
+    all.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| *v)
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn metrics_parse_and_move_when_tasks_run() {
+    let d = daemon(vec![host(&["m"]).behaviour(quick(3, 1))], None, |_| {}).await;
+    let client = reqwest::Client::new();
+    let scrape = || async {
+        let text = client
+            .get(format!("{}/metrics", d.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        samples(&text)
+    };
+    let before = scrape().await;
+    assert_eq!(sample(&before, "prix_host_slots{host=\"gpu0\"}"), 1.0);
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{}/v1/chat/completions", d.base))
+            .json(&chat("m", "hi", true))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap();
+    }
+    let after = scrape().await;
+    assert_eq!(
+        sample(&after, "prix_tasks_total{outcome=\"completed\"}"),
+        3.0
+    );
+    assert_eq!(sample(&after, "prix_task_duration_seconds_count"), 3.0);
+    assert_eq!(
+        sample(&after, "prix_time_to_first_token_seconds_count"),
+        3.0
+    );
+    assert_eq!(sample(&after, "prix_queue_wait_seconds_count"), 3.0);
+    assert_eq!(sample(&after, "prix_host_up{host=\"gpu0\"}"), 1.0);
+    assert_eq!(sample(&after, "prix_host_active{host=\"gpu0\"}"), 0.0);
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn models_status_and_mcp_over_http_share_the_queue() {
+    use rmcp::ServiceExt;
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::StreamableHttpClientTransport;
+
+    let d = daemon(
+        vec![host(&["m", "n"]).behaviour(quick(4, 20))],
+        None,
+        |_| {},
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let models: Value = client
+        .get(format!("{}/v1/models", d.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["m", "n"]);
+    assert_eq!(models["object"], "list");
+
+    let mcp = ()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "{}/mcp",
+            d.base
+        )))
+        .await
+        .unwrap();
+    let tools = mcp.list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 4);
+    // MCP over HTTP, the OpenAI API and in-process submissions, all at once, one slot.
+    let mcp_calls = (0..3).map(|_| {
+        let args = json!({"model_id": "m", "messages": [{"role": "user", "content": "hi"}]});
+        mcp.call_tool(
+            CallToolRequestParams::new("complete_stream")
+                .with_arguments(args.as_object().unwrap().clone()),
+        )
+    });
+    let openai_calls = (0..3).map(|_| async {
+        let r = client
+            .post(format!("{}/v1/chat/completions", d.base))
+            .json(&chat("n", "hi", true))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    });
+    let direct = (0..3).map(|_| {
+        d.fleet
+            .dispatcher
+            .run(common::spec("m", "hi", json!({})), |_| {})
+    });
+    let (m, o, x) = tokio::join!(
+        futures::future::join_all(mcp_calls),
+        futures::future::join_all(openai_calls),
+        futures::future::join_all(direct)
+    );
+    assert!(
+        m.iter()
+            .all(|r| r.as_ref().unwrap().is_error == Some(false))
+    );
+    assert!(o.iter().all(|t| t.contains("[DONE]")));
+    assert!(x.iter().all(Result::is_ok));
+    let records = d.fleet.chat_records(0);
+    assert_eq!(records.len(), 9);
+    assert_host_invariants(&records, 1);
+    assert_eq!(
+        d.fleet.sims[0].stats().peak_in_flight,
+        1,
+        "the host never saw two at once"
+    );
+
+    let status: Value = client
+        .get(format!("{}/status", d.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["hosts"][0]["name"], "gpu0");
+    assert_eq!(status["counters"]["completed"], 9);
+    let page = client
+        .get(format!("{}/", d.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("<title>prix-dispatch</title>"));
+    mcp.cancel().await.unwrap();
+    d.shutdown().await;
+}
