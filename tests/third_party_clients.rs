@@ -1,0 +1,149 @@
+//! Software nobody on this project wrote, against the daemon: the official Python `mcp` SDK
+//! (Streamable HTTP in both protocol generations, and stdio) and the official `openai` package.
+//!
+//! `.ci/run` installs both into a cached virtualenv and sets `PRIX_PYTHON`; without it these
+//! tests fail with instructions rather than skip.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{Fleet, host};
+use prix_dispatch::http::{HttpOptions, serve};
+use prix_dispatch::sim::{Behaviour, ToolCallSpec};
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PRIX_PYTHON") {
+        return p.into();
+    }
+    let cached = dirs_home().join(".cache/prix-dispatch/venv/bin/python");
+    assert!(
+        cached.exists(),
+        "no Python with the `mcp` and `openai` packages: run `bash .ci/run` once (it creates \
+         {}), or set PRIX_PYTHON",
+        cached.display()
+    );
+    cached
+}
+
+fn dirs_home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(name)
+}
+
+async fn fleet() -> Fleet {
+    let tool = Behaviour {
+        tokens: 0,
+        tool_call: Some(ToolCallSpec {
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Paris"}"#.into(),
+            fragments: 4,
+        }),
+        ..Behaviour::default()
+    };
+    let chat = Behaviour {
+        tokens: 3,
+        token_interval_ms: 5,
+        ..Behaviour::default()
+    };
+    Fleet::start(vec![
+        host(&["chat-model", "tool-model"])
+            .behaviour(chat)
+            .sim(|c| {
+                c.per_model.insert("tool-model".into(), tool);
+            }),
+    ])
+    .await
+}
+
+async fn http_daemon(fleet: &Fleet) -> (String, tokio_util::sync::CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let options = HttpOptions {
+        auth_token: None,
+        max_request_bytes: 1 << 20,
+        allowed_hosts: vec![],
+    };
+    tokio::spawn(serve(
+        listener,
+        fleet.dispatcher.clone(),
+        options,
+        stop.clone().cancelled_owned(),
+    ));
+    (base, stop)
+}
+
+/// Runs a client script to completion off the runtime (the daemon keeps serving meanwhile).
+async fn run(args: Vec<String>) {
+    let python = python();
+    let output = tokio::task::spawn_blocking(move || Command::new(python).args(&args).output())
+        .await
+        .unwrap()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(": ok"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_package_streams_text_and_tool_calls() {
+    let fleet = fleet().await;
+    let (base, stop) = http_daemon(&fleet).await;
+    run(vec![script("openai_client.py").display().to_string(), base]).await;
+    assert_eq!(fleet.sims[0].stats().peak_in_flight, 1);
+    stop.cancel();
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_mcp_sdk_over_http_in_both_protocol_generations() {
+    let fleet = fleet().await;
+    let (base, stop) = http_daemon(&fleet).await;
+    for mode in ["legacy", "2026-07-28"] {
+        run(vec![
+            script("mcp_client.py").display().to_string(),
+            format!("{base}/mcp"),
+            mode.into(),
+        ])
+        .await;
+    }
+    stop.cancel();
+    fleet.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_mcp_sdk_over_stdio() {
+    let fleet = fleet().await;
+    let config = std::env::temp_dir().join(format!("prix-dispatch-py-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[[host]]\nname = \"gpu0\"\nurl = \"{}\"\n",
+            fleet.sims[0].url()
+        ),
+    )
+    .unwrap();
+    run(vec![
+        script("mcp_client.py").display().to_string(),
+        "stdio".into(),
+        "auto".into(),
+        env!("CARGO_BIN_EXE_prix-dispatch").into(),
+        config.display().to_string(),
+    ])
+    .await;
+    let _ = std::fs::remove_file(config);
+    fleet.shutdown().await;
+}
