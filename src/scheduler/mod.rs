@@ -370,10 +370,7 @@ impl Actor {
                 Some(Command::Released { host, release }) => {
                     self.state.released(host, *release, now)
                 }
-                Some(Command::Cancel(id)) => {
-                    self.state.cancel(id);
-                    continue;
-                }
+                Some(Command::Cancel(id)) => self.state.cancel(id, now).1,
                 Some(Command::ManifestsRead(reports)) => {
                     for waiter in self.refresh_waiters.drain(..) {
                         let _ = waiter.send(());

@@ -369,7 +369,8 @@ impl<T: Queueable> DispatchState<T> {
             HostSignal::Healthy => h.consecutive_5xx = 0,
             HostSignal::Neutral => {}
             HostSignal::Unreachable(reason) => {
-                self.host_down(host, reason, Duration::ZERO, &mut out)
+                self.host_down(host, reason, Duration::ZERO, &mut out);
+                self.refresh_coverage(now);
             }
             HostSignal::ServerError(reason) => {
                 h.consecutive_5xx += 1;
@@ -408,8 +409,19 @@ impl<T: Queueable> DispatchState<T> {
     }
 
     /// The client gave up. A waiting task is removed and returned; a running one is stopped
-    /// by its worker (through the task's cancellation token), not here.
-    pub fn cancel(&mut self, id: TaskId) -> Option<T> {
+    /// by its worker (through the task's cancellation token), not here. Its leaving can end a
+    /// hold for drain, so the slots are matched again.
+    pub fn cancel(&mut self, id: TaskId, now: Instant) -> (Option<T>, Vec<Decision<T>>) {
+        let task = self.remove_waiting(id);
+        let mut out = Vec::new();
+        if task.is_some() {
+            self.counters.cancelled += 1;
+            self.dispatch(now, &mut out);
+        }
+        (task, out)
+    }
+
+    fn remove_waiting(&mut self, id: TaskId) -> Option<T> {
         let task = if let Some(model) = self.index.remove(&id) {
             let task = self.remove_queued(&model, id);
             if let Some(deadline) = task.queue_deadline() {
@@ -423,7 +435,6 @@ impl<T: Queueable> DispatchState<T> {
             let at = parked.iter().position(|t| t.id() == id)?;
             parked.swap_remove(at)
         };
-        self.counters.cancelled += 1;
         Some(task)
     }
 
@@ -528,7 +539,6 @@ impl<T: Queueable> DispatchState<T> {
                 self.fail(task, error, &mut out);
             }
         }
-        let mut thawed = false;
         for (i, h) in self.hosts.iter_mut().enumerate() {
             if h.health == Health::Cooling && h.cooling_until.is_some_and(|t| t <= now) {
                 // Half-open: one more 5xx cools it again, a success clears the count.
@@ -539,13 +549,11 @@ impl<T: Queueable> DispatchState<T> {
                     host: HostId(i),
                     change: HealthChange::Up,
                 });
-                thawed = true;
             }
         }
         self.refresh_coverage(now);
-        if thawed {
-            self.dispatch(now, &mut out);
-        }
+        // Expired tasks may have held a host for drain; a thawed host takes work again.
+        self.dispatch(now, &mut out);
         out
     }
 

@@ -1,6 +1,7 @@
 //! Deterministic tests of the placement rules and invariants, driven event by event.
 
 use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::rc::Rc;
 
 use super::*;
@@ -13,6 +14,8 @@ struct T {
     deadline: Option<Instant>,
     attempts: u32,
     position: Rc<Cell<usize>>,
+    /// The client's cancellation token (the real task's `abandoned()`).
+    abandoned: Rc<Cell<bool>>,
 }
 
 impl Queueable for T {
@@ -32,7 +35,7 @@ impl Queueable for T {
         self.attempts
     }
     fn abandoned(&self) -> bool {
-        false
+        self.abandoned.get()
     }
     fn notify_position(&self, position: usize) {
         self.position.set(position);
@@ -67,6 +70,30 @@ fn done() -> Release<T> {
     }
 }
 
+/// How a task ended, as the harness saw it (each task ends exactly once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// How a worker reports the end of an attempt.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Completed,
+    /// A 5xx answer: counts toward the breaker.
+    ServerError,
+    /// A 4xx or a bad stream: says nothing about the host.
+    Neutral,
+    /// The connection broke after the host answered: no retry.
+    Unreachable,
+    /// The host could not be reached before the first byte: the task goes back to the scheduler.
+    UnreachableRetry,
+    /// The client cancelled while it ran.
+    Cancelled,
+}
+
 struct Harness {
     state: DispatchState<T>,
     now: Instant,
@@ -79,28 +106,66 @@ struct Harness {
     manifest_reads: usize,
     probes: Vec<HostId>,
     health: Vec<(HostId, HealthChange)>,
+    /// Per host, the models it lists whenever its manifest is read.
+    listing: Vec<Vec<String>>,
+    /// Running tasks as their workers hold them (attempts counted at start, as the worker does).
+    held: HashMap<u64, T>,
+    /// Per host: Start decisions seen and slots given back.
+    starts: Vec<usize>,
+    releases: Vec<usize>,
+    /// Per host: workers that gave their slot back and have not asked for a task yet.
+    returning: Vec<usize>,
+    /// Every task's end, recorded once.
+    ended: HashMap<u64, End>,
+    /// How many tasks ended each way: (completed, failed, cancelled).
+    tally: (u64, u64, u64),
+    /// Submitted tasks that have not ended.
+    open: BTreeSet<u64>,
+    /// Each task's cancellation flag, as its client holds it.
+    abandon: HashMap<u64, Rc<Cell<bool>>>,
+    /// Tasks submitted through `submit_task` (the property tests' bookkeeping).
+    submitted: Vec<u64>,
+    /// `manifests_read` calls made by the harness (answers to `ReadManifests`).
+    manifests_answered: usize,
+    /// Hosts with a `Probe` decision not answered yet.
+    probing: BTreeSet<usize>,
+    /// Retried attempts that went back to the queue.
+    requeued: u64,
 }
 
 impl Harness {
     /// `hosts`: (slots, models). All workers start idle and manifests are read at once.
     fn new(hosts: &[(usize, &[&str])], max_bypass: Duration) -> Self {
-        let mut h = Self::unread(hosts, max_bypass);
+        Self::with_limits(hosts, Self::limits(max_bypass))
+    }
+
+    fn limits(max_bypass: Duration) -> Limits {
+        Limits {
+            max_pending: 100_000,
+            max_bypass,
+            ..Limits::default()
+        }
+    }
+
+    /// Like `new`, with the given limits.
+    fn with_limits(hosts: &[(usize, &[&str])], limits: Limits) -> Self {
+        let mut h = Self::unread_with_limits(hosts, limits);
         let reports = hosts
             .iter()
             .enumerate()
             .map(|(i, (_, models))| listed(i, models))
             .collect();
+        h.manifests_answered += 1;
         let d = h.state.manifests_read(reports, h.now);
         h.apply(d);
         h
     }
 
     fn unread(hosts: &[(usize, &[&str])], max_bypass: Duration) -> Self {
-        let limits = Limits {
-            max_pending: 100_000,
-            max_bypass,
-            ..Limits::default()
-        };
+        Self::unread_with_limits(hosts, Self::limits(max_bypass))
+    }
+
+    fn unread_with_limits(hosts: &[(usize, &[&str])], limits: Limits) -> Self {
         let state = DispatchState::new(
             hosts
                 .iter()
@@ -119,6 +184,22 @@ impl Harness {
             manifest_reads: 0,
             probes: Vec::new(),
             health: Vec::new(),
+            listing: hosts
+                .iter()
+                .map(|(_, models)| models.iter().map(|m| m.to_string()).collect())
+                .collect(),
+            held: HashMap::new(),
+            starts: vec![0; hosts.len()],
+            releases: vec![0; hosts.len()],
+            returning: vec![0; hosts.len()],
+            ended: HashMap::new(),
+            tally: (0, 0, 0),
+            open: BTreeSet::new(),
+            abandon: HashMap::new(),
+            submitted: Vec::new(),
+            manifests_answered: 0,
+            probing: BTreeSet::new(),
+            requeued: 0,
         };
         let d = h.state.start();
         h.apply(d);
@@ -133,6 +214,8 @@ impl Harness {
 
     fn task(&mut self, model: &str) -> T {
         self.next_id += 1;
+        let abandoned = Rc::new(Cell::new(false));
+        self.abandon.insert(self.next_id, abandoned.clone());
         T {
             id: self.next_id,
             model: model.into(),
@@ -140,21 +223,34 @@ impl Harness {
             deadline: None,
             attempts: 0,
             position: Rc::new(Cell::new(0)),
+            abandoned,
         }
     }
 
-    fn submit(&mut self, model: &str) -> u64 {
-        let t = self.task(model);
-        let id = t.id;
-        let d = self.state.submit(t, self.now);
+    /// Submits a task made by `task`, keeping count of it.
+    fn submit_task(&mut self, task: T) -> u64 {
+        let id = task.id;
+        self.submitted.push(id);
+        self.open.insert(id);
+        let d = self.state.submit(task, self.now);
         self.apply(d);
         id
     }
 
+    fn submit(&mut self, model: &str) -> u64 {
+        let t = self.task(model);
+        self.submit_task(t)
+    }
+
+    /// Carries out the decisions of one event, checking each Start: slot bound, one model
+    /// per host, never a task that already ended, and FIFO among equals (within a model, no
+    /// task starts while an older one of the same model still waits in the queue).
     fn apply(&mut self, decisions: Vec<Decision<T>>) {
+        // Per model, the newest task started by this event so far.
+        let mut newest_start: HashMap<String, u64> = HashMap::new();
         for d in decisions {
             match d {
-                Decision::Start { task, host } => {
+                Decision::Start { mut task, host } => {
                     let on = &mut self.running[host.0];
                     assert!(
                         on.len() < self.slots[host.0],
@@ -165,30 +261,363 @@ impl Harness {
                         "two models at once on {host:?}: {on:?} + {}",
                         task.model
                     );
+                    assert!(
+                        !self.ended.contains_key(&task.id),
+                        "task {} started after it ended",
+                        task.id
+                    );
+                    // Health and listings change before the matching in every event.
+                    let state_host = &self.state.hosts[host.0];
+                    assert!(
+                        state_host.health == Health::Up && state_host.models.contains(&task.model),
+                        "task {} of {} started on {host:?}, which is {:?} and lists {:?}",
+                        task.id,
+                        task.model,
+                        state_host.health,
+                        state_host.models
+                    );
+                    assert!(
+                        !self.held.contains_key(&task.id),
+                        "task {} started twice at once",
+                        task.id
+                    );
+                    // Within one event every enqueue precedes the matching: starts of a model
+                    // come oldest first.
+                    if let Some(prev) = newest_start.insert(task.model.clone(), task.id) {
+                        assert!(
+                            prev < task.id,
+                            "FIFO broken: task {} of {} started after task {prev}",
+                            task.id,
+                            task.model
+                        );
+                    }
                     on.push((task.id, task.model.clone()));
                     self.started.push((task.id, host, self.now));
+                    self.starts[host.0] += 1;
+                    // The worker counts the attempt when it takes the task.
+                    task.attempts += 1;
+                    self.held.insert(task.id, task);
                 }
-                Decision::Fail { task, error } => self.failed.push((task.id, error)),
+                Decision::Fail { task, error } => {
+                    self.end(task.id, End::Failed);
+                    self.failed.push((task.id, error));
+                }
                 Decision::ReadManifests => self.manifest_reads += 1,
-                Decision::Probe { host, .. } => self.probes.push(host),
+                Decision::Probe { host, .. } => {
+                    assert!(
+                        self.probing.insert(host.0),
+                        "a second probe of {host:?} while one is outstanding"
+                    );
+                    self.probes.push(host);
+                }
                 Decision::Health { host, change } => self.health.push((host, change)),
             }
             self.assert_work_conserving();
+        }
+        // A task that still waits was waiting when the newer tasks of its model started
+        // (tasks enter the queue before the matching, in the same event).
+        for (model, newest) in newest_start {
+            if let Some((&oldest, _)) = self
+                .state
+                .queues
+                .get(&model)
+                .and_then(|q| q.first_key_value())
+            {
+                assert!(
+                    oldest.0 > newest,
+                    "FIFO broken: task {newest} of {model} started while the older task {} waits",
+                    oldest.0
+                );
+            }
+        }
+    }
+
+    /// Records how a task ended; a task ends exactly once.
+    fn end(&mut self, id: u64, end: End) {
+        if let Some(before) = self.ended.insert(id, end) {
+            panic!("task {id} ended twice: {before:?}, then {end:?}");
+        }
+        self.open.remove(&id);
+        match end {
+            End::Completed => self.tally.0 += 1,
+            End::Failed => self.tally.1 += 1,
+            End::Cancelled => self.tally.2 += 1,
         }
     }
 
     /// Finishes a running task; its worker goes idle again right after.
     fn finish(&mut self, id: u64) {
+        self.end_attempt(id, Ending::Completed, true);
+    }
+
+    /// The worker running `id` gives its slot back, as the real worker does: the lease is
+    /// released exactly once, with the task handed back when it failed before the first byte.
+    /// With `worker_back`, the worker asks for its next task at once; otherwise later
+    /// (`worker_back`).
+    fn end_attempt(&mut self, id: u64, how: Ending, worker_back: bool) {
         let host = self
             .running
             .iter()
             .position(|r| r.iter().any(|(t, _)| *t == id))
             .expect("task is running");
+        assert!(
+            self.releases[host] < self.starts[host],
+            "more releases than starts on h{host}"
+        );
+        assert!(
+            self.state.hosts[host].active > 0,
+            "the state thinks h{host} runs nothing, yet task {id} runs there"
+        );
         self.running[host].retain(|(t, _)| *t != id);
-        let d = self.state.released(HostId(host), done(), self.now);
+        self.releases[host] += 1;
+        let task = self
+            .held
+            .remove(&id)
+            .expect("a running task is held by its worker");
+        let abandoned = task.abandoned.get();
+        let attempts = task.attempts;
+        let (outcome, signal) = match how {
+            Ending::Completed => {
+                let Release {
+                    outcome, signal, ..
+                } = done();
+                (outcome, signal)
+            }
+            Ending::ServerError => (Outcome::Failed, HostSignal::ServerError("HTTP 500".into())),
+            Ending::Neutral => (Outcome::Failed, HostSignal::Neutral),
+            Ending::Unreachable | Ending::UnreachableRetry => (
+                Outcome::Failed,
+                HostSignal::Unreachable("connection reset".into()),
+            ),
+            Ending::Cancelled => (Outcome::Cancelled, HostSignal::Neutral),
+        };
+        let retry = matches!(how, Ending::UnreachableRetry);
+        let release = if retry {
+            let error = DispatchError::new(ErrorKind::Connection, "connection refused");
+            Release {
+                outcome,
+                signal,
+                retry: Some((task, error)),
+            }
+        } else {
+            self.end(
+                id,
+                match outcome {
+                    Outcome::Completed => End::Completed,
+                    Outcome::Failed => End::Failed,
+                    Outcome::Cancelled => End::Cancelled,
+                },
+            );
+            Release {
+                outcome,
+                signal,
+                retry: None,
+            }
+        };
+        let d = self.state.released(HostId(host), release, self.now);
+        let failed_now = d
+            .iter()
+            .any(|x| matches!(x, Decision::Fail { task, .. } if task.id == id));
+        let started_now = d
+            .iter()
+            .any(|x| matches!(x, Decision::Start { task, .. } if task.id == id));
         self.apply(d);
+        if retry {
+            let queued = self.state.index.contains_key(&TaskId(id));
+            if abandoned {
+                assert!(
+                    !failed_now && !started_now && !queued,
+                    "task {id} was cancelled: no retry, no failure to report"
+                );
+                self.end(id, End::Cancelled);
+            } else if attempts < self.state.limits.max_attempts {
+                assert!(
+                    !failed_now && (started_now || queued),
+                    "task {id} failed before the first byte after {attempts} attempt(s): it \
+                     goes back to the queue"
+                );
+                self.requeued += 1;
+            } else {
+                assert!(
+                    failed_now,
+                    "task {id} is out of attempts ({attempts}): it fails"
+                );
+            }
+        }
+        if worker_back {
+            let d = self.state.worker_idle(HostId(host), self.now);
+            self.apply(d);
+        } else {
+            self.returning[host] += 1;
+        }
+    }
+
+    /// A worker that gave its slot back asks for its next task.
+    fn worker_back(&mut self, host: usize) {
+        assert!(self.returning[host] > 0);
+        self.returning[host] -= 1;
         let d = self.state.worker_idle(HostId(host), self.now);
         self.apply(d);
+    }
+
+    /// The client cancels `id`: the scheduler drops it if it waits, else its worker stops it.
+    /// Returns whether it runs (its worker has yet to give the slot back).
+    fn cancel(&mut self, id: u64) -> bool {
+        self.abandon[&id].set(true);
+        let (cancelled, decisions) = self.state.cancel(TaskId(id), self.now);
+        self.apply(decisions);
+        match cancelled {
+            Some(task) => {
+                assert_eq!(task.id, id);
+                assert!(!self.held.contains_key(&id), "task {id} runs and waits");
+                self.end(id, End::Cancelled);
+                false
+            }
+            None => {
+                let running = self.held.contains_key(&id);
+                assert!(
+                    running || self.ended.contains_key(&id),
+                    "cancel found task {id} nowhere: it neither waits, runs nor ended"
+                );
+                running
+            }
+        }
+    }
+
+    /// A manifest read (starting one if none runs, as the periodic refresh does) that finds
+    /// every host listing its models, except `failing` (host, reason).
+    fn read_manifests(&mut self, failing: Option<(usize, &str)>) {
+        if self.manifest_reads == self.manifests_answered {
+            let mut d = Vec::new();
+            self.state.request_manifests(&mut d);
+            self.apply(d);
+        }
+        let reports = (0..self.listing.len())
+            .map(|i| match failing {
+                Some((f, why)) if f == i => failed(i, why),
+                _ => ManifestReport {
+                    host: HostId(i),
+                    models: Ok(self.listing[i].clone()),
+                    loaded: None,
+                },
+            })
+            .collect();
+        self.manifests_answered += 1;
+        let d = self.state.manifests_read(reports, self.now);
+        self.apply(d);
+    }
+
+    /// Answers the outstanding probe of `host`: it lists its models, or is still unreachable.
+    fn answer_probe(&mut self, host: usize, ok: bool) {
+        assert!(self.probing.remove(&host), "h{host} was not probed");
+        let report = if ok {
+            ManifestReport {
+                host: HostId(host),
+                models: Ok(self.listing[host].clone()),
+                loaded: None,
+            }
+        } else {
+            failed(host, "connection refused")
+        };
+        let d = self.state.probe_result(report, self.now);
+        self.apply(d);
+    }
+
+    fn running_ids(&self) -> Vec<u64> {
+        self.running.iter().flatten().map(|(id, _)| *id).collect()
+    }
+
+    /// The invariants that hold between any two events (for harnesses driven only through
+    /// `submit_task`, `end_attempt`, `cancel`, `read_manifests` and `answer_probe`).
+    fn check_step(&self) {
+        self.assert_work_conserving();
+        let s = &self.state;
+        for (i, host) in s.hosts.iter().enumerate() {
+            let on = &self.running[i];
+            assert_eq!(
+                host.active,
+                on.len(),
+                "h{i}: the state counts {} running, the workers hold {on:?}",
+                host.active
+            );
+            assert!(host.active <= host.slots, "h{i}: slot bound");
+            assert_eq!(
+                host.current_model.as_deref(),
+                on.first().map(|(_, m)| m.as_str()),
+                "h{i}: the drain guard's model is not the running one"
+            );
+            assert_eq!(
+                self.starts[i],
+                self.releases[i] + on.len(),
+                "h{i}: every start is released exactly once"
+            );
+            assert_eq!(
+                host.active + host.idle_workers + self.returning[i],
+                host.slots,
+                "h{i}: the state's idle workers"
+            );
+            if host.health == Health::Down {
+                assert!(
+                    self.probing.contains(&i),
+                    "h{i} is down and nothing probes it: it never comes back"
+                );
+            }
+        }
+        let pending_reads = self.manifest_reads - self.manifests_answered;
+        assert!(pending_reads <= 1, "manifest reads are single-flight");
+        assert_eq!(s.reading_manifests, pending_reads == 1);
+        let queued: usize = s.queues.values().map(|q| q.len()).sum();
+        assert_eq!(s.waiting, queued, "the waiting count drifted");
+        assert_eq!(s.index.len(), queued, "the index drifted from the queues");
+        let with_deadline = s
+            .queues
+            .values()
+            .flat_map(|q| q.values())
+            .filter(|t| t.deadline.is_some())
+            .count();
+        assert!(
+            s.deadlines.len() == with_deadline
+                && s.deadlines.iter().all(|(at, id)| s
+                    .index
+                    .get(id)
+                    .and_then(|m| s.queues[m].get(id))
+                    .is_some_and(|t| t.deadline == Some(*at))),
+            "the deadlines drifted from the queued tasks"
+        );
+
+        let c = s.snapshot().counters;
+        assert!(
+            c.completed + c.failed + c.cancelled <= c.submitted,
+            "more tasks ended than were submitted: {c:?}"
+        );
+        assert_eq!(c.submitted, self.submitted.len() as u64);
+        assert_eq!(c.started, self.starts.iter().sum::<usize>() as u64);
+        assert_eq!(
+            (c.completed, c.failed, c.cancelled),
+            self.tally,
+            "counters vs the ends seen (completed, failed, cancelled)"
+        );
+        assert_eq!(c.retried, self.requeued);
+
+        // Every task that has not ended is in exactly one place, and nothing else is in any:
+        // queued, awaiting a manifest, or running.
+        assert_eq!(
+            s.index.len() + s.parked.len() + s.parked_next.len() + self.held.len(),
+            self.open.len(),
+            "tasks lost or duplicated"
+        );
+        for id in &self.open {
+            let places = [
+                s.index.contains_key(&TaskId(*id)),
+                s.parked.iter().chain(&s.parked_next).any(|t| t.id == *id),
+                self.held.contains_key(id),
+            ];
+            assert_eq!(
+                places.iter().filter(|p| **p).count(),
+                1,
+                "task {id} is in {places:?} (queued, awaiting a manifest, running)"
+            );
+        }
     }
 
     fn host_of(&self, id: u64) -> Option<usize> {
@@ -496,13 +925,13 @@ fn cancel_removes_a_waiting_task_and_keeps_slots_balanced() {
     let a1 = h.submit("a");
     let a2 = h.submit("a");
     let a3 = h.submit("a");
-    assert!(h.state.cancel(TaskId(a2)).is_some());
+    assert!(h.state.cancel(TaskId(a2), h.now).0.is_some());
     assert!(
-        h.state.cancel(TaskId(a2)).is_none(),
+        h.state.cancel(TaskId(a2), h.now).0.is_none(),
         "cancelling twice is a no-op"
     );
     assert!(
-        h.state.cancel(TaskId(a1)).is_none(),
+        h.state.cancel(TaskId(a1), h.now).0.is_none(),
         "a running task is not in the queue"
     );
     h.finish(a1);
@@ -623,7 +1052,8 @@ fn random_workloads_keep_every_invariant() {
                 _ => {
                     if !submitted.is_empty() {
                         let id = submitted[rng.below(submitted.len() as u64) as usize];
-                        h.state.cancel(TaskId(id));
+                        let (_, d) = h.state.cancel(TaskId(id), h.now);
+                        h.apply(d);
                     }
                 }
             }
@@ -654,5 +1084,221 @@ fn random_workloads_keep_every_invariant() {
             snap.counters.started, snap.counters.completed,
             "seed {seed}: every start released exactly once"
         );
+    }
+}
+
+/// One seed of `property_random_faults_and_recoveries_keep_every_invariant`; `log` gets one
+/// line per event, for the report when an invariant breaks.
+fn random_faults(seed: u64, log: &mut Vec<String>) {
+    let models = ["a", "b", "c", "d"];
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let host_count = 1 + rng.below(4) as usize;
+    let hosts: Vec<(usize, Vec<&str>)> = (0..host_count)
+        .map(|_| {
+            let slots = 1 + rng.below(3) as usize;
+            let listed: Vec<&str> = models
+                .iter()
+                .copied()
+                .filter(|_| rng.below(2) == 0)
+                .collect();
+            (slots, listed)
+        })
+        .collect();
+    let spec: Vec<(usize, &[&str])> = hosts.iter().map(|(s, m)| (*s, m.as_slice())).collect();
+    let limits = Limits {
+        max_pending: 100_000,
+        max_bypass: Duration::from_secs(rng.below(6)),
+        max_attempts: 1 + rng.below(3) as u32,
+        host_wait: Duration::from_millis(500 + rng.below(4500)),
+        probe_interval: Duration::from_secs(1),
+        breaker_threshold: 1 + rng.below(3) as u32,
+        breaker_cooldown: Duration::from_millis(500 + rng.below(3500)),
+    };
+    log.push(format!("hosts (slots, models): {hosts:?}"));
+    log.push(format!("{limits:?}"));
+    let mut h = Harness::with_limits(&spec, limits);
+    let t0 = h.now;
+    h.check_step();
+    for step in 0..400 {
+        let at = format!("{step:3} t={:5.1}s", (h.now - t0).as_secs_f64());
+        match rng.below(100) {
+            // A task arrives, sometimes for a model no host lists, sometimes with a deadline.
+            0..30 => {
+                let model = ["a", "b", "c", "d", "z"][rng.below(5) as usize];
+                let mut t = h.task(model);
+                if rng.below(3) == 0 {
+                    t.deadline = Some(h.now + Duration::from_millis(rng.below(4000)));
+                }
+                let deadline = t.deadline.map(|d| (d - t0).as_secs_f64());
+                let id = h.submit_task(t);
+                log.push(format!("{at}: submit #{id} {model}, deadline {deadline:?}"));
+            }
+            // A running task ends.
+            30..55 => {
+                let running = h.running_ids();
+                if running.is_empty() {
+                    continue;
+                }
+                let id = running[rng.below(running.len() as u64) as usize];
+                let how = match rng.below(10) {
+                    0..4 => Ending::Completed,
+                    4..6 => Ending::ServerError,
+                    6 => Ending::Neutral,
+                    7 => Ending::Unreachable,
+                    _ => Ending::UnreachableRetry,
+                };
+                let back = rng.below(5) != 0;
+                log.push(format!(
+                    "{at}: #{id} ends {how:?}, worker back at once: {back}"
+                ));
+                h.end_attempt(id, how, back);
+            }
+            // A manifest read finds one host failing (the others list their models).
+            55..60 => {
+                let host = rng.below(host_count as u64) as usize;
+                let why = if rng.below(2) == 0 {
+                    "connection refused"
+                } else {
+                    "HTTP 500"
+                };
+                log.push(format!("{at}: manifest read, h{host} fails: {why}"));
+                h.read_manifests(Some((host, why)));
+            }
+            // A probe answers: the host is back, or still unreachable.
+            60..68 => {
+                let probing: Vec<usize> = h.probing.iter().copied().collect();
+                if probing.is_empty() {
+                    continue;
+                }
+                let host = probing[rng.below(probing.len() as u64) as usize];
+                let ok = rng.below(4) != 0;
+                log.push(format!("{at}: probe of h{host} answers, ok: {ok}"));
+                h.answer_probe(host, ok);
+            }
+            // A client cancels; a running task's worker stops it (at once, or a little later:
+            // its attempt may end otherwise first).
+            68..76 => {
+                if h.submitted.is_empty() {
+                    continue;
+                }
+                let id = h.submitted[rng.below(h.submitted.len() as u64) as usize];
+                let running = h.cancel(id);
+                let stop = running && rng.below(4) != 0;
+                log.push(format!(
+                    "{at}: cancel #{id} (running: {running}, worker stops it now: {stop})"
+                ));
+                if stop {
+                    let back = rng.below(5) != 0;
+                    h.end_attempt(id, Ending::Cancelled, back);
+                }
+            }
+            // Time passes; the actor's timer usually fires.
+            76..92 => {
+                h.now += Duration::from_millis(rng.below(2001));
+                let tick = rng.below(5) != 0;
+                log.push(format!(
+                    "{at}: time passes to t={:.1}s, tick: {tick}",
+                    (h.now - t0).as_secs_f64()
+                ));
+                if tick {
+                    let d = h.state.tick(h.now);
+                    h.apply(d);
+                    if let Some(next) = h.state.next_deadline() {
+                        assert!(next > h.now, "tick left work due: the actor would spin");
+                    }
+                }
+            }
+            // A worker that gave its slot back asks for its next task.
+            92..96 => {
+                let back: Vec<usize> = (0..host_count).filter(|i| h.returning[*i] > 0).collect();
+                if back.is_empty() {
+                    continue;
+                }
+                let host = back[rng.below(back.len() as u64) as usize];
+                log.push(format!("{at}: a worker of h{host} asks for work"));
+                h.worker_back(host);
+            }
+            // The manifest read in flight, if any, finds every host well.
+            _ => {
+                if h.manifest_reads == h.manifests_answered {
+                    continue;
+                }
+                log.push(format!("{at}: manifest read in flight answers, all listed"));
+                h.read_manifests(None);
+            }
+        }
+        h.check_step();
+    }
+
+    // Drain: every worker back, every running task done, every read and probe answered with
+    // success, time past every deadline and cool-down, until nothing waits or runs.
+    log.push("drain".into());
+    let mut rounds = 0;
+    loop {
+        for host in 0..host_count {
+            while h.returning[host] > 0 {
+                h.worker_back(host);
+                h.check_step();
+            }
+        }
+        for id in h.running_ids() {
+            h.end_attempt(id, Ending::Completed, true);
+            h.check_step();
+        }
+        if h.manifest_reads > h.manifests_answered {
+            h.read_manifests(None);
+            h.check_step();
+        }
+        for host in h.probing.clone() {
+            h.answer_probe(host, true);
+            h.check_step();
+        }
+        let s = &h.state;
+        let quiet = h.running_ids().is_empty()
+            && s.waiting == 0
+            && s.parked.is_empty()
+            && s.parked_next.is_empty()
+            && h.manifest_reads == h.manifests_answered
+            && h.probing.is_empty()
+            && s.hosts.iter().all(|x| x.health == Health::Up);
+        if quiet {
+            break;
+        }
+        rounds += 1;
+        assert!(rounds < 1000, "the drain does not converge");
+        h.now += Duration::from_secs(1);
+        let d = h.state.tick(h.now);
+        h.apply(d);
+        h.check_step();
+    }
+    let snap = h.state.snapshot();
+    let c = snap.counters;
+    assert_eq!(
+        c.completed + c.failed + c.cancelled,
+        c.submitted,
+        "at rest every task ended: {c:?}"
+    );
+    assert!(snap.queue.is_empty() && snap.awaiting_manifest == 0);
+    for (i, x) in snap.hosts.iter().enumerate() {
+        assert!(
+            x.active == 0 && x.current_model.is_none(),
+            "h{i} at rest: {x:?}"
+        );
+    }
+    for id in &h.submitted {
+        assert!(h.ended.contains_key(id), "task {id} never ended");
+    }
+    assert_eq!(h.ended.len(), h.submitted.len());
+    assert_eq!(h.starts, h.releases, "every start released exactly once");
+}
+
+#[test]
+fn property_random_faults_and_recoveries_keep_every_invariant() {
+    for seed in 1..=300u64 {
+        let mut log = Vec::new();
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| random_faults(seed, &mut log))) {
+            eprintln!("seed {seed} broke an invariant after:\n{}", log.join("\n"));
+            resume_unwind(panic);
+        }
     }
 }
