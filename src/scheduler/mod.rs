@@ -22,7 +22,7 @@ use crate::error::{DispatchError, ErrorKind, HostSignal};
 use crate::task::{InferenceTask, TaskEvent, TaskId, TaskSpec, Timeouts};
 use state::{
     Decision, DispatchState, HealthChange, HostId, Limits, ManifestReport, Outcome, Queueable,
-    Release, Snapshot,
+    Release, RunningTask, Snapshot,
 };
 
 impl Queueable for InferenceTask {
@@ -57,6 +57,7 @@ enum Command {
     },
     Released {
         host: HostId,
+        task: TaskId,
         release: Box<Release<InferenceTask>>,
     },
     Cancel(TaskId),
@@ -83,6 +84,7 @@ pub struct Assignment {
 /// worker), when it is dropped, counted as cancelled.
 pub struct SlotLease {
     host: HostId,
+    task: TaskId,
     scheduler: Option<mpsc::UnboundedSender<Command>>,
 }
 
@@ -110,6 +112,7 @@ impl SlotLease {
         if let Some(scheduler) = self.scheduler.take() {
             let _ = scheduler.send(Command::Released {
                 host: self.host,
+                task: self.task,
                 release: Box::new(release),
             });
         }
@@ -217,6 +220,7 @@ impl Scheduler {
             waiting: slots.iter().map(|_| VecDeque::new()).collect(),
             refresh_waiters: Vec::new(),
             close_waiters: Vec::new(),
+            running: slots.iter().map(|_| Vec::new()).collect(),
             tx: tx.clone(),
         };
         let root = CancellationToken::new();
@@ -322,6 +326,8 @@ struct Actor {
     waiting: Vec<VecDeque<oneshot::Sender<Assignment>>>,
     refresh_waiters: Vec<oneshot::Sender<()>>,
     close_waiters: Vec<oneshot::Sender<()>>,
+    /// Per host, what runs there and since when: for status pages, not for decisions.
+    running: Vec<Vec<(TaskId, String, Instant)>>,
     tx: mpsc::UnboundedSender<Command>,
 }
 
@@ -367,7 +373,12 @@ impl Actor {
                     self.waiting[host.0].push_back(reply);
                     self.state.worker_idle(host, now)
                 }
-                Some(Command::Released { host, release }) => {
+                Some(Command::Released {
+                    host,
+                    task,
+                    release,
+                }) => {
+                    self.running[host.0].retain(|(id, _, _)| *id != task);
                     self.state.released(host, *release, now)
                 }
                 Some(Command::Cancel(id)) => self.state.cancel(id, now).1,
@@ -385,7 +396,7 @@ impl Actor {
                     decisions
                 }
                 Some(Command::Status(reply)) => {
-                    let _ = reply.send(self.state.snapshot());
+                    let _ = reply.send(self.snapshot(now));
                     continue;
                 }
                 Some(Command::Close(reply)) => {
@@ -416,8 +427,10 @@ impl Actor {
                 Decision::Start { task, host } => {
                     let lease = SlotLease {
                         host,
+                        task: task.id,
                         scheduler: Some(self.tx.clone()),
                     };
+                    self.running[host.0].push((task.id, task.spec.model.clone(), Instant::now()));
                     let assignment = Assignment { task, lease };
                     let undelivered = match self.waiting[host.0].pop_front() {
                         Some(worker) => worker.send(assignment).err(),
@@ -454,6 +467,21 @@ impl Actor {
                 }
             }
         }
+    }
+
+    fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut snapshot = self.state.snapshot();
+        for (host, running) in snapshot.hosts.iter_mut().zip(&self.running) {
+            host.running = running
+                .iter()
+                .map(|(id, model, since)| RunningTask {
+                    id: id.0,
+                    model: model.clone(),
+                    running_ms: now.saturating_duration_since(*since).as_secs_f64() * 1e3,
+                })
+                .collect();
+        }
+        snapshot
     }
 
     fn read_manifests(&self) {

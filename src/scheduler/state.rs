@@ -210,6 +210,16 @@ pub struct HostSnapshot {
     pub last_error: Option<String>,
     /// Tasks started on this host since the daemon started.
     pub tasks_started: u64,
+    /// The tasks running here now (filled in by the actor, which hands them out).
+    pub running: Vec<RunningTask>,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct RunningTask {
+    pub id: u64,
+    pub model: String,
+    /// Milliseconds since the host was sent the task.
+    pub running_ms: f64,
 }
 
 pub struct DispatchState<T> {
@@ -613,6 +623,7 @@ impl<T: Queueable> DispatchState<T> {
                     loaded_models: h.loaded.clone(),
                     last_error: h.last_error.clone(),
                     tasks_started: h.started,
+                    running: Vec::new(),
                 })
                 .collect(),
             queue: self
