@@ -599,6 +599,18 @@ mod tests {
     }
 
     #[test]
+    fn listening_beyond_loopback_needs_allowed_hosts() {
+        let lan = "[server]\nlisten = \"0.0.0.0:8765\"\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n";
+        let err = parse(lan).unwrap_err().to_string();
+        assert!(err.contains("allowed_hosts"), "{err}");
+        let ok = lan.replace("[[host]]", "allowed_hosts = [\"gpu-box.lan\"]\n[[host]]");
+        assert_eq!(parse(&ok).unwrap().server.allowed_hosts, ["gpu-box.lan"]);
+        let token =
+            "[server]\nauth_token_env = \"NOPE_TOKEN\"\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n";
+        assert!(parse(token).unwrap_err().to_string().contains("NOPE_TOKEN"));
+    }
+
+    #[test]
     fn api_key_env_is_resolved() {
         let env = |k: &str| (k == "GPU0_KEY").then(|| "s3cret".to_string());
         let c = Config::from_toml(

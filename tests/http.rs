@@ -485,3 +485,25 @@ async fn models_status_and_mcp_over_http_share_the_queue() {
     mcp.cancel().await.unwrap();
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn mcp_checks_the_host_header() {
+    let d = daemon(vec![host(&["m"])], None, |_| {}).await;
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let post = |host_header: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{}/mcp", d.base))
+            .header("host", host_header)
+            .header("accept", "application/json, text/event-stream")
+            .json(&initialize)
+            .send()
+    };
+    assert_eq!(
+        post("evil.example:8765").await.unwrap().status(),
+        403,
+        "DNS rebinding guard"
+    );
+    assert_eq!(post("localhost").await.unwrap().status(), 200);
+    d.shutdown().await;
+}
