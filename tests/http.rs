@@ -5,16 +5,15 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Fleet, HostPlan, assert_host_invariants, host, quick};
+use common::{Fleet, HostPlan, HttpFront, assert_host_invariants, host, quick};
 use futures::StreamExt;
-use prix_dispatch::http::{HttpOptions, serve};
 use prix_dispatch::sim::{Outcome, sim_directive};
 use serde_json::{Value, json};
 
 struct Daemon {
     fleet: Fleet,
     base: String,
-    stop: tokio_util::sync::CancellationToken,
+    _front: HttpFront,
 }
 
 async fn daemon(
@@ -23,26 +22,17 @@ async fn daemon(
     tune: impl FnOnce(&mut prix_dispatch::Config),
 ) -> Daemon {
     let fleet = Fleet::start_tuned(plans, tune).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let options = HttpOptions {
-        auth_token: token.map(str::to_string),
-        max_request_bytes: 64 * 1024,
-        allowed_hosts: vec![],
-    };
-    tokio::spawn(serve(
-        listener,
-        fleet.dispatcher.clone(),
-        options,
-        stop.clone().cancelled_owned(),
-    ));
-    Daemon { fleet, base, stop }
+    let front = HttpFront::start(&fleet.dispatcher, token, 64 * 1024).await;
+    Daemon {
+        base: front.base.clone(),
+        fleet,
+        _front: front,
+    }
 }
 
 impl Daemon {
     async fn shutdown(self) {
-        self.stop.cancel();
+        drop(self._front);
         self.fleet.shutdown().await;
     }
 }
@@ -239,26 +229,18 @@ async fn a_token_guards_every_route_but_healthz() {
     .await;
     let client = reqwest::Client::new();
     for path in ["/", "/status", "/metrics", "/v1/models"] {
-        let r = client
-            .get(format!("{}{path}", d.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401, "{path}");
-        let r = client
-            .get(format!("{}{path}", d.base))
-            .bearer_auth("wrong")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401, "{path}");
-        let r = client
-            .get(format!("{}{path}", d.base))
-            .bearer_auth("s3cret-token")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{path}");
+        for (token, expected) in [
+            (None, 401),
+            (Some("wrong"), 401),
+            (Some("s3cret-token"), 200),
+        ] {
+            let mut request = client.get(format!("{}{path}", d.base));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), expected, "{path} with {token:?}");
+        }
     }
     let r = client
         .post(format!("{}/mcp", d.base))

@@ -7,8 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Fleet, host, quick};
-use prix_dispatch::http::{HttpOptions, serve};
+use common::{Fleet, HttpFront, host, quick};
 use prix_dispatch::task::TaskEvent;
 use serde_json::json;
 
@@ -62,20 +61,8 @@ async fn the_page_shows_hosts_running_tasks_and_the_queue() {
         host(&["llama-8b", "qwen-7b"]).behaviour(quick(400, 20)),
     ])
     .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let options = HttpOptions {
-        auth_token: Some("page-token".into()),
-        max_request_bytes: 1 << 20,
-        allowed_hosts: vec![],
-    };
-    tokio::spawn(serve(
-        listener,
-        fleet.dispatcher.clone(),
-        options,
-        stop.clone().cancelled_owned(),
-    ));
+    let front = HttpFront::start(&fleet.dispatcher, Some("page-token"), 1 << 20).await;
+    let base = front.base.clone();
 
     // One task on each GPU, and one more waiting.
     let mut handles = Vec::new();
@@ -115,7 +102,7 @@ async fn the_page_shows_hosts_running_tasks_and_the_queue() {
     let r = reqwest::get(format!("{base}/")).await.unwrap();
     assert_eq!(r.status(), 401);
     drop(handles);
-    stop.cancel();
+    drop(front);
     tokio::time::sleep(Duration::from_millis(10)).await;
     fleet.shutdown().await;
 }

@@ -9,8 +9,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{Fleet, host};
-use prix_dispatch::http::{HttpOptions, serve};
+use common::{Fleet, HttpFront, host};
 use prix_dispatch::sim::{Behaviour, ToolCallSpec};
 
 fn python() -> PathBuf {
@@ -64,24 +63,6 @@ async fn fleet() -> Fleet {
     .await
 }
 
-async fn http_daemon(fleet: &Fleet) -> (String, tokio_util::sync::CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let options = HttpOptions {
-        auth_token: None,
-        max_request_bytes: 1 << 20,
-        allowed_hosts: vec![],
-    };
-    tokio::spawn(serve(
-        listener,
-        fleet.dispatcher.clone(),
-        options,
-        stop.clone().cancelled_owned(),
-    ));
-    (base, stop)
-}
-
 /// Runs a client script to completion off the runtime (the daemon keeps serving meanwhile).
 async fn run(args: Vec<String>) {
     let python = python();
@@ -101,17 +82,19 @@ async fn run(args: Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_package_streams_text_and_tool_calls() {
     let fleet = fleet().await;
-    let (base, stop) = http_daemon(&fleet).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let base = front.base.clone();
     run(vec![script("openai_client.py").display().to_string(), base]).await;
     assert_eq!(fleet.sims[0].stats().peak_in_flight, 1);
-    stop.cancel();
+    drop(front);
     fleet.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_mcp_sdk_over_http_in_both_protocol_generations() {
     let fleet = fleet().await;
-    let (base, stop) = http_daemon(&fleet).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let base = front.base.clone();
     for mode in ["legacy", "2026-07-28"] {
         run(vec![
             script("mcp_client.py").display().to_string(),
@@ -120,7 +103,7 @@ async fn python_mcp_sdk_over_http_in_both_protocol_generations() {
         ])
         .await;
     }
-    stop.cancel();
+    drop(front);
     fleet.shutdown().await;
 }
 

@@ -207,3 +207,39 @@ pub fn assert_host_invariants(records: &[RequestRecord], slots: usize) {
         );
     }
 }
+
+/// `serve` on 127.0.0.1:0 in this process, in front of `dispatcher`; stops when dropped.
+pub struct HttpFront {
+    pub base: String,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl HttpFront {
+    pub async fn start(
+        dispatcher: &Dispatcher,
+        token: Option<&str>,
+        max_request_bytes: usize,
+    ) -> HttpFront {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let options = prix_dispatch::http::HttpOptions {
+            auth_token: token.map(str::to_string),
+            max_request_bytes,
+            allowed_hosts: vec![],
+        };
+        tokio::spawn(prix_dispatch::http::serve(
+            listener,
+            dispatcher.clone(),
+            options,
+            stop.clone().cancelled_owned(),
+        ));
+        HttpFront { base, stop }
+    }
+}
+
+impl Drop for HttpFront {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
