@@ -8,6 +8,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::backend::{self, HostClient};
+use crate::clients::{ClientStatus, Clients};
 use crate::config::Config;
 use crate::error::DispatchError;
 use crate::metrics::Metrics;
@@ -28,6 +29,7 @@ struct Inner {
     hosts: Arc<[HostClient]>,
     max_request_bytes: usize,
     metrics: Arc<Metrics>,
+    clients: Clients,
     /// Becomes true if the scheduler actor panicked.
     crashed: watch::Receiver<bool>,
 }
@@ -58,6 +60,8 @@ pub struct DispatchStatus {
     pub awaiting_manifest: usize,
     /// True once a graceful shutdown began: new tasks are refused.
     pub closing: bool,
+    /// Connected MCP clients and the tasks each has queued and running.
+    pub clients: Vec<ClientStatus>,
     pub counters: Counters,
 }
 
@@ -119,6 +123,7 @@ impl Dispatcher {
                 hosts,
                 max_request_bytes: config.server.max_request_bytes,
                 metrics,
+                clients: Clients::default(),
                 crashed,
             }),
         }
@@ -128,6 +133,11 @@ impl Dispatcher {
     pub async fn metrics_text(&self) -> Result<String, DispatchError> {
         let status = self.status().await?;
         Ok(self.inner.metrics.render(&status))
+    }
+
+    /// The registry of connected clients.
+    pub fn clients(&self) -> &Clients {
+        &self.inner.clients
     }
 
     /// Largest request a front end should accept, in bytes.
@@ -190,6 +200,7 @@ impl Dispatcher {
             queue: snapshot.queue,
             awaiting_manifest: snapshot.awaiting_manifest,
             closing: snapshot.closing,
+            clients: self.inner.clients.list(&snapshot.tasks_by_client),
             counters: snapshot.counters,
         })
     }

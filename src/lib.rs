@@ -4,11 +4,14 @@
 //! See `DESIGN.md` in the shared docs and the README for the architecture.
 
 pub mod backend;
+pub mod bridge;
+pub mod clients;
 pub mod config;
 pub mod demo;
 pub mod dispatcher;
 pub mod error;
 pub mod http;
+pub mod local;
 pub mod mcp;
 pub mod metrics;
 pub mod scheduler;

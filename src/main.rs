@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use prix_dispatch::config::{self, Config};
-use prix_dispatch::{Dispatcher, demo, http, mcp};
+use prix_dispatch::{Dispatcher, bridge, demo, http, local, mcp};
 
 #[derive(Parser)]
 #[command(
@@ -27,11 +27,19 @@ enum Command {
     ///
     /// Tools: complete_stream, complete, list_models, dispatch_status. Logs go to stderr
     /// (filter with RUST_LOG); stdout carries only MCP messages.
+    ///
+    /// Every launch on a machine shares one queue: this process joins the daemon for its
+    /// configuration (starting one, detached, if none runs) and relays MCP to it. The daemon
+    /// started this way exits after [server] idle_exit_seconds with no clients and no tasks.
     Stdio {
         /// Fleet configuration (TOML). Default: $PRIX_DISPATCH_CONFIG, else
         /// config/prix-dispatch.toml, else the LOCAL_INFERENCE_SERVER_N variables.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run the queue in this process instead of joining the machine's daemon (one-off
+        /// use, tests). Two standalone launches do not share a queue.
+        #[arg(long)]
+        standalone: bool,
     },
     /// Run the long-lived daemon on [server] listen: MCP over Streamable HTTP at /mcp, the
     /// OpenAI-compatible API at /v1, /metrics (Prometheus), /status (JSON), /healthz, and a
@@ -41,6 +49,13 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Exit after [server] idle_exit_seconds with no clients and no tasks (set by a
+        /// `stdio` launch that starts the daemon).
+        #[arg(long, hide = true)]
+        idle_exit: bool,
+        /// The Unix socket for `stdio` launches (default: derived from the configuration).
+        #[arg(long, hide = true)]
+        socket: Option<PathBuf>,
     },
     /// Validate a configuration and print the resolved fleet (keys are never printed).
     CheckConfig {
@@ -88,7 +103,23 @@ fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
-        Command::Stdio { config } => {
+        Command::Stdio {
+            config: path,
+            standalone: false,
+        } => {
+            let config = load(path.clone())?;
+            let spec = bridge::DaemonSpec {
+                socket: config.socket_path(&config::process_env),
+                fingerprint: config.fingerprint(),
+                config: path.map(std::path::absolute).transpose()?,
+            };
+            tracing::debug!(socket = %spec.socket.display(), "joining the machine's daemon");
+            bridge::run(spec).await?;
+        }
+        Command::Stdio {
+            config,
+            standalone: true,
+        } => {
             let config = load(config)?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
@@ -98,22 +129,38 @@ async fn main() -> anyhow::Result<()> {
                 .context("the MCP service stopped unexpectedly")?
                 .context("MCP handshake on stdio failed")?;
         }
-        Command::Serve { config } => {
+        Command::Serve {
+            config,
+            idle_exit,
+            socket,
+        } => {
             let config = load(config)?;
             let auth_token = match &config.server.auth_token_env {
                 Some(var) => Some(std::env::var(var).with_context(|| format!("{var} is not set"))?),
                 None => None,
             };
-            let listener = tokio::net::TcpListener::bind(config.server.listen)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot listen on {} ([server] listen)",
-                        config.server.listen
-                    )
-                })?;
-            let addr = listener.local_addr()?;
-            tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving on http://{addr} (MCP at /mcp, OpenAI API at /v1, status page at /)");
+            let socket = socket.unwrap_or_else(|| config.socket_path(&config::process_env));
+            let unix = local::bind(&socket).await?;
+            let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+                Ok(listener) => Some(listener),
+                // A daemon that a stdio launch started serves its launches without HTTP.
+                Err(e) if idle_exit => {
+                    tracing::warn!(error = %e, listen = %config.server.listen, "no HTTP listener; serving stdio launches only");
+                    None
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot listen on {} ([server] listen)",
+                            config.server.listen
+                        )
+                    });
+                }
+            };
+            if let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
+                tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving on http://{addr} (MCP at /mcp, OpenAI API at /v1, status page at /)");
+            }
+            tracing::info!(socket = %socket.display(), "stdio launches join at this socket");
             let dispatcher = Dispatcher::start(&config);
             let options = http::HttpOptions {
                 auth_token,
@@ -121,18 +168,41 @@ async fn main() -> anyhow::Result<()> {
                 allowed_hosts: config.server.allowed_hosts.clone(),
             };
             let stop = tokio_util::sync::CancellationToken::new();
-            let server = tokio::spawn(http::serve(
-                listener,
+            tokio::spawn(local::serve(
+                unix,
                 dispatcher.clone(),
-                options,
-                stop.clone().cancelled_owned(),
+                config.fingerprint(),
+                stop.clone(),
             ));
-            // On a signal the listener keeps serving the requests in flight while they drain.
-            let served = supervise(&dispatcher, config.server.shutdown_grace, server).await;
+            let http = listener.map(|l| {
+                tokio::spawn(http::serve(
+                    l,
+                    dispatcher.clone(),
+                    options,
+                    stop.clone().cancelled_owned(),
+                ))
+            });
+            let idle = idle_exit.then_some(config.server.idle_exit);
+            let watched = dispatcher.clone();
+            let service = tokio::spawn(async move {
+                tokio::select! {
+                    served = async {
+                        match http {
+                            Some(task) => task.await,
+                            None => std::future::pending().await,
+                        }
+                    } => served.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from),
+                    _ = idle_for(&watched, idle) => {
+                        tracing::info!("no clients and no tasks: exiting (started by a stdio launch)");
+                        Ok(())
+                    }
+                }
+            });
+            // On a signal the listeners keep serving the requests in flight while they drain.
+            let served = supervise(&dispatcher, config.server.shutdown_grace, service).await;
             stop.cancel();
-            served
-                .context("the HTTP server stopped unexpectedly")?
-                .context("HTTP server failed")?;
+            let _ = std::fs::remove_file(&socket);
+            served.context("the daemon stopped unexpectedly")??;
         }
         Command::CheckConfig { config, probe } => {
             let config = load(config)?;
@@ -203,6 +273,32 @@ async fn supervise<T>(
             // Every waiting client already got an error.
             tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
             std::process::exit(70);
+        }
+    }
+}
+
+/// Resolves once the daemon has had no clients and no tasks for `after`; never without it.
+async fn idle_for(dispatcher: &Dispatcher, after: Option<std::time::Duration>) {
+    let Some(after) = after else {
+        return std::future::pending().await;
+    };
+    let mut idle_since = None;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let Ok(status) = dispatcher.status().await else {
+            return std::future::pending().await;
+        };
+        let idle = dispatcher.clients().is_empty()
+            && status.queued_total == 0
+            && status.awaiting_manifest == 0
+            && status.hosts.iter().all(|h| h.state.active == 0);
+        if !idle {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() >= after {
+            return;
         }
     }
 }

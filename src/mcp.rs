@@ -18,13 +18,19 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
 use crate::task::{CompletionRequest, TaskEvent};
+use std::sync::Arc;
 
 #[derive(Clone)]
 pub struct PrixServer {
     dispatcher: Dispatcher,
+    /// The connected client this session serves, when it is one (stdio, bridge).
+    client: Option<Arc<ClientGuard>>,
+    /// Fired when the client is gone: its tasks stop at once.
+    gone: CancellationToken,
     tool_router: ToolRouter<Self>,
 }
 
@@ -42,9 +48,26 @@ pub struct ModelList {
 
 #[tool_router]
 impl PrixServer {
+    /// A session with no registered client (Streamable HTTP).
     pub fn new(dispatcher: Dispatcher) -> Self {
         Self {
             dispatcher,
+            client: None,
+            gone: CancellationToken::new(),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// A session of a registered client whose tasks stop when `gone` fires.
+    pub fn for_client(
+        dispatcher: Dispatcher,
+        client: ClientGuard,
+        gone: CancellationToken,
+    ) -> Self {
+        Self {
+            dispatcher,
+            client: Some(Arc::new(client)),
+            gone,
             tool_router: Self::tool_router(),
         }
     }
@@ -151,10 +174,16 @@ impl PrixServer {
             ));
             return Ok(error_result(&error));
         }
-        let spec = match request.into_spec() {
+        let mut spec = match request.into_spec() {
             Ok(spec) => spec,
             Err(e) => return Ok(error_result(&e)),
         };
+        if let Some(client) = &self.client {
+            spec.client = Some(client.id());
+            if let Some(info) = ctx.peer.peer_info() {
+                client.set_name(&info.client_info.name);
+            }
+        }
         let mut handle = match self.dispatcher.submit(spec) {
             Ok(h) => h,
             Err(e) => return Ok(error_result(&e)),
@@ -172,6 +201,10 @@ impl PrixServer {
                 _ = ctx.ct.cancelled() => {
                     handle.cancel();
                     return Err(McpError::internal_error("request cancelled", None));
+                }
+                _ = self.gone.cancelled() => {
+                    handle.cancel();
+                    return Err(McpError::internal_error("the client went away", None));
                 }
                 event = handle.next() => event,
             };
@@ -254,35 +287,46 @@ pub fn error_result(error: &DispatchError) -> CallToolResult {
 )]
 impl ServerHandler for PrixServer {}
 
-/// Serves MCP over stdin/stdout until the client closes stdin, then stops all work.
-///
-/// A closed stdin means the client is gone: its tasks are cancelled at once (rmcp itself
-/// would let running handlers go on for seconds to flush answers nobody can read).
+/// Serves MCP over stdin/stdout in this process until the client closes stdin.
 pub async fn serve_stdio(
     dispatcher: Dispatcher,
 ) -> Result<(), rmcp::service::ServerInitializeError> {
+    let client = dispatcher
+        .clients()
+        .connect("stdio", Some(std::process::id()));
+    serve_client(dispatcher, client, tokio::io::stdin(), tokio::io::stdout()).await
+}
+
+/// Serves one client over a byte stream (stdin/stdout, or a bridge's socket) until it closes
+/// its side; then its tasks are cancelled at once (rmcp itself would let running handlers go
+/// on for seconds to flush answers nobody can read).
+pub async fn serve_client<R, W>(
+    dispatcher: Dispatcher,
+    client: ClientGuard,
+    reader: R,
+    writer: W,
+) -> Result<(), rmcp::service::ServerInitializeError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     use rmcp::ServiceExt;
-    let client_gone = CancellationToken::new();
-    let stdin = SignalEof {
-        inner: tokio::io::stdin(),
-        eof: client_gone.clone(),
+    let gone = CancellationToken::new();
+    let reader = SignalEof {
+        inner: reader,
+        eof: gone.clone(),
     };
-    let watcher = {
-        let dispatcher = dispatcher.clone();
-        let client_gone = client_gone.clone();
-        tokio::spawn(async move {
-            client_gone.cancelled().await;
-            tracing::info!("stdin closed: cancelling every task of this client");
-            dispatcher.shutdown();
-        })
-    };
-    let service = PrixServer::new(dispatcher.clone())
-        .serve((stdin, tokio::io::stdout()))
+    let id = client.id();
+    let service = PrixServer::for_client(dispatcher, client, gone.clone())
+        .serve((reader, writer))
         .await?;
     let reason = service.waiting().await;
-    tracing::info!(?reason, "MCP client went away; stopping");
-    client_gone.cancel();
-    let _ = watcher.await;
+    gone.cancel();
+    tracing::info!(
+        client = id,
+        ?reason,
+        "MCP client went away; its tasks are cancelled"
+    );
     Ok(())
 }
 

@@ -165,6 +165,8 @@ pub struct TaskSpec {
     pub first_token_timeout: Option<Duration>,
     /// Longest wait in the queue; `None` = the daemon's default, zero = no limit.
     pub queue_timeout: Option<Duration>,
+    /// The connected client that asked (see `clients`), for status pages.
+    pub client: Option<u64>,
 }
 
 /// The host-side timeouts of one task, with the daemon's defaults filled in.
@@ -264,6 +266,7 @@ impl CompletionRequest {
             timeout,
             first_token_timeout,
             queue_timeout,
+            client: None,
         })
     }
 }

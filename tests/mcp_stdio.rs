@@ -1,5 +1,5 @@
-//! End to end: the built `prix-dispatch stdio` binary driven by rmcp's MCP client, against a
-//! simulated host: tool listing, streaming with progress, error results, cancellation by
+//! End to end: the built `prix-dispatch stdio --standalone` binary (the queue in-process)
+//! driven by rmcp's MCP client, against a simulated host: tool listing, streaming with progress, error results, cancellation by
 //! `notifications/cancelled`, and by the client closing stdin.
 
 use std::sync::Arc;
@@ -55,6 +55,7 @@ async fn connect(sim: &SimHost, tag: &str) -> Session {
     let command =
         tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch")).configure(|c| {
             c.arg("stdio")
+                .arg("--standalone")
                 .arg("--config")
                 .arg(&path)
                 .env("RUST_LOG", "warn");
@@ -292,6 +293,7 @@ async fn spawn_owned(config_text: String, tag: &str) -> Owned {
     std::fs::write(&path, config_text).unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch"))
         .arg("stdio")
+        .arg("--standalone")
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "debug")

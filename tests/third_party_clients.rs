@@ -108,17 +108,21 @@ async fn python_mcp_sdk_over_http_in_both_protocol_generations() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn python_mcp_sdk_over_stdio() {
+async fn python_mcp_sdk_over_stdio_through_the_bridge() {
+    // The stdio launch joins (and here starts) the machine's daemon, and relays to it.
     let fleet = fleet().await;
-    let config = std::env::temp_dir().join(format!("prix-dispatch-py-{}.toml", std::process::id()));
+    let runtime = tempdir("py-runtime");
+    let config = runtime.join("fleet.toml");
     std::fs::write(
         &config,
         format!(
-            "[[host]]\nname = \"gpu0\"\nurl = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nidle_exit_seconds = 1\nsocket = \"{}\"\n[[host]]\nname = \"gpu0\"\nurl = \"{}\"\n",
+            runtime.join("daemon.sock").display(),
             fleet.sims[0].url()
         ),
     )
     .unwrap();
+    // (The SDK gives the server a cleaned environment: the socket is in the config.)
     run(vec![
         script("mcp_client.py").display().to_string(),
         "stdio".into(),
@@ -127,6 +131,14 @@ async fn python_mcp_sdk_over_stdio() {
         config.display().to_string(),
     ])
     .await;
-    let _ = std::fs::remove_file(config);
+    let log =
+        std::fs::read_to_string(runtime.join("daemon.log")).expect("the bridge started a daemon");
+    assert!(log.contains("stdio launches join at this socket"), "{log}");
     fleet.shutdown().await;
+}
+
+fn tempdir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("prix-dispatch-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

@@ -57,6 +57,7 @@ pub(super) async fn chat_completions(State(app): State<App>, body: Bytes) -> Res
         timeout: None,
         first_token_timeout: None,
         queue_timeout: None,
+        client: None,
     };
     let submitted = Instant::now();
     let mut handle = match app.dispatcher.submit(spec) {

@@ -319,6 +319,14 @@ impl Scheduler {
     }
 }
 
+/// A task running on a host, as the actor handed it out.
+struct RunningEntry {
+    id: TaskId,
+    model: String,
+    client: Option<u64>,
+    since: Instant,
+}
+
 struct Actor {
     state: DispatchState<InferenceTask>,
     hosts: Arc<[HostClient]>,
@@ -327,7 +335,7 @@ struct Actor {
     refresh_waiters: Vec<oneshot::Sender<()>>,
     close_waiters: Vec<oneshot::Sender<()>>,
     /// Per host, what runs there and since when: for status pages, not for decisions.
-    running: Vec<Vec<(TaskId, String, Instant)>>,
+    running: Vec<Vec<RunningEntry>>,
     tx: mpsc::UnboundedSender<Command>,
 }
 
@@ -378,7 +386,7 @@ impl Actor {
                     task,
                     release,
                 }) => {
-                    self.running[host.0].retain(|(id, _, _)| *id != task);
+                    self.running[host.0].retain(|r| r.id != task);
                     self.state.released(host, *release, now)
                 }
                 Some(Command::Cancel(id)) => self.state.cancel(id, now).1,
@@ -430,7 +438,12 @@ impl Actor {
                         task: task.id,
                         scheduler: Some(self.tx.clone()),
                     };
-                    self.running[host.0].push((task.id, task.spec.model.clone(), Instant::now()));
+                    self.running[host.0].push(RunningEntry {
+                        id: task.id,
+                        model: task.spec.model.clone(),
+                        client: task.spec.client,
+                        since: Instant::now(),
+                    });
                     let assignment = Assignment { task, lease };
                     let undelivered = match self.waiting[host.0].pop_front() {
                         Some(worker) => worker.send(assignment).err(),
@@ -474,12 +487,19 @@ impl Actor {
         for (host, running) in snapshot.hosts.iter_mut().zip(&self.running) {
             host.running = running
                 .iter()
-                .map(|(id, model, since)| RunningTask {
-                    id: id.0,
-                    model: model.clone(),
-                    running_ms: now.saturating_duration_since(*since).as_secs_f64() * 1e3,
+                .map(|r| RunningTask {
+                    id: r.id.0,
+                    model: r.model.clone(),
+                    running_ms: now.saturating_duration_since(r.since).as_secs_f64() * 1e3,
                 })
                 .collect();
+        }
+        let by_client = &mut snapshot.tasks_by_client;
+        for client in self.state.waiting().filter_map(|t| t.spec.client) {
+            by_client.entry(client).or_default().0 += 1;
+        }
+        for client in self.running.iter().flatten().filter_map(|r| r.client) {
+            by_client.entry(client).or_default().1 += 1;
         }
         snapshot
     }

@@ -191,6 +191,8 @@ pub struct Snapshot {
     pub awaiting_manifest: usize,
     pub closing: bool,
     pub counters: Counters,
+    /// Per client id, (queued, running) tasks (filled in by the actor).
+    pub tasks_by_client: BTreeMap<u64, (usize, usize)>,
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -603,6 +605,15 @@ impl<T: Queueable> DispatchState<T> {
         all
     }
 
+    /// Every waiting task (queued or awaiting a manifest read), in no particular order.
+    pub fn waiting(&self) -> impl Iterator<Item = &T> {
+        self.queues
+            .values()
+            .flat_map(|q| q.values())
+            .chain(&self.parked)
+            .chain(&self.parked_next)
+    }
+
     /// Tasks running on hosts now.
     pub fn running(&self) -> usize {
         self.hosts.iter().map(|h| h.active).sum()
@@ -635,6 +646,7 @@ impl<T: Queueable> DispatchState<T> {
             awaiting_manifest: self.parked.len() + self.parked_next.len(),
             closing: self.closing,
             counters: self.counters,
+            tasks_by_client: BTreeMap::new(),
         }
     }
 

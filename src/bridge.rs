@@ -1,0 +1,333 @@
+//! `prix-dispatch stdio` as a thin bridge to the machine's one daemon.
+//!
+//! Agent hosts launch MCP servers as child processes; if each launch ran its own scheduler,
+//! two of them would send work to the same GPU at once. So a launch finds the daemon for its
+//! configuration (its Unix socket), starting one if there is none — detached, as sccache or
+//! gpg-agent do, with a lock file so that simultaneous launches start exactly one — and then
+//! relays MCP lines both ways. It holds no queue. If the daemon goes away mid-session, the
+//! calls in flight get a clear error, and the next call starts a new daemon, replaying the
+//! client's handshake so the session goes on.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::local::{Hello, Welcome};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("could not start the prix-dispatch daemon for {socket}: {why}; see its log at {log}")]
+    Start {
+        socket: PathBuf,
+        log: PathBuf,
+        why: String,
+    },
+    #[error("stdin/stdout failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How to find or start the daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonSpec {
+    pub socket: PathBuf,
+    pub fingerprint: String,
+    /// The `--config` the daemon should be started with, if the launch had one.
+    pub config: Option<PathBuf>,
+}
+
+/// Requests in flight, and the replayed handshake answers to drop, shared by both directions.
+#[derive(Default)]
+struct Pending {
+    in_flight: HashMap<String, Value>,
+    swallow: HashSet<String>,
+}
+
+struct Connection {
+    write: OwnedWriteHalf,
+    /// Fired when the daemon's side ends.
+    lost: CancellationToken,
+}
+
+/// Relays stdin/stdout to the daemon until the client closes stdin.
+pub async fn run(spec: DaemonSpec) -> Result<(), BridgeError> {
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        let mut stdout = tokio::io::stdout();
+        while let Some(mut line) = out_rx.recv().await {
+            line.push('\n');
+            if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    // The client's handshake (initialize and its id, then notifications/initialized).
+    let mut handshake: Vec<(String, Option<Value>)> = Vec::new();
+    let mut connection: Option<Connection> = None;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let result = loop {
+        let lost = connection.as_ref().map(|c| c.lost.clone());
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            _ = wait(lost) => {
+                connection = None;
+                fail_in_flight(&pending, &out_tx, "the prix-dispatch daemon went away while this call ran (connection lost); the next call starts a new daemon, retry");
+                continue;
+            }
+        };
+        let line = match line {
+            Ok(Some(line)) => line,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(BridgeError::Io(e)),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let message: Option<Value> = serde_json::from_str(&line).ok();
+        let method = message
+            .as_ref()
+            .and_then(|m| m.get("method"))
+            .and_then(Value::as_str);
+        let id = message
+            .as_ref()
+            .and_then(|m| m.get("id"))
+            .filter(|_| method.is_some())
+            .cloned();
+        match method {
+            Some("initialize") => handshake = vec![(line.clone(), id.clone())],
+            Some("notifications/initialized") => handshake.push((line.clone(), None)),
+            _ => {}
+        }
+        if let Some(id) = &id {
+            lock(&pending).in_flight.insert(id.to_string(), id.clone());
+        }
+        if connection.is_none() {
+            match connect_or_start(&spec).await {
+                Ok(stream) => {
+                    let (read, mut write) = stream.into_split();
+                    let lost = spawn_reader(read, pending.clone(), out_tx.clone());
+                    // A new daemon knows nothing of this session: replay its handshake first,
+                    // unless this line is the handshake itself.
+                    if method != Some("initialize") {
+                        for (replayed, replayed_id) in &handshake {
+                            if let Some(rid) = replayed_id {
+                                lock(&pending).swallow.insert(rid.to_string());
+                            }
+                            let _ = send(&mut write, replayed).await;
+                        }
+                    }
+                    connection = Some(Connection { write, lost });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "no daemon to bridge to");
+                    if let Some(id) = id {
+                        lock(&pending).in_flight.remove(&id.to_string());
+                        let _ = out_tx.send(error_line(&id, &e.to_string()));
+                    }
+                    if matches!(e, BridgeError::Refused(_)) {
+                        break Err(e);
+                    }
+                    continue;
+                }
+            }
+        }
+        let c = connection.as_mut().expect("connected above");
+        if send(&mut c.write, &line).await.is_err() {
+            connection = None;
+            fail_in_flight(
+                &pending,
+                &out_tx,
+                "the prix-dispatch daemon went away before this call reached it; the next call starts a new daemon, retry",
+            );
+        }
+    };
+    // Closing our side tells the daemon this client is gone: its tasks stop.
+    drop(connection);
+    drop(out_tx);
+    let _ = writer.await;
+    result
+}
+
+/// Forwards the daemon's lines to stdout, settling requests in flight; the token fires when
+/// the daemon's side ends.
+fn spawn_reader(
+    read: tokio::net::unix::OwnedReadHalf,
+    pending: Arc<Mutex<Pending>>,
+    out: mpsc::UnboundedSender<String>,
+) -> CancellationToken {
+    let lost = CancellationToken::new();
+    let guard = lost.clone().drop_guard();
+    tokio::spawn(async move {
+        let _guard = guard;
+        let mut lines = BufReader::new(read).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let message: Option<Value> = serde_json::from_str(&line).ok();
+            let is_response = message.as_ref().is_some_and(|m| {
+                m.get("method").is_none() && (m.get("result").is_some() || m.get("error").is_some())
+            });
+            if is_response && let Some(id) = message.as_ref().and_then(|m| m.get("id")) {
+                let key = id.to_string();
+                let mut pending = lock(&pending);
+                if pending.swallow.remove(&key) {
+                    continue;
+                }
+                pending.in_flight.remove(&key);
+            }
+            if out.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lost
+}
+
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn wait(lost: Option<CancellationToken>) {
+    match lost {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(write: &mut OwnedWriteHalf, line: &str) -> std::io::Result<()> {
+    write.write_all(line.as_bytes()).await?;
+    write.write_all(b"\n").await
+}
+
+fn error_line(id: &Value, message: &str) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32603, "message": message}}).to_string()
+}
+
+fn fail_in_flight(pending: &Mutex<Pending>, out: &mpsc::UnboundedSender<String>, message: &str) {
+    let mut pending = lock(pending);
+    for (_, id) in pending.in_flight.drain() {
+        let _ = out.send(error_line(&id, message));
+    }
+    pending.swallow.clear();
+}
+
+/// The daemon's socket, after the hello; starts the daemon if none answers.
+pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
+    if let Some(stream) = connect(spec).await? {
+        return Ok(stream);
+    }
+    if let Some(dir) = spec.socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // One launch starts the daemon; the others wait on the lock, then find it running.
+    let lock_path = spec.socket.with_extension("lock");
+    let lock_file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        file.lock()?;
+        Ok(file)
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    if let Some(stream) = connect(spec).await? {
+        return Ok(stream);
+    }
+    let log = spec.socket.with_extension("log");
+    start_daemon(spec, &log).map_err(|e| BridgeError::Start {
+        socket: spec.socket.clone(),
+        log: log.clone(),
+        why: e.to_string(),
+    })?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(stream) = connect(spec).await? {
+            drop(lock_file);
+            return Ok(stream);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(BridgeError::Start {
+                socket: spec.socket.clone(),
+                log,
+                why: "it did not answer within 20 s".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Connects and says hello; `None` when no daemon answers on the socket.
+async fn connect(spec: &DaemonSpec) -> Result<Option<UnixStream>, BridgeError> {
+    let Ok(mut stream) = UnixStream::connect(&spec.socket).await else {
+        return Ok(None);
+    };
+    let hello = Hello {
+        prix_dispatch_bridge: 1,
+        config: spec.fingerprint.clone(),
+        pid: std::process::id(),
+    };
+    let mut line = serde_json::to_string(&hello).map_err(std::io::Error::other)?;
+    line.push('\n');
+    if stream.write_all(line.as_bytes()).await.is_err() {
+        return Ok(None);
+    }
+    // Read the answer byte by byte: what follows it belongs to the MCP session.
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        use tokio::io::AsyncReadExt;
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+            Ok(Ok(1)) if byte[0] == b'\n' => break,
+            Ok(Ok(1)) if answer.len() < 8192 => answer.push(byte[0]),
+            _ => return Ok(None),
+        }
+    }
+    let welcome: Welcome = serde_json::from_slice(&answer).map_err(std::io::Error::other)?;
+    if welcome.ok {
+        Ok(Some(stream))
+    } else {
+        Err(BridgeError::Refused(
+            welcome
+                .error
+                .unwrap_or_else(|| "refused by the daemon".into()),
+        ))
+    }
+}
+
+/// `prix-dispatch serve --idle-exit`, detached: its own process group (a Ctrl-C meant for
+/// the agent host does not reach it), no terminal, output to a log file next to the socket.
+fn start_daemon(spec: &DaemonSpec, log: &Path) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()?;
+    let log_file = File::options().create(true).append(true).open(log)?;
+    let mut command = std::process::Command::new(exe);
+    command
+        .arg("serve")
+        .arg("--idle-exit")
+        .arg("--socket")
+        .arg(&spec.socket);
+    if let Some(config) = &spec.config {
+        command.arg("--config").arg(config);
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file)
+        .process_group(0);
+    let mut child = command.spawn()?;
+    tracing::info!(pid = child.id(), socket = %spec.socket.display(), "started the prix-dispatch daemon");
+    // Reap it if it exits while this launch still runs (no zombie); it outlives us otherwise.
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
