@@ -324,6 +324,12 @@ fn describe(config: &Config) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "configuration: {} (ok)", config.source);
     let _ = writeln!(out, "listen: {}", config.server.listen);
+    let _ = writeln!(
+        out,
+        "socket for stdio launches: {} (fingerprint {})",
+        config.socket_path(&config::process_env).display(),
+        config.fingerprint()
+    );
     let wait = config
         .queue
         .wait_timeout
