@@ -1,0 +1,840 @@
+//! End to end against REAL inference servers: two llama.cpp `llama-server` processes running
+//! SmolLM2-135M on this machine's CPU stand in for two GPU workstations.
+//!
+//! - `gpu0` is a single-model server listing `smollm2`.
+//! - `gpu1` is a llama-server *router* (`--models-dir`, LM-Studio-like JIT loading) listing
+//!   `smollm2` and `smollm2-b` (the same GGUF under two names): `smollm2-b` is on that host only.
+//!   With `--models-max 2` it could run both models at once, so its `/slots` would show it if
+//!   the dispatcher ever sent it two requests.
+//!
+//! Every server has one slot (`-np 1`), one thread, a small context. The dispatcher runs in
+//! this process with one slot per host. The test proves, from the servers' own endpoints:
+//! the answers are generated text; both hosts work; no server ever had two requests at once
+//! (`/slots` never shows two slots processing, `/metrics` never shows a request deferred for
+//! want of a slot); deltas stream before the end; dropping a task stops the generation on
+//! the server; and the official `openai` package works against the OpenAI front door as
+//! prompt-prix uses it.
+//!
+//! It needs `PRIX_LLAMA_SERVER` and `PRIX_SMOLLM_GGUF` (from `scripts/real-backend.sh`, which
+//! `.ci/run` runs) and `PRIX_PYTHON` (a Python with `openai`); without them it fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{HttpFront, spec};
+use prix_dispatch::config::{Config, ConfigSource, HostConfig};
+use prix_dispatch::task::{CompletionResult, TaskEvent};
+use prix_dispatch::{DispatchError, Dispatcher};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// Listed by both hosts.
+const SHARED: &str = "smollm2";
+/// Listed by `gpu1` only.
+const ONLY_B: &str = "smollm2-b";
+/// Dispatcher-side windows come from event receipt times in different tasks; on a CPU saturated
+/// by the servers a task may observe its events a few milliseconds late. A real double dispatch
+/// overlaps by a whole request (hundreds of ms here); the servers' own view has no tolerance.
+const WINDOW_TOLERANCE: Duration = Duration::from_millis(50);
+
+fn required_path(var: &str) -> PathBuf {
+    let value = std::env::var_os(var).filter(|v| !v.is_empty()).unwrap_or_else(|| {
+        panic!(
+            "{var} is not set. This test runs real llama.cpp servers: run `bash .ci/run` (it \
+             builds them and exports the variables), or `set -a; eval \"$(scripts/real-backend.sh)\"; \
+             set +a` and run the test again in that shell"
+        )
+    });
+    let path = PathBuf::from(value);
+    assert!(
+        path.is_file(),
+        "{var}={} does not exist: run `scripts/real-backend.sh` (or `bash .ci/run`) again",
+        path.display()
+    );
+    path
+}
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PRIX_PYTHON").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    let cached = home.join(".cache/prix-dispatch/venv/bin/python");
+    assert!(
+        cached.exists(),
+        "no Python with the `openai` package: run `bash .ci/run` once (it creates {}), or set \
+         PRIX_PYTHON",
+        cached.display()
+    );
+    cached
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Scratch space for models-dir and server logs; kept when the test fails, for the logs.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("server logs kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// One `llama-server` process (with, in router mode, its per-model children), killed on drop
+/// so that a failed assertion leaves nothing running.
+struct Server {
+    host: &'static str,
+    base: String,
+    log: PathBuf,
+    /// The `?model=` each `/slots` and `/metrics` read needs: `None` for a single-model server,
+    /// one per model for a router (it proxies these endpoints to the model's child).
+    views: Vec<Option<&'static str>>,
+    child: Child,
+}
+
+impl Server {
+    fn spawn(
+        host: &'static str,
+        bin: &Path,
+        scratch: &Path,
+        mode_args: &[&str],
+        views: Vec<Option<&'static str>>,
+    ) -> Server {
+        let port = free_port();
+        let log = scratch.join(format!("{host}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(bin);
+        command
+            .args(mode_args)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            // One slot, one thread (two servers share this machine's two cores), small context.
+            .args(["-np", "1", "-t", "1", "-tb", "1", "-c", "1024", "--metrics"])
+            // A router would also list models from a Hugging Face cache; keep it to models-dir.
+            .env("LLAMA_CACHE", scratch.join("hf-cache"))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            // Its own process group: the drop kills a router's children with it.
+            .process_group(0);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Server {
+            host,
+            base: format!("http://127.0.0.1:{port}"),
+            log,
+            views,
+            child,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    async fn wait_ready(&mut self, http: &reqwest::Client) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} ({}) exited with {status} before answering /health:\n{}",
+                    self.host,
+                    self.base,
+                    self.log_tail()
+                );
+            }
+            let ok = http
+                .get(format!("{}/health", self.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} ({}) did not answer /health within 30 s:\n{}",
+                self.host,
+                self.base,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn query(view: Option<&str>) -> String {
+        view.map(|m| format!("?model={m}&autoload=false"))
+            .unwrap_or_default()
+    }
+
+    fn endpoints(&self) -> ViewRef<'_> {
+        ViewRef {
+            base: &self.base,
+            views: &self.views,
+        }
+    }
+
+    async fn slots(&self, http: &reqwest::Client) -> Vec<(Option<&'static str>, Value)> {
+        self.endpoints().slots(http).await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The process group is the server and, for a router, the per-model children it spawned.
+        // SIGTERM first (a router then stops and reaps its children), SIGKILL whatever is left.
+        let group = format!("-{}", self.child.id());
+        let signal = |sig: &str| {
+            let _ = Command::new("kill")
+                .args([sig, "--", &group])
+                .stderr(Stdio::null())
+                .status();
+        };
+        signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal("-KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_processing(slot: &Value) -> bool {
+    slot["is_processing"].as_bool() == Some(true)
+}
+
+fn n_decoded(slot: &Value) -> u64 {
+    slot["next_token"][0]["n_decoded"].as_u64().unwrap_or(0)
+}
+
+/// What the servers showed while the test ran, per host.
+#[derive(Debug, Default)]
+struct Observed {
+    polls: usize,
+    /// Polls that found a slot processing (the poller was not blind).
+    busy_polls: usize,
+    /// Most slots processing at once; counted only when two polls in a row agree, since a
+    /// router's per-model reads are not atomic across models and a hand-over from one model to
+    /// the next can fall between them.
+    max_processing: usize,
+    previous_processing: usize,
+    /// Most slots processing in any single poll (reported, not asserted).
+    max_processing_one_poll: usize,
+    /// Most requests a server held for want of a free slot.
+    max_deferred: f64,
+    /// Tasks seen processing: (model view, llama-server task id) -> most tokens decoded.
+    decoded: BTreeMap<(Option<&'static str>, i64), u64>,
+}
+
+/// Polls `/slots` and `/metrics` of every server every 20 ms until `stop`.
+fn spawn_poller(
+    servers: Vec<(String, String, Vec<Option<&'static str>>)>,
+    observed: Arc<Mutex<BTreeMap<String, Observed>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !stop.is_cancelled() {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => break,
+            }
+            let reads = servers.iter().map(|(host, base, views)| {
+                let http = &http;
+                async move {
+                    let view = ViewRef { base, views };
+                    let (slots, deferred) = tokio::join!(view.slots(http), view.deferred(http));
+                    (host.clone(), slots, deferred)
+                }
+            });
+            for (host, slots, deferred) in futures::future::join_all(reads).await {
+                let mut all = observed.lock().unwrap();
+                let seen = all.entry(host).or_default();
+                seen.polls += 1;
+                let processing = slots.iter().filter(|(_, s)| is_processing(s)).count();
+                if processing > 0 {
+                    seen.busy_polls += 1;
+                }
+                let sustained = if processing > 1 {
+                    processing.min(seen.previous_processing).max(1)
+                } else {
+                    processing
+                };
+                seen.max_processing = seen.max_processing.max(sustained);
+                seen.max_processing_one_poll = seen.max_processing_one_poll.max(processing);
+                seen.previous_processing = processing;
+                seen.max_deferred = seen.max_deferred.max(deferred);
+                for (view, slot) in slots.iter().filter(|(_, s)| is_processing(s)) {
+                    if let Some(task) = slot["id_task"].as_i64() {
+                        let entry = seen.decoded.entry((*view, task)).or_default();
+                        *entry = (*entry).max(n_decoded(slot));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The endpoints of a [`Server`] without its process (the poller task owns copies).
+struct ViewRef<'a> {
+    base: &'a str,
+    views: &'a [Option<&'static str>],
+}
+
+impl ViewRef<'_> {
+    /// `GET /slots` of every view: (view, slot) for each slot. A router's model that is not
+    /// loaded answers an error, which means no slot of it can be processing.
+    async fn slots(&self, http: &reqwest::Client) -> Vec<(Option<&'static str>, Value)> {
+        let reads = self.views.iter().map(|view| async move {
+            let url = format!("{}/slots{}", self.base, Server::query(*view));
+            let body: Option<Value> = match http.get(url).send().await {
+                Ok(r) if r.status().is_success() => r.json().await.ok(),
+                _ => None,
+            };
+            body.and_then(|b| b.as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|slot| (*view, slot))
+                .collect::<Vec<_>>()
+        });
+        futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// `llamacpp:requests_deferred` summed over the views: requests the server holds because
+    /// every slot is busy. It can only be non-zero if two requests reached one server at once.
+    async fn deferred(&self, http: &reqwest::Client) -> f64 {
+        let reads = self.views.iter().map(|view| async move {
+            let url = format!("{}/metrics{}", self.base, Server::query(*view));
+            let text = match http.get(url).send().await {
+                Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+                _ => String::new(),
+            };
+            text.lines()
+                .filter(|l| l.starts_with("llamacpp:requests_deferred"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>()
+        });
+        futures::future::join_all(reads).await.into_iter().sum()
+    }
+}
+
+/// One completion as the test saw it through the dispatcher.
+#[derive(Debug)]
+struct Run {
+    model: &'static str,
+    max_tokens: u64,
+    started: Option<(String, Instant)>,
+    first_delta: Option<Instant>,
+    deltas: usize,
+    streamed: String,
+    ended: Instant,
+    result: Result<CompletionResult, DispatchError>,
+}
+
+async fn run(dispatcher: &Dispatcher, model: &'static str, prompt: &str, max_tokens: u64) -> Run {
+    let task = spec(
+        model,
+        prompt,
+        json!({"temperature": 0.0, "max_tokens": max_tokens, "timeout_seconds": 30}),
+    );
+    let mut started = None;
+    let mut first_delta = None;
+    let mut deltas = 0;
+    let mut streamed = String::new();
+    let result = dispatcher
+        .run(task, |event| match event {
+            TaskEvent::Started { host } => started = Some((host.clone(), Instant::now())),
+            TaskEvent::Delta(text) => {
+                first_delta.get_or_insert_with(Instant::now);
+                deltas += 1;
+                streamed.push_str(text);
+            }
+            _ => {}
+        })
+        .await;
+    Run {
+        model,
+        max_tokens,
+        started,
+        first_delta,
+        deltas,
+        streamed,
+        ended: Instant::now(),
+        result,
+    }
+}
+
+/// Generated text, not an echo, an empty answer or the simulator's `tok0 tok1 …`.
+fn assert_real_answer(run: &Run) {
+    let result = run
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{} failed: {e:?}", run.model));
+    let text = result.text.trim();
+    assert!(
+        !text.is_empty(),
+        "empty answer from {}: {result:?}",
+        result.host
+    );
+    assert!(
+        text.chars().filter(|c| c.is_alphabetic()).count() >= 2,
+        "no words in {text:?}"
+    );
+    assert!(
+        !text.contains("tok0"),
+        "simulator output, not a model: {text:?}"
+    );
+    assert_eq!(result.model, run.model);
+    assert!(
+        matches!(result.finish_reason.as_deref(), Some("stop" | "length")),
+        "{result:?}"
+    );
+    let usage = result
+        .usage
+        .expect("llama-server reports usage (stream_options.include_usage)");
+    assert!(
+        (1..=run.max_tokens).contains(&usage.completion_tokens),
+        "completion_tokens {} outside 1..={}: {result:?}",
+        usage.completion_tokens,
+        run.max_tokens
+    );
+    assert_eq!(run.streamed, result.text, "the deltas add up to the answer");
+    let (host, _) = run.started.as_ref().expect("a Started event");
+    assert_eq!(host, &result.host);
+}
+
+/// A long generation dropped after a few deltas.
+struct Cancelled {
+    host: String,
+    dropped_at: Instant,
+    /// (router model or `None`, llama-server `id_task`)
+    task: (Option<&'static str>, i64),
+    decoded_before_drop: u64,
+}
+
+/// No two windows [Started, end] on one host overlap (beyond the receipt jitter). Returns the
+/// smallest gap between consecutive windows per host, in ms (negative = overlap within jitter).
+fn assert_no_overlap(runs: &[Run]) -> BTreeMap<String, f64> {
+    let mut by_host: BTreeMap<String, Vec<(Instant, Instant)>> = BTreeMap::new();
+    for run in runs {
+        let (host, start) = run.started.as_ref().unwrap();
+        by_host
+            .entry(host.clone())
+            .or_default()
+            .push((*start, run.ended));
+    }
+    let mut gaps = BTreeMap::new();
+    for (host, mut windows) in by_host {
+        windows.sort();
+        let mut smallest = f64::INFINITY;
+        for pair in windows.windows(2) {
+            let ((_, a_end), (b_start, _)) = (pair[0], pair[1]);
+            assert!(
+                b_start + WINDOW_TOLERANCE >= a_end,
+                "{host} started a task {:?} before the previous one ended",
+                a_end - b_start
+            );
+            let gap = if b_start >= a_end {
+                (b_start - a_end).as_secs_f64()
+            } else {
+                -(a_end - b_start).as_secs_f64()
+            };
+            smallest = smallest.min(gap * 1000.0);
+        }
+        gaps.insert(host, smallest);
+    }
+    gaps
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_llama_servers_one_request_per_server() {
+    let t0 = Instant::now();
+    let llama_server = required_path("PRIX_LLAMA_SERVER");
+    let gguf = required_path("PRIX_SMOLLM_GGUF");
+    let python = python();
+
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("prix-dispatch-real-{}", std::process::id())));
+    let models_dir = scratch.0.join("models");
+    std::fs::create_dir_all(&models_dir).unwrap();
+    std::fs::create_dir_all(scratch.0.join("hf-cache")).unwrap();
+    // The router names each model after its file: two names, one GGUF.
+    for name in [SHARED, ONLY_B] {
+        std::os::unix::fs::symlink(&gguf, models_dir.join(format!("{name}.gguf"))).unwrap();
+    }
+    let gguf_arg = gguf.display().to_string();
+    let models_arg = models_dir.display().to_string();
+    let mut servers = vec![
+        Server::spawn(
+            "gpu0",
+            &llama_server,
+            &scratch.0,
+            &["-m", &gguf_arg, "--alias", SHARED],
+            vec![None],
+        ),
+        Server::spawn(
+            "gpu1",
+            &llama_server,
+            &scratch.0,
+            &["--models-dir", &models_arg, "--models-max", "2"],
+            vec![Some(SHARED), Some(ONLY_B)],
+        ),
+    ];
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    for server in &mut servers {
+        server.wait_ready(&http).await;
+    }
+    let ready = t0.elapsed();
+
+    // What the servers themselves list.
+    for (server, expected) in servers.iter().zip([vec![SHARED], vec![SHARED, ONLY_B]]) {
+        let body: Value = http
+            .get(format!("{}/v1/models", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut ids: Vec<&str> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["id"].as_str())
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(ids, expected, "{}: {body}", server.host);
+    }
+
+    let hosts = servers
+        .iter()
+        .map(|s| HostConfig {
+            name: s.host.to_string(),
+            base_url: s.base.clone(),
+            slots: 1,
+            api_key: None,
+        })
+        .collect();
+    let dispatcher = Dispatcher::start(&Config::with_hosts(ConfigSource::Environment, hosts));
+
+    let observed = Arc::new(Mutex::new(BTreeMap::<String, Observed>::new()));
+    let stop_polling = CancellationToken::new();
+    let poller = spawn_poller(
+        servers
+            .iter()
+            .map(|s| (s.host.to_string(), s.base.clone(), s.views.clone()))
+            .collect(),
+        observed.clone(),
+        stop_polling.clone(),
+    );
+
+    // 1. Fan-out: 8 of the shared model, 2 of the model only gpu1 lists, one longer answer,
+    //    all submitted at once.
+    let t_fan = Instant::now();
+    let prompts = [
+        "What is the capital of France?",
+        "Name a primary colour.",
+        "What is two plus two?",
+        "Say hello in Spanish.",
+        "Name a planet of the solar system.",
+        "What do bees make?",
+        "Name a fruit.",
+        "What is the opposite of hot?",
+    ];
+    let mut jobs: Vec<(&'static str, String, u64)> = prompts
+        .iter()
+        .map(|p| (SHARED, p.to_string(), 16))
+        .collect();
+    jobs.push((ONLY_B, "Name an animal that lives in the sea.".into(), 16));
+    jobs.push((ONLY_B, "What is water made of?".into(), 16));
+    jobs.push((SHARED, "Write a short poem about the sea.".into(), 48));
+    let runs = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join_all(
+            jobs.iter()
+                .map(|(model, prompt, max)| run(&dispatcher, model, prompt, *max)),
+        ),
+    )
+    .await
+    .expect("the fan-out finishes within 60 s");
+    let fan_out = t_fan.elapsed();
+    for (r, (_, prompt, _)) in runs.iter().zip(&jobs) {
+        let result = r.result.as_ref().ok();
+        eprintln!(
+            "  {:5} {:10} {prompt:40} -> {:?} ({} deltas, {:?}, {:.0} ms)",
+            result.map_or("?", |r| r.host.as_str()),
+            r.model,
+            result.map_or("", |r| r.text.as_str()),
+            r.deltas,
+            result.and_then(|r| r.finish_reason.clone()),
+            result.map_or(0.0, |r| r.latency_ms),
+        );
+    }
+    for r in &runs {
+        assert_real_answer(r);
+    }
+    let hosts_used: BTreeMap<&str, usize> = runs.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r.result.as_ref().unwrap().host.as_str())
+            .or_default() += 1;
+        m
+    });
+    assert_eq!(
+        hosts_used.keys().copied().collect::<Vec<_>>(),
+        ["gpu0", "gpu1"],
+        "both hosts served work: {hosts_used:?}"
+    );
+    for r in runs.iter().filter(|r| r.model == ONLY_B) {
+        assert_eq!(
+            r.result.as_ref().unwrap().host,
+            "gpu1",
+            "only gpu1 lists {ONLY_B}"
+        );
+    }
+    let gaps = assert_no_overlap(&runs);
+    // Streaming: the longer answer came as many deltas, the first well before the end.
+    let poem = runs.last().unwrap();
+    let first = poem.first_delta.expect("deltas arrived");
+    assert!(poem.deltas > 1, "{poem:?}");
+    assert!(
+        poem.ended.duration_since(first) > Duration::from_millis(50),
+        "the first delta came only at the end: {:?} before",
+        poem.ended.duration_since(first)
+    );
+
+    // 2. Cancellation: two long generations (one lands on each host); drop each handle after
+    //    a few deltas; the servers must stop generating.
+    let t_cancel = Instant::now();
+    let long = "Tell me a very long story about a dragon who learns to cook. Describe every \
+                meal in detail.";
+    let servers_ref = &servers;
+    let http_ref = &http;
+    let cancelled: Vec<Cancelled> = futures::future::join_all((0..2).map(|_| {
+        let task = spec(
+            SHARED,
+            long,
+            json!({"temperature": 0.0, "max_tokens": 2000, "timeout_seconds": 30}),
+        );
+        let mut handle = dispatcher.submit(task).expect("accepted");
+        async move {
+            let mut host = None;
+            let mut deltas = 0;
+            while deltas < 4 {
+                match tokio::time::timeout(Duration::from_secs(30), handle.next()).await {
+                    Ok(Some(TaskEvent::Started { host: h })) => host = Some(h),
+                    Ok(Some(TaskEvent::Delta(_))) => deltas += 1,
+                    Ok(Some(TaskEvent::Finished(r))) => {
+                        panic!("finished before the cancel: {r:?}")
+                    }
+                    Ok(Some(TaskEvent::Failed(e))) => panic!("failed before the cancel: {e:?}"),
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("the task ended without an event"),
+                    Err(_) => panic!("no delta within 30 s"),
+                }
+            }
+            let host = host.expect("a Started event");
+            // The server's own id for this generation, while it runs.
+            let server = servers_ref.iter().find(|s| s.host == host).unwrap();
+            let running: Vec<(Option<&'static str>, Value)> = server
+                .slots(http_ref)
+                .await
+                .into_iter()
+                .filter(|(_, s)| is_processing(s))
+                .collect();
+            assert_eq!(running.len(), 1, "{host}: {running:?}");
+            let (view, slot) = &running[0];
+            assert_eq!(slot["params"]["n_predict"], 2000, "{slot}");
+            drop(handle);
+            Cancelled {
+                host,
+                dropped_at: Instant::now(),
+                task: (*view, slot["id_task"].as_i64().unwrap()),
+                decoded_before_drop: n_decoded(slot),
+            }
+        }
+    }))
+    .await;
+    let mut cancel_hosts: Vec<&str> = cancelled.iter().map(|c| c.host.as_str()).collect();
+    cancel_hosts.sort_unstable();
+    assert_eq!(cancel_hosts, ["gpu0", "gpu1"], "one long task per host");
+    let mut stop_times = Vec::new();
+    for Cancelled {
+        host, dropped_at, ..
+    } in &cancelled
+    {
+        let server = servers.iter().find(|s| s.host == host).unwrap();
+        let idle_after = loop {
+            let busy = server
+                .slots(&http)
+                .await
+                .iter()
+                .any(|(_, slot)| is_processing(slot));
+            if !busy {
+                break dropped_at.elapsed();
+            }
+            assert!(
+                dropped_at.elapsed() < Duration::from_secs(2),
+                "{host} still generating 2 s after the task was dropped:\n{}",
+                server.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        stop_times.push((host.clone(), idle_after));
+    }
+    // ... and stays idle: nothing resumed the generation.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for server in &servers {
+        let busy: Vec<Value> = server
+            .slots(&http)
+            .await
+            .into_iter()
+            .filter(|(_, s)| is_processing(s))
+            .map(|(_, s)| s)
+            .collect();
+        assert!(busy.is_empty(), "{}: {busy:?}", server.host);
+        assert!(
+            server.log_text().contains("cancel task"),
+            "{}'s log shows no cancelled task:\n{}",
+            server.host,
+            server.log_tail()
+        );
+    }
+    let cancel_phase = t_cancel.elapsed();
+
+    // 3. The OpenAI-compatible front door, driven by the official `openai` package the way
+    //    prompt-prix drives a server.
+    let t_py = Instant::now();
+    let front = HttpFront::start(&dispatcher, None, 1 << 20).await;
+    let driver =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/prompt_prix_driver.py");
+    let base = front.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(driver)
+            .arg(base)
+            .arg(SHARED)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()))
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprint!(
+        "{}",
+        stdout
+            .lines()
+            .map(|l| format!("  py: {l}\n"))
+            .collect::<String>()
+    );
+    assert!(
+        output.status.success(),
+        "prompt_prix_driver.py failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("prompt-prix driver: ok"), "{stdout}");
+    let py_phase = t_py.elapsed();
+    drop(front);
+
+    // 4. What the servers showed throughout.
+    stop_polling.cancel();
+    poller.await.unwrap();
+    let observed = std::mem::take(&mut *observed.lock().unwrap());
+    for server in &servers {
+        let seen = observed
+            .get(server.host)
+            .unwrap_or_else(|| panic!("{} never polled", server.host));
+        eprintln!(
+            "  {}: {} polls, {} busy, at most {} slot(s) processing ({} in one poll), at most {} \
+             deferred, {} tasks seen",
+            server.host,
+            seen.polls,
+            seen.busy_polls,
+            seen.max_processing,
+            seen.max_processing_one_poll,
+            seen.max_deferred,
+            seen.decoded.len()
+        );
+        assert!(
+            seen.busy_polls >= 3,
+            "{}: the poller never saw work: {seen:?}",
+            server.host
+        );
+        assert!(
+            seen.max_processing <= 1,
+            "{} processed two requests at once: {seen:?}",
+            server.host
+        );
+        assert_eq!(
+            seen.max_deferred, 0.0,
+            "{} held a request for want of a free slot: two were sent at once",
+            server.host
+        );
+    }
+    // The cancelled generations: the servers decoded a few tokens of the 2000 asked for.
+    let mut decoded = Vec::new();
+    for c in &cancelled {
+        let most = observed[c.host.as_str()]
+            .decoded
+            .get(&c.task)
+            .copied()
+            .unwrap_or(c.decoded_before_drop)
+            .max(c.decoded_before_drop);
+        assert!(
+            most < 2000,
+            "{}: generation {:?} decoded {most} tokens: the cancel did not stop it",
+            c.host,
+            c.task
+        );
+        decoded.push(format!(
+            "{} {} at the drop, {most} in all",
+            c.host, c.decoded_before_drop
+        ));
+    }
+
+    dispatcher.shutdown();
+    drop(servers);
+    eprintln!(
+        "real backend: servers ready in {ready:?}; fan-out of {} in {fan_out:?} (smallest gap \
+         between one host's tasks, ms: {gaps:.1?}); cancel phase \
+         {cancel_phase:?} (slots idle after {stop_times:?}; tokens of 2000 decoded: \
+         {decoded:?}); openai driver {py_phase:?}; total {:?}",
+        runs.len(),
+        t0.elapsed()
+    );
+}
