@@ -13,6 +13,9 @@ use crate::scheduler::state::{HostId, Outcome};
 use crate::scheduler::{Assignment, Scheduler};
 use crate::task::{CompletionResult, InferenceTask, TaskEvent};
 
+/// How long a slot stays taken after its task was cancelled mid-request (see `run`).
+const CANCEL_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Runs until the scheduler stops.
 pub async fn run(
     scheduler: Scheduler,
@@ -23,14 +26,15 @@ pub async fn run(
     while let Some(Assignment { mut task, lease }) = scheduler.next_task(host).await {
         task.attempts += 1;
         let taken = Instant::now();
-        let result = if task.abandoned() {
-            // Cancelled between assignment and now: the slot goes straight back.
-            Err(DispatchError::cancelled().into())
-        } else {
+        let sent = !task.abandoned();
+        let result = if sent {
             task.emit(TaskEvent::Started {
                 host: client.name.clone(),
             });
             attempt(&client, &task).await
+        } else {
+            // Cancelled between assignment and now: nothing was sent, the slot goes straight back.
+            Err(DispatchError::cancelled().into())
         };
         match result {
             Ok(output) => {
@@ -50,6 +54,12 @@ pub async fn run(
             }
             Err(AttemptError { error, signal, .. }) => {
                 let outcome = if error.kind == ErrorKind::Cancelled {
+                    if sent {
+                        // The connection is closed, but a host notices only at its next write:
+                        // until then it still generates. Keep the slot a moment so the next
+                        // request does not land beside the cancelled one.
+                        tokio::time::sleep(CANCEL_SETTLE).await;
+                    }
                     Outcome::Cancelled
                 } else {
                     tracing::info!(host = %client.name, task = %task.id, model = %task.spec.model, %error, "task failed");

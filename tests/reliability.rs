@@ -343,9 +343,8 @@ async fn cancellation_reaches_the_host_within_100_ms() {
         seen_after_ms < 100.0,
         "the host saw the disconnect {seen_after_ms:.1} ms later"
     );
-    fleet
-        .assert_all_slots_return(Duration::from_millis(100))
-        .await;
+    // The slot returns after the settle time that lets a host notice the close (src/worker.rs).
+    fleet.assert_all_slots_return(Duration::from_secs(1)).await;
     let status = fleet.status().await;
     assert_eq!(status.counters.cancelled, 1);
     fleet.shutdown().await;

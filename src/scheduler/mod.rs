@@ -373,6 +373,7 @@ impl Actor {
                 Some(Command::Panic) => panic!("injected scheduler panic (fault-injection test)"),
                 Some(Command::Submit(task)) => {
                     if task.abandoned() {
+                        self.state.submitted_abandoned();
                         continue;
                     }
                     self.state.submit(*task, now)

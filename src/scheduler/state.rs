@@ -310,6 +310,12 @@ impl<T: Queueable> DispatchState<T> {
         }
     }
 
+    /// A task whose client left before the scheduler saw it: counted, never queued.
+    pub fn submitted_abandoned(&mut self) {
+        self.counters.submitted += 1;
+        self.counters.cancelled += 1;
+    }
+
     pub fn submit(&mut self, task: T, now: Instant) -> Vec<Decision<T>> {
         let mut out = Vec::new();
         self.counters.submitted += 1;
