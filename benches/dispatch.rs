@@ -667,10 +667,10 @@ fn efficiency(sizes: &[usize], seeds: u64, fleets: &[Fleet]) -> bool {
                         + r.failed
                         + (r.completed != n) as u64;
                     let hold_free = bypass == Duration::MAX;
-                    if bad > 0
-                        || r.gpu_idle_waiting > 0.0
-                        || (hold_free && r.slot_idle_servable > 0.0)
-                    {
+                    // A free slot may wait only on a host held to drain for a scarcer or an
+                    // overdue model (`held_for_drain`): that is "slot idle, servable", reported
+                    // apart. A host running nothing while a task it could serve waits is a bug.
+                    if bad > 0 || r.gpu_idle_waiting > 0.0 {
                         ok = false;
                         println!(
                             "BUG? fleet '{}' tasks {n} seed {seed:#018x} max_bypass {label}: \

@@ -865,9 +865,13 @@ impl<T: Queueable> DispatchState<T> {
             };
             let overdue =
                 now.saturating_duration_since(head.enqueued_at()) >= self.limits.max_bypass;
-            if !overdue || self.hosts.iter().any(|h| h.can_take(model)) {
+            if self.hosts.iter().any(|h| h.can_take(model)) {
                 continue;
             }
+            let coverage = |m: Option<&str>| m.and_then(|m| self.coverage.get(m)).copied();
+            let scarcity = coverage(Some(model.as_str())).unwrap_or(0);
+            // Drain for an overdue task; and, invariant 5, for a model scarcer than the one the
+            // host streams (that one can run elsewhere, this one cannot).
             let blocked_by_guard = self
                 .hosts
                 .iter()
@@ -878,6 +882,8 @@ impl<T: Queueable> DispatchState<T> {
                         && h.active > 0
                         && h.models.contains(model.as_str())
                         && h.current_model.as_deref() != Some(model.as_str())
+                        && (overdue
+                            || coverage(h.current_model.as_deref()).is_some_and(|c| scarcity < c))
                 })
                 .min_by_key(|(i, h)| (h.active, *i));
             if let Some((i, _)) = blocked_by_guard {
