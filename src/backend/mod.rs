@@ -415,11 +415,14 @@ impl StreamReader<'_> {
                 .into());
             }
         }
-        if let Some(text) = applied.reasoning {
-            self.task.emit(TaskEvent::ReasoningDelta(text));
-        }
-        if let Some(text) = applied.content {
-            self.task.emit(TaskEvent::Delta(text));
+        // A relayed task's client already has the raw bytes; deltas are for typed clients.
+        if matches!(self.task.spec.body, TaskBody::Chat(_)) {
+            if let Some(text) = applied.reasoning {
+                self.task.emit(TaskEvent::ReasoningDelta(text));
+            }
+            if let Some(text) = applied.content {
+                self.task.emit(TaskEvent::Delta(text));
+            }
         }
         Ok(())
     }
