@@ -440,12 +440,8 @@ impl<T: Queueable> DispatchState<T> {
     }
 
     fn remove_waiting(&mut self, id: TaskId) -> Option<T> {
-        let task = if let Some(model) = self.index.remove(&id) {
-            let task = self.remove_queued(&model, id);
-            if let Some(deadline) = task.queue_deadline() {
-                self.deadlines.remove(&(deadline, id));
-            }
-            task
+        let task = if let Some(model) = self.index.get(&id).cloned() {
+            self.remove_queued(&model, id)
         } else {
             let parked = [&mut self.parked, &mut self.parked_next]
                 .into_iter()
@@ -494,8 +490,9 @@ impl<T: Queueable> DispatchState<T> {
             .collect();
         for model in orphaned {
             let error = self.unavailable_error(&model, None);
-            for (_, task) in self.queues.remove(&model).unwrap_or_default() {
-                self.forget(&task);
+            let ids: Vec<TaskId> = self.queues[&model].keys().copied().collect();
+            for id in ids {
+                let task = self.remove_queued(&model, id);
                 self.fail(task, error.clone(), &mut out);
             }
         }
@@ -521,8 +518,8 @@ impl<T: Queueable> DispatchState<T> {
             if deadline > now {
                 break;
             }
-            self.deadlines.pop_first();
-            let Some(model) = self.index.remove(&id) else {
+            let Some(model) = self.index.get(&id).cloned() else {
+                self.deadlines.pop_first();
                 continue;
             };
             let task = self.remove_queued(&model, id);
@@ -549,9 +546,7 @@ impl<T: Queueable> DispatchState<T> {
                     break;
                 }
                 let id = task.id();
-                self.index.remove(&id);
                 let task = self.remove_queued(&model, id);
-                self.forget_deadline(&task);
                 let waited = now.saturating_duration_since(since.max(task.enqueued_at()));
                 let error = self.unavailable_error(&model, Some(waited));
                 self.fail(task, error, &mut out);
@@ -772,6 +767,8 @@ impl<T: Queueable> DispatchState<T> {
         self.waiting += 1;
     }
 
+    /// Takes a waiting task out of its queue and out of every index that points at it: the
+    /// one way a task leaves the queue, so the index, deadlines and count cannot drift.
     fn remove_queued(&mut self, model: &str, id: TaskId) -> T {
         let queue = self
             .queues
@@ -782,20 +779,12 @@ impl<T: Queueable> DispatchState<T> {
             self.queues.remove(model);
             self.unserved_since.remove(model);
         }
+        self.index.remove(&id);
+        if let Some(deadline) = task.queue_deadline() {
+            self.deadlines.remove(&(deadline, id));
+        }
         self.waiting -= 1;
         task
-    }
-
-    fn forget(&mut self, task: &T) {
-        self.index.remove(&task.id());
-        self.forget_deadline(task);
-        self.waiting -= 1;
-    }
-
-    fn forget_deadline(&mut self, task: &T) {
-        if let Some(deadline) = task.queue_deadline() {
-            self.deadlines.remove(&(deadline, task.id()));
-        }
     }
 
     /// Matches waiting tasks to idle slots until no pair is left (work conservation).
@@ -833,9 +822,7 @@ impl<T: Queueable> DispatchState<T> {
                 .pick_host(&model, &held)
                 .expect("a model competes only with an eligible host");
             let (&id, _) = self.queues[&model].first_key_value().expect("non-empty");
-            self.index.remove(&id);
             let task = self.remove_queued(&model, id);
-            self.forget_deadline(&task);
 
             let h = &mut self.hosts[host.0];
             h.idle_workers -= 1;
