@@ -319,9 +319,7 @@ impl Config {
 
         let mut queue = QueueSettings::default();
         if let Some(n) = file.queue.max_pending {
-            queue.max_pending = usize::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-                invalid(format!("[queue] max_pending must be at least 1, got {n}"))
-            })?;
+            queue.max_pending = at_least_one(n, "[queue] max_pending").map_err(&invalid)?;
         }
         if let Some(s) = file.queue.wait_timeout_seconds {
             queue.wait_timeout = non_negative_seconds(s)
@@ -345,9 +343,7 @@ impl Config {
                 seconds(s, "[server] shutdown_grace_seconds", true).map_err(&invalid)?;
         }
         if let Some(n) = file.queue.max_attempts {
-            queue.max_attempts = u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-                invalid(format!("[queue] max_attempts must be at least 1, got {n}"))
-            })?;
+            queue.max_attempts = at_least_one(n, "[queue] max_attempts").map_err(&invalid)?;
         }
         if let Some(s) = file.queue.host_wait_seconds {
             queue.host_wait = seconds(s, "[queue] host_wait_seconds", true).map_err(&invalid)?;
@@ -363,11 +359,7 @@ impl Config {
         }
         if let Some(n) = file.health.failure_threshold {
             health.failure_threshold =
-                u32::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
-                    invalid(format!(
-                        "[health] failure_threshold must be at least 1, got {n}"
-                    ))
-                })?;
+                at_least_one(n, "[health] failure_threshold").map_err(&invalid)?;
         }
         if let Some(s) = file.health.cooldown_seconds {
             health.cooldown = seconds(s, "[health] cooldown_seconds", true).map_err(&invalid)?;
@@ -562,6 +554,15 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
         (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// A count setting of at least 1, in the type the setting uses.
+fn at_least_one<N: TryFrom<i64>>(n: i64, key: &str) -> Result<N, String> {
+    if n >= 1 {
+        N::try_from(n).map_err(|_| format!("{key} = {n} is too large"))
+    } else {
+        Err(format!("{key} must be at least 1, got {n}"))
+    }
 }
 
 /// A duration setting: positive, or also zero when `zero_ok`.
