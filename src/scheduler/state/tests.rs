@@ -777,6 +777,54 @@ fn battery_20a_10b_meets_the_ideal_makespan() {
 }
 
 #[test]
+fn a_backlog_in_service_does_not_age_into_fifo() {
+    // Every task waits far longer than max_bypass, but each model keeps getting slots: no
+    // model is passed over, so the placement rule still decides (30 units on 2 hosts = 15).
+    // Aging from arrival alone made this battery FIFO (20) once it ran past max_bypass.
+    let battery: Vec<&str> = std::iter::repeat_n("a", 20)
+        .chain(std::iter::repeat_n("b", 10))
+        .collect();
+    let mut h = Harness::new(&[(1, &["a", "b"]), (1, &["a"])], Duration::from_secs(2));
+    assert_eq!(makespan(&mut h, &battery), 15);
+}
+
+#[test]
+fn a_model_with_no_start_for_max_bypass_goes_first() {
+    // Host 0 alone serves b and prefers it; a's backlog also runs on host 1, but host 1 is
+    // busy for good. Once a has had no start for max_bypass, its next task takes host 0.
+    let mut h = Harness::new(&[(1, &["a", "b"]), (1, &["a"])], Duration::from_secs(3));
+    let blocker = h.submit("a");
+    assert_eq!(h.host_of(blocker), Some(1));
+    h.submit("b");
+    let waiting: Vec<u64> = (0..3).map(|_| h.submit("a")).collect();
+    for _ in 0..20 {
+        h.submit("b");
+    }
+    let mut a_starts = Vec::new();
+    for second in 1..=16 {
+        h.now += Duration::from_secs(1);
+        let (done, _) = h.running[0][0].clone();
+        h.finish(done);
+        let (next, _) = &h.running[0][0];
+        if waiting.contains(next) {
+            a_starts.push(second);
+        }
+    }
+    assert_eq!(a_starts.len(), 3, "every waiting a ran: {a_starts:?}");
+    assert_eq!(
+        a_starts[0], 3,
+        "the first a goes once it has waited max_bypass"
+    );
+    for pair in a_starts.windows(2) {
+        assert_eq!(
+            pair[1] - pair[0],
+            3,
+            "the next a goes max_bypass after a's last start: {a_starts:?}"
+        );
+    }
+}
+
+#[test]
 fn a_task_past_max_bypass_is_not_passed_over_again() {
     let mut h = Harness::new(&[(1, &["a", "b"]), (1, &["a"])], Duration::from_secs(5));
     let long_a = h.submit("a"); // occupies host 1 for the whole test
