@@ -733,7 +733,7 @@ fn efficiency(sizes: &[usize], seeds: u64, fleets: &[Fleet]) -> bool {
                 // task first, an order only a scheduler that knew every task's length could
                 // choose. What it gains over the random order is what task lengths are worth.
                 let mut sorted = jobs.clone();
-                sorted.sort_by(|a, b| b.work.cmp(&a.work));
+                sorted.sort_by_key(|j| Reverse(j.work));
                 let r = simulate(fleet, &sorted, Duration::from_secs(30));
                 let bad = r.slot_violations
                     + r.model_violations
