@@ -6,7 +6,10 @@
 //! is refused with a message that says so, instead of being served the wrong fleet.
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -45,9 +48,35 @@ pub enum SocketError {
     Bind { path: PathBuf, error: io::Error },
 }
 
+/// The daemon's listening socket and the file that names it.
+pub struct LocalSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (device, inode) of the socket file this daemon created.
+    identity: Option<(u64, u64)>,
+}
+
+impl LocalSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the socket file, but only while it is still this daemon's: once it stops
+    /// listening, a new daemon may already have bound the same path, and removing that one's
+    /// file would hide it from every later launch (which would start yet another daemon).
+    fn unlink(&self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .is_some_and(|m| Some((m.dev(), m.ino())) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds `path`, replacing a stale socket file left by a daemon that died, but never one a
 /// live daemon answers on. The bind itself is atomic: of two daemons, one wins.
-pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+pub async fn bind(path: &Path) -> Result<LocalSocket, SocketError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|error| SocketError::Bind {
             path: path.to_path_buf(),
@@ -61,12 +90,20 @@ pub async fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         }
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|error| match error.kind() {
+    let listener = UnixListener::bind(path).map_err(|error| match error.kind() {
         io::ErrorKind::AddrInUse => SocketError::InUse(path.to_path_buf()),
         _ => SocketError::Bind {
             path: path.to_path_buf(),
             error,
         },
+    })?;
+    let identity = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    Ok(LocalSocket {
+        listener,
+        path: path.to_path_buf(),
+        identity,
     })
 }
 
@@ -81,17 +118,38 @@ fn restrict(dir: &Path) {
     }
 }
 
-/// Accepts bridges until `stop` fires.
+/// Why [`serve`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// `stop` fired.
+    Stopped,
+    /// No bridge, no other client and no task for the whole `idle_exit`.
+    Idle,
+}
+
+/// How often an idle-exit daemon looks at whether it is idle.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+
+/// Accepts bridges until `stop` fires or, with `idle_exit`, until the daemon has had no
+/// client and no task for that long. Either way the socket file is removed (if it is still
+/// ours) before the listener closes, so a launch arriving at that moment never finds a socket
+/// nobody will answer: it either was accepted before (and counts as a client, so the daemon
+/// stays) or finds no socket and starts a new daemon.
 pub async fn serve(
-    listener: UnixListener,
+    socket: LocalSocket,
     dispatcher: Dispatcher,
     fingerprint: String,
     stop: CancellationToken,
-) {
-    loop {
+    idle_exit: Option<Duration>,
+) -> Ended {
+    // Connections accepted and not yet finished, including those still saying hello (not yet
+    // in `dispatcher.clients()`).
+    let sessions = Arc::new(AtomicUsize::new(0));
+    let mut idle_since: Option<tokio::time::Instant> = None;
+    let ended = loop {
         let stream = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
+            _ = stop.cancelled() => break Ended::Stopped,
+            accepted = socket.listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a bridge failed");
@@ -99,14 +157,63 @@ pub async fn serve(
                     continue;
                 }
             },
+            _ = tokio::time::sleep(IDLE_CHECK), if idle_exit.is_some() => {
+                // Decided in this task, between two accepts: no bridge slips in after it.
+                if !is_idle(&dispatcher, &sessions).await {
+                    idle_since = None;
+                    continue;
+                }
+                let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
+                if idle_exit.is_some_and(|after| since.elapsed() >= after) {
+                    break Ended::Idle;
+                }
+                continue;
+            }
         };
+        idle_since = None;
         let dispatcher = dispatcher.clone();
         let fingerprint = fingerprint.clone();
+        let session = SessionCount::enter(&sessions);
         tokio::spawn(async move {
+            let _session = session;
             if let Err(e) = serve_bridge(stream, dispatcher, &fingerprint).await {
                 tracing::info!(error = %e, "bridge session ended with an error");
             }
         });
+    };
+    // Unlink first, then close: connections queued meanwhile are reset, and their launches
+    // start a new daemon instead of waiting on this one.
+    socket.unlink();
+    drop(socket);
+    ended
+}
+
+/// No bridge session, no other client, nothing queued or running.
+async fn is_idle(dispatcher: &Dispatcher, sessions: &AtomicUsize) -> bool {
+    if sessions.load(Ordering::SeqCst) > 0 || !dispatcher.clients().is_empty() {
+        return false;
+    }
+    let Ok(status) = dispatcher.status().await else {
+        return false;
+    };
+    status.queued_total == 0
+        && status.awaiting_manifest == 0
+        && status.hosts.iter().all(|h| h.state.active == 0)
+}
+
+/// One accepted connection, counted until its session ends (however it ends).
+struct SessionCount(Arc<AtomicUsize>);
+
+impl SessionCount {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -164,4 +271,71 @@ async fn write_line(
     let mut text = serde_json::to_string(value).map_err(io::Error::other)?;
     text.push('\n');
     write.write_all(text.as_bytes()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, ConfigSource, HostConfig};
+
+    fn temp_socket(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("prix-local-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("daemon.sock")
+    }
+
+    fn dispatcher() -> Dispatcher {
+        Dispatcher::start(&Config::with_hosts(
+            ConfigSource::Environment,
+            vec![HostConfig {
+                name: "gpu0".into(),
+                // Nothing listens here: the daemon is idle, its host merely down.
+                base_url: "http://127.0.0.1:9".into(),
+                slots: 1,
+                api_key: None,
+            }],
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_daemon_never_removes_the_socket_file_of_the_daemon_after_it() {
+        let path = temp_socket("unlink");
+        let old = bind(&path).await.unwrap();
+        // The old daemon stopped listening; a new one took the path.
+        std::fs::remove_file(&path).unwrap();
+        let new = bind(&path).await.unwrap();
+        old.unlink();
+        assert!(path.exists(), "the new daemon's socket file is still there");
+        UnixStream::connect(&path).await.expect("and answers");
+        new.unlink();
+        assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn an_idle_daemon_waits_for_a_connection_still_saying_hello_then_exits_without_its_socket()
+     {
+        let path = temp_socket("idle");
+        let socket = bind(&path).await.unwrap();
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(serve(
+            socket,
+            dispatcher(),
+            "fingerprint".into(),
+            stop.clone(),
+            Some(Duration::from_millis(200)),
+        ));
+        // Connected, but no hello yet: not a client of the dispatcher, still a session.
+        let silent = UnixStream::connect(&path).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!served.is_finished(), "exited under a connecting launch");
+        drop(silent);
+        let ended = tokio::time::timeout(Duration::from_secs(3), served)
+            .await
+            .expect("exits once idle")
+            .unwrap();
+        assert_eq!(ended, Ended::Idle);
+        assert!(!path.exists(), "socket file removed");
+        assert!(UnixStream::connect(&path).await.is_err(), "nobody listens");
+    }
 }

@@ -168,11 +168,13 @@ async fn main() -> anyhow::Result<()> {
                 allowed_hosts: config.server.allowed_hosts.clone(),
             };
             let stop = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(local::serve(
+            let idle = idle_exit.then_some(config.server.idle_exit);
+            let mut local = tokio::spawn(local::serve(
                 unix,
                 dispatcher.clone(),
                 config.fingerprint(),
                 stop.clone(),
+                idle,
             ));
             let http = listener.map(|l| {
                 tokio::spawn(http::serve(
@@ -182,8 +184,6 @@ async fn main() -> anyhow::Result<()> {
                     stop.clone().cancelled_owned(),
                 ))
             });
-            let idle = idle_exit.then_some(config.server.idle_exit);
-            let watched = dispatcher.clone();
             let service = tokio::spawn(async move {
                 tokio::select! {
                     served = async {
@@ -192,16 +192,18 @@ async fn main() -> anyhow::Result<()> {
                             None => std::future::pending().await,
                         }
                     } => served.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from),
-                    _ = idle_for(&watched, idle) => {
-                        tracing::info!("no clients and no tasks: exiting (started by a stdio launch)");
+                    ended = &mut local => {
+                        if ended? == local::Ended::Idle {
+                            tracing::info!("no clients and no tasks: exiting (started by a stdio launch)");
+                        }
                         Ok(())
                     }
                 }
             });
             // On a signal the listeners keep serving the requests in flight while they drain.
             let served = supervise(&dispatcher, config.server.shutdown_grace, service).await;
+            // Stops the socket's accept loop, which removes the socket file if it is ours.
             stop.cancel();
-            let _ = std::fs::remove_file(&socket);
             served.context("the daemon stopped unexpectedly")??;
         }
         Command::CheckConfig { config, probe } => {
@@ -273,32 +275,6 @@ async fn supervise<T>(
             // Every waiting client already got an error.
             tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
             std::process::exit(70);
-        }
-    }
-}
-
-/// Resolves once the daemon has had no clients and no tasks for `after`; never without it.
-async fn idle_for(dispatcher: &Dispatcher, after: Option<std::time::Duration>) {
-    let Some(after) = after else {
-        return std::future::pending().await;
-    };
-    let mut idle_since = None;
-    loop {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let Ok(status) = dispatcher.status().await else {
-            return std::future::pending().await;
-        };
-        let idle = dispatcher.clients().is_empty()
-            && status.queued_total == 0
-            && status.awaiting_manifest == 0
-            && status.hosts.iter().all(|h| h.state.active == 0);
-        if !idle {
-            idle_since = None;
-            continue;
-        }
-        let since = *idle_since.get_or_insert_with(tokio::time::Instant::now);
-        if since.elapsed() >= after {
-            return;
         }
     }
 }

@@ -320,3 +320,32 @@ async fn a_daemon_refuses_a_launch_with_another_configuration() {
     client.cancel().await.unwrap();
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_arriving_as_the_idle_daemon_exits_is_served() {
+    // The daemon exits 0.3 s after its last client leaves. Launches arrive at every moment
+    // around that instant, 10 ms apart: each must be served — by the old daemon or a new
+    // one — and never see "the daemon went away".
+    let sim = sim().await;
+    let s = setup("race", &sim, 0.3);
+    let mut failures = Vec::new();
+    for delay_ms in (200..=460).step_by(10) {
+        let client = launch(&s.config).await;
+        let r = client.call_tool(completion(1, 0)).await;
+        if let Err(e) = &r {
+            failures.push(format!("{delay_ms} ms: {e}"));
+        }
+        client.cancel().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+    let client = launch(&s.config).await;
+    client.call_tool(completion(1, 0)).await.unwrap();
+    client.cancel().await.unwrap();
+    assert!(failures.is_empty(), "calls failed: {failures:#?}");
+    assert_eq!(
+        sim.stats().peak_in_flight,
+        1,
+        "never two requests on the one slot"
+    );
+    sim.shutdown().await;
+}
