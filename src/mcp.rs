@@ -27,8 +27,8 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct PrixServer {
     dispatcher: Dispatcher,
-    /// The connected client this session serves, when it is one (stdio, bridge).
-    client: Option<Arc<ClientGuard>>,
+    /// The connected client this session serves (stdio, bridge, HTTP session).
+    client: Arc<ClientGuard>,
     /// Fired when the client is gone: its tasks stop at once.
     gone: CancellationToken,
     tool_router: ToolRouter<Self>,
@@ -48,14 +48,12 @@ pub struct ModelList {
 
 #[tool_router]
 impl PrixServer {
-    /// A session with no registered client (Streamable HTTP).
-    pub fn new(dispatcher: Dispatcher) -> Self {
-        Self {
-            dispatcher,
-            client: None,
-            gone: CancellationToken::new(),
-            tool_router: Self::tool_router(),
-        }
+    /// A Streamable HTTP session (or, in the stateless 2026-07-28 protocol, one request),
+    /// listed among the clients until rmcp drops it: at DELETE, or after its idle keep-alive.
+    /// Its calls are cancelled one by one, by rmcp, when their streams close.
+    pub fn for_http(dispatcher: Dispatcher) -> Self {
+        let client = dispatcher.clients().connect("http", None);
+        Self::for_client(dispatcher, client, CancellationToken::new())
     }
 
     /// A session of a registered client whose tasks stop when `gone` fires.
@@ -66,7 +64,7 @@ impl PrixServer {
     ) -> Self {
         Self {
             dispatcher,
-            client: Some(Arc::new(client)),
+            client: Arc::new(client),
             gone,
             tool_router: Self::tool_router(),
         }
@@ -178,11 +176,9 @@ impl PrixServer {
             Ok(spec) => spec,
             Err(e) => return Ok(error_result(&e)),
         };
-        if let Some(client) = &self.client {
-            spec.client = Some(client.id());
-            if let Some(info) = ctx.peer.peer_info() {
-                client.set_name(&info.client_info.name);
-            }
+        spec.client = Some(self.client.id());
+        if let Some(info) = ctx.peer.peer_info() {
+            self.client.set_name(&info.client_info.name);
         }
         let mut handle = match self.dispatcher.submit(spec) {
             Ok(h) => h,

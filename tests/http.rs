@@ -489,3 +489,64 @@ async fn mcp_checks_the_host_header() {
     assert_eq!(post("localhost").await.unwrap().status(), 200);
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_mcp_session_over_http_is_listed_as_a_client_until_it_closes() {
+    use rmcp::ServiceExt;
+    use rmcp::model::CallToolRequestParams;
+    use rmcp::transport::StreamableHttpClientTransport;
+
+    let d = daemon(vec![host(&["m"]).behaviour(quick(20, 25))], None, |_| {}).await;
+    let http = reqwest::Client::new();
+    let clients = || async {
+        let status: Value = http
+            .get(format!("{}/status", d.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        status["clients"].as_array().cloned().unwrap_or_default()
+    };
+    assert!(clients().await.is_empty());
+    let mcp = ()
+        .serve(StreamableHttpClientTransport::from_uri(format!(
+            "{}/mcp",
+            d.base
+        )))
+        .await
+        .unwrap();
+    let args = json!({"model_id": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let call = mcp.call_tool(
+        CallToolRequestParams::new("complete_stream")
+            .with_arguments(args.as_object().unwrap().clone()),
+    );
+    let watch = async {
+        // The call streams for ~0.5 s: meanwhile its session is a client with a running task.
+        for _ in 0..40 {
+            let listed = clients().await;
+            if let Some(c) = listed.iter().find(|c| c["running"] == 1) {
+                return Some(c.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    };
+    let (result, seen) = tokio::join!(call, watch);
+    assert_eq!(result.unwrap().is_error, Some(false));
+    let seen = seen.expect("the HTTP session was listed with its running task");
+    assert_eq!(seen["transport"], "http");
+    assert!(seen["name"].is_string(), "named from its handshake: {seen}");
+    mcp.cancel().await.unwrap();
+    let mut left = clients().await;
+    for _ in 0..50 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = clients().await;
+    }
+    assert!(left.is_empty(), "a closed session is no client: {left:?}");
+    d.shutdown().await;
+}

@@ -52,7 +52,7 @@ pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationTo
     ];
     allowed.extend(options.allowed_hosts.iter().cloned());
     let mcp = StreamableHttpService::new(
-        move || Ok(PrixServer::new(dispatcher.clone())),
+        move || Ok(PrixServer::for_http(dispatcher.clone())),
         LocalSessionManager::default().into(),
         StreamableHttpServerConfig::default()
             .with_cancellation_token(stop)
