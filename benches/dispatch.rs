@@ -375,6 +375,10 @@ struct SimResult {
     slot_idle_servable: f64,
     /// Slot-seconds free only because the host streams another model (the drain guard).
     slot_idle_drain: f64,
+    /// Slot-seconds free while tasks waited, none of a model the host lists.
+    slot_idle_unlisted: f64,
+    /// Slot-seconds free once nothing waited any more (the last tasks running out).
+    slot_idle_tail: f64,
     slot_violations: u64,
     model_violations: u64,
     unlisted_starts: u64,
@@ -525,6 +529,7 @@ impl Des {
         if dt == 0.0 {
             return;
         }
+        let any_waiting = self.waiting.iter().any(|&w| w > 0);
         for (h, running) in self.running.iter().enumerate() {
             let free = (self.slots[h] - running.len().min(self.slots[h])) as f64;
             let listed_waiting =
@@ -534,12 +539,12 @@ impl Des {
                     self.result.gpu_idle_waiting += dt;
                     self.result.slot_idle_servable += free * dt;
                 }
-                None => {}
                 Some(&(_, current)) if self.waiting[current] > 0 => {
                     self.result.slot_idle_servable += free * dt;
                 }
                 Some(_) if listed_waiting => self.result.slot_idle_drain += free * dt,
-                Some(_) => {}
+                _ if any_waiting => self.result.slot_idle_unlisted += free * dt,
+                _ => self.result.slot_idle_tail += free * dt,
             }
         }
     }
@@ -614,6 +619,8 @@ struct Row {
     servable_off: Vec<f64>,
     drain_default: Vec<f64>,
     drain_off: Vec<f64>,
+    unlisted_default: Vec<f64>,
+    tail_default: Vec<f64>,
     violations: u64,
 }
 
@@ -655,6 +662,8 @@ fn efficiency(sizes: &[usize], seeds: u64, fleets: &[Fleet]) -> bool {
                 servable_off: vec![],
                 drain_default: vec![],
                 drain_off: vec![],
+                unlisted_default: vec![],
+                tail_default: vec![],
                 violations: 0,
             };
             for rep in 0..seeds {
@@ -728,6 +737,10 @@ fn efficiency(sizes: &[usize], seeds: u64, fleets: &[Fleet]) -> bool {
                     i.push(r.gpu_idle_waiting);
                     s.push(r.slot_idle_servable);
                     d.push(r.slot_idle_drain);
+                    if !hold_free {
+                        row.unlisted_default.push(r.slot_idle_unlisted);
+                        row.tail_default.push(r.slot_idle_tail);
+                    }
                 }
                 // Reference, not a mode of the daemon: the same rules given the battery longest
                 // task first, an order only a scheduler that knew every task's length could
@@ -787,19 +800,22 @@ fn efficiency(sizes: &[usize], seeds: u64, fleets: &[Fleet]) -> bool {
         "\nIdle time (seconds, summed over hosts/slots, median [min, max]). \"GPU idle while \
          waiting\": a host ran nothing while a task of a model it lists waited (target 0). \
          \"Slot idle, servable\": a free slot while a task it could legally take waited (only \
-         the aging rule's drain hold may cause it). \"Drain guard\": a free slot on a host \
-         streaming another model while only other listed models waited (the one-model rule's \
-         cost). Gap = (makespan - bound) / longest task.\n"
+         the drain hold may cause it). \"Drain guard\": a free slot on a host streaming another \
+         model while only other listed models waited (the one-model rule's cost). \"Nothing \
+         listed\": a free slot while tasks waited, none of a model its host lists. \"Tail\": \
+         free slots once nothing waited (the last tasks running out). Gap = (makespan - bound) \
+         / longest task.\n"
     );
     println!(
         "| fleet | tasks | GPU idle while waiting: 30 s / off / naive | slot idle servable: 30 s / \
-         off | drain guard: 30 s / off | gap in longest tasks: 30 s / off |"
+         off | drain guard: 30 s / off | nothing listed (30 s) | tail (30 s) | gap in longest \
+         tasks: 30 s / off |"
     );
-    println!("|---|---:|---|---|---|---|");
+    println!("|---|---:|---|---|---|---|---|---|");
     for r in &rows {
         let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
         println!(
-            "| {} | {} | {:.0} / {:.0} / {} | {} / {} | {} / {} | {} / {} |",
+            "| {} | {} | {:.0} / {:.0} / {} | {} / {} | {} / {} | {} | {} | {} / {} |",
             r.fleet,
             r.tasks,
             max(&r.idle_default),
@@ -809,6 +825,8 @@ fn efficiency(sizes: &[usize], seeds: u64, fleets: &[Fleet]) -> bool {
             fmt_spread(&r.servable_off, 0),
             fmt_spread(&r.drain_default, 0),
             fmt_spread(&r.drain_off, 0),
+            fmt_spread(&r.unlisted_default, 0),
+            fmt_spread(&r.tail_default, 0),
             fmt_spread(&r.gap_default, 2),
             fmt_spread(&r.gap_off, 2),
         );
