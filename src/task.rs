@@ -135,9 +135,14 @@ pub struct ChatParams {
 pub enum TaskBody {
     /// Built from typed parameters (MCP): always streamed, usage included.
     Chat(ChatParams),
-    /// An OpenAI request forwarded as the client wrote it, unknown fields kept; the host's
-    /// answer is relayed byte for byte ([`TaskEvent::Answer`], [`TaskEvent::Bytes`]).
-    Relay(Map<String, Value>),
+    /// An OpenAI request forwarded byte for byte as the client wrote it (the front end checked
+    /// that it is a chat request for the task's model); the host's answer is relayed byte for
+    /// byte ([`TaskEvent::Answer`], [`TaskEvent::Bytes`]).
+    Relay {
+        body: bytes::Bytes,
+        /// `max_completion_tokens`, else `max_tokens`, as the client set it.
+        max_tokens: Option<u64>,
+    },
 }
 
 impl TaskBody {
@@ -145,10 +150,7 @@ impl TaskBody {
     pub fn max_tokens(&self) -> Option<u64> {
         match self {
             TaskBody::Chat(params) => Some(u64::from(params.max_tokens)),
-            TaskBody::Relay(body) => body
-                .get("max_completion_tokens")
-                .or_else(|| body.get("max_tokens"))
-                .and_then(Value::as_u64),
+            TaskBody::Relay { max_tokens, .. } => *max_tokens,
         }
     }
 }

@@ -165,15 +165,17 @@ impl HostClient {
     /// the host.
     pub async fn stream_chat(&self, task: &InferenceTask) -> Result<StreamOutput, AttemptError> {
         let model = &task.spec.model;
-        let relay = matches!(task.spec.body, TaskBody::Relay(_));
-        let body = match &task.spec.body {
-            TaskBody::Chat(params) => request::chat_body(model, params),
-            TaskBody::Relay(body) => request::relay_body(model, body),
-        };
-        let mut request = self
+        let relay = matches!(task.spec.body, TaskBody::Relay { .. });
+        let request = self
             .http
-            .post(format!("{}/v1/chat/completions", self.base_url))
-            .json(&body);
+            .post(format!("{}/v1/chat/completions", self.base_url));
+        let mut request = match &task.spec.body {
+            TaskBody::Chat(params) => request.json(&request::chat_body(model, params)),
+            // The client's bytes as they came (a cheap reference-counted clone).
+            TaskBody::Relay { body, .. } => request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone()),
+        };
         if let Some(key) = task.spec.api_key.as_ref().or(self.api_key.as_ref()) {
             request = request.bearer_auth(key.expose());
         }

@@ -35,13 +35,6 @@ pub fn chat_body(model: &str, params: &ChatParams) -> Value {
     Value::Object(body)
 }
 
-/// The body of a relayed request: the client's own, with the model it was routed by.
-pub fn relay_body(model: &str, body: &Map<String, Value>) -> Value {
-    let mut body = body.clone();
-    body.insert("model".into(), json!(model));
-    Value::Object(body)
-}
-
 /// Flat BFCL-style `{name, description, parameters}` tools become OpenAI function tools;
 /// tools already in OpenAI shape pass unchanged.
 pub fn normalise_tool(tool: &Value) -> Value {

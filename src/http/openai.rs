@@ -10,7 +10,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::App;
 use crate::error::{DispatchError, ErrorKind};
@@ -43,15 +43,19 @@ pub(super) async fn models(State(app): State<App>) -> Response {
 }
 
 pub(super) async fn chat_completions(State(app): State<App>, body: Bytes) -> Response {
-    let request = match parse(&body) {
+    let ChatRequest {
+        model,
+        stream,
+        max_tokens,
+    } = match parse(&body) {
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
-    let stream = request.get("stream") == Some(&Value::Bool(true));
-    let model = request["model"].as_str().unwrap_or_default().to_string();
     let spec = TaskSpec {
         model,
-        body: TaskBody::Relay(request),
+        // The host gets the client's own bytes: parsed once to check and route them, never
+        // cloned or serialised again.
+        body: TaskBody::Relay { body, max_tokens },
         // The client's Authorization header is for this daemon, never for a host.
         api_key: None,
         timeout: None,
@@ -135,8 +139,16 @@ fn relay(
     })
 }
 
-/// A chat request: a JSON object with a model and messages; everything else is the host's business.
-fn parse(body: &[u8]) -> Result<Map<String, Value>, DispatchError> {
+/// What the daemon reads from a chat request; the rest is the host's business.
+struct ChatRequest {
+    model: String,
+    stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    max_tokens: Option<u64>,
+}
+
+/// A chat request: a JSON object with a model and messages.
+fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| DispatchError::invalid(format!("the request body is not JSON: {e}")))?;
     let Value::Object(request) = value else {
@@ -144,14 +156,14 @@ fn parse(body: &[u8]) -> Result<Map<String, Value>, DispatchError> {
             "the request body must be a JSON object",
         ));
     };
-    match request.get("model") {
-        Some(Value::String(m)) if !m.trim().is_empty() => {}
+    let model = match request.get("model") {
+        Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
         _ => {
             return Err(DispatchError::invalid(
                 "\"model\" is required: the id of a model a host lists",
             ));
         }
-    }
+    };
     let Some(messages) = request
         .get("messages")
         .and_then(Value::as_array)
@@ -168,7 +180,14 @@ fn parse(body: &[u8]) -> Result<Map<String, Value>, DispatchError> {
             )));
         }
     }
-    Ok(request)
+    Ok(ChatRequest {
+        model,
+        stream: request.get("stream") == Some(&Value::Bool(true)),
+        max_tokens: request
+            .get("max_completion_tokens")
+            .or_else(|| request.get("max_tokens"))
+            .and_then(Value::as_u64),
+    })
 }
 
 /// The HTTP status a failure maps to.
