@@ -41,8 +41,9 @@ impl SseDecoder {
             if line.last() == Some(&b'\r') {
                 line = &line[..line.len() - 1];
             }
-            let line = String::from_utf8_lossy(line).into_owned();
-            self.line(&line, out);
+            // Borrowed unless the host sent invalid UTF-8: no copy of the line.
+            let line = String::from_utf8_lossy(line);
+            take_line(&mut self.data, &line, out);
             start = end + 1;
             self.scanned = start;
         }
@@ -61,42 +62,45 @@ impl SseDecoder {
             let line = String::from_utf8_lossy(&rest)
                 .trim_end_matches('\r')
                 .to_string();
-            self.line(&line, out);
+            take_line(&mut self.data, &line, out);
         }
         if let Some(data) = self.data.take() {
             out.push(data);
         }
     }
+}
 
-    fn line(&mut self, line: &str, out: &mut Vec<String>) {
-        if line.is_empty() {
-            if let Some(data) = self.data.take() {
-                out.push(data);
-            }
-            return;
+/// One line of the stream into the event being assembled (`data`); a complete event goes to `out`.
+/// A free function over the one field it changes, so that `push` can pass a line still borrowed
+/// from the decoder's buffer.
+fn take_line(data: &mut Option<String>, line: &str, out: &mut Vec<String>) {
+    if line.is_empty() {
+        if let Some(data) = data.take() {
+            out.push(data);
         }
-        if line.starts_with(':') {
-            return; // comment / keep-alive
+        return;
+    }
+    if line.starts_with(':') {
+        return; // comment / keep-alive
+    }
+    let (field, value) = match line.split_once(':') {
+        Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+        None => (line, ""),
+    };
+    if field != "data" {
+        return; // event:, id:, retry: carry nothing we use
+    }
+    match data {
+        // Some hosts omit the blank line between events; a complete JSON payload followed
+        // by another data line is then two events, not one multi-line event.
+        Some(pending) if is_complete_payload(pending) => {
+            out.push(std::mem::replace(pending, value.to_string()));
         }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        if field != "data" {
-            return; // event:, id:, retry: carry nothing we use
+        Some(pending) => {
+            pending.push('\n');
+            pending.push_str(value);
         }
-        match &mut self.data {
-            // Some hosts omit the blank line between events; a complete JSON payload followed
-            // by another data line is then two events, not one multi-line event.
-            Some(pending) if is_complete_payload(pending) => {
-                out.push(std::mem::replace(pending, value.to_string()));
-            }
-            Some(pending) => {
-                pending.push('\n');
-                pending.push_str(value);
-            }
-            None => self.data = Some(value.to_string()),
-        }
+        None => *data = Some(value.to_string()),
     }
 }
 
