@@ -56,6 +56,10 @@ pub fn http_client() -> reqwest::Client {
         .pool_idle_timeout(Duration::from_secs(4))
         .connect_timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
+        // reqwest's default policy retries HTTP/2 and HTTP/3 refusals, which this build (HTTP/1
+        // only) never sees, yet it copies every request's headers to be ready for a retry.
+        // Retries are the scheduler's decision anyway.
+        .retry(reqwest::retry::never().max_retries_per_request(0))
         .build()
         .expect("the HTTP client builds with static settings")
 }
