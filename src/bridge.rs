@@ -63,7 +63,7 @@ struct Connection {
 pub async fn run(spec: DaemonSpec) -> Result<(), BridgeError> {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
     let writer = tokio::spawn(async move {
-        let mut stdout = tokio::io::stdout();
+        let mut stdout = crate::stdio::stdout();
         while let Some(mut line) = out_rx.recv().await {
             line.push('\n');
             if stdout.write_all(line.as_bytes()).await.is_err() || stdout.flush().await.is_err() {
@@ -75,7 +75,7 @@ pub async fn run(spec: DaemonSpec) -> Result<(), BridgeError> {
     // The client's handshake (initialize and its id, then notifications/initialized).
     let mut handshake: Vec<(String, Option<Value>)> = Vec::new();
     let mut connection: Option<Connection> = None;
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut lines = BufReader::new(crate::stdio::stdin()).lines();
     let result = loop {
         let lost = connection.as_ref().map(|c| c.lost.clone());
         let line = tokio::select! {

@@ -16,6 +16,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod scheduler;
 pub mod sim;
+pub mod stdio;
 pub mod task;
 pub mod worker;
 

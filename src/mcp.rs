@@ -290,7 +290,13 @@ pub async fn serve_stdio(
     let client = dispatcher
         .clients()
         .connect("stdio", Some(std::process::id()));
-    serve_client(dispatcher, client, tokio::io::stdin(), tokio::io::stdout()).await
+    serve_client(
+        dispatcher,
+        client,
+        crate::stdio::stdin(),
+        crate::stdio::stdout(),
+    )
+    .await
 }
 
 /// Serves one client over a byte stream (stdin/stdout, or a bridge's socket) until it closes
