@@ -11,8 +11,9 @@
 //!   [`prix_dispatch::demo::makespan_lower_bound`] and against a naive early-binding baseline
 //!   (every request picks a random host that lists its model when it arrives and waits in that
 //!   host's own FIFO). Every `Start` is checked for the slot bound and one model per host.
-//! - **overhead**: real HTTP on loopback with zero-delay simulated hosts: the OpenAI path
-//!   through the daemon versus calling a simulated host directly.
+//! - **overhead**: zero-delay simulated hosts on loopback: the OpenAI API through the daemon,
+//!   MCP over HTTP, and MCP over stdio (the built binary, standalone and through the bridge to a
+//!   daemon it starts), versus calling a simulated host directly.
 //! - **scale**: the cost of one scheduling decision with 10 to 100,000 queued tasks and 2 to
 //!   128 hosts, and the resident memory per queued task (measured in a child process).
 //!
@@ -191,6 +192,9 @@ fn spread(values: &[f64]) -> (f64, f64, f64) {
 
 /// "median [min, max]" with `digits` decimals.
 fn fmt_spread(values: &[f64], digits: usize) -> String {
+    if values.iter().any(|v| v.is_nan()) {
+        return "–".to_string();
+    }
     let (m, lo, hi) = spread(values);
     format!("{m:.digits$} [{lo:.digits$}, {hi:.digits$}]")
 }
@@ -922,29 +926,15 @@ fn overhead(requests_c1: usize, requests_c64: usize, repeats: usize) {
     rt.block_on(overhead_async(requests_c1, requests_c64, repeats));
 }
 
-/// The daemon's HTTP front on 127.0.0.1:0, bound the way `prix-dispatch serve` binds it, or with
-/// TCP_NODELAY set on the listening socket (Linux hands it down to accepted connections).
+/// The daemon's HTTP front on 127.0.0.1:0, bound the way `prix-dispatch serve` binds it.
 async fn front(
     dispatcher: &Dispatcher,
-    nodelay: bool,
     stop: &tokio_util::sync::CancellationToken,
 ) -> (String, tokio::task::JoinHandle<std::io::Result<()>>) {
-    let listener = if nodelay {
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_nodelay(true).expect("nodelay");
-        socket
-            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-            .expect("bind");
-        socket.listen(1024).expect("listen")
-    } else {
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind")
-    };
-    let url = format!(
-        "http://{}/v1/chat/completions",
-        listener.local_addr().expect("addr")
-    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
     let server = tokio::spawn(serve(
         listener,
         dispatcher.clone(),
@@ -955,7 +945,82 @@ async fn front(
         },
         stop.clone().cancelled_owned(),
     ));
-    (url, server)
+    (base, server)
+}
+
+/// How a measured request travels.
+enum Via {
+    /// A streaming OpenAI request to one of these URLs (a host directly, or the daemon).
+    Http(Vec<String>),
+    /// A `complete_stream` tool call over these MCP sessions (client i uses session i mod n).
+    Mcp(Vec<rmcp::service::RunningService<rmcp::RoleClient, ()>>),
+}
+
+async fn mcp_call(peer: &rmcp::Peer<rmcp::RoleClient>) -> Duration {
+    let args = serde_json::json!({
+        "model_id": "m",
+        "messages": [{"role": "user", "content": "Say hello."}]
+    });
+    let t = Wall::now();
+    let result = peer
+        .call_tool(
+            rmcp::model::CallToolRequestParams::new("complete_stream")
+                .with_arguments(args.as_object().expect("object").clone()),
+        )
+        .await
+        .expect("tool call");
+    let total = t.elapsed();
+    assert_eq!(result.is_error, Some(false), "{result:?}");
+    total
+}
+
+/// `concurrency` clients spread over the MCP sessions (client i on session i mod n), each
+/// making its calls one after another.
+async fn load_mcp(
+    sessions: &[rmcp::service::RunningService<rmcp::RoleClient, ()>],
+    concurrency: usize,
+    total: usize,
+) -> Sample {
+    let per_client = total / concurrency;
+    let started = Wall::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let peer = sessions[i % sessions.len()].peer().clone();
+            tokio::spawn(async move {
+                let mut out = Vec::with_capacity(per_client);
+                for _ in 0..per_client {
+                    out.push(mcp_call(&peer).await);
+                }
+                out
+            })
+        })
+        .collect();
+    let mut sample = Sample::default();
+    for t in tasks {
+        sample.total.extend(t.await.expect("client task"));
+    }
+    sample.wall = started.elapsed();
+    sample.total.sort();
+    sample
+}
+
+/// An MCP client over a `prix-dispatch stdio` child process (the built binary).
+async fn stdio_client(
+    args: &[&str],
+    config: &std::path::Path,
+) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
+    use rmcp::ServiceExt;
+    use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+    let command =
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch")).configure(|c| {
+            c.args(args)
+                .arg("--config")
+                .arg(config)
+                .env("RUST_LOG", "warn");
+        });
+    ().serve(TokioChildProcess::new(command).expect("spawn prix-dispatch stdio"))
+        .await
+        .expect("MCP handshake")
 }
 
 async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize) {
@@ -990,16 +1055,47 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
     );
     let dispatcher = Dispatcher::start(&config);
     let stop = tokio_util::sync::CancellationToken::new();
-    let (plain, plain_server) = front(&dispatcher, false, &stop).await;
-    let (nodelay, nodelay_server) = front(&dispatcher, true, &stop).await;
+    let (base, server) = front(&dispatcher, &stop).await;
     let direct: Vec<String> = sims
         .iter()
         .map(|s| format!("{}/v1/chat/completions", s.url()))
         .collect();
-    let paths: [(&str, Vec<String>); 3] = [
-        ("direct to host", direct),
-        ("through daemon (as shipped)", vec![plain]),
-        ("through daemon, TCP_NODELAY on the front", vec![nodelay]),
+    let mut mcp_http = Vec::new();
+    for _ in 0..64 {
+        use rmcp::ServiceExt;
+        let transport =
+            rmcp::transport::StreamableHttpClientTransport::from_uri(format!("{base}/mcp"));
+        mcp_http.push(().serve(transport).await.expect("MCP over HTTP"));
+    }
+    let mcp_http_one = vec![mcp_http.pop().expect("a session")];
+    // The same fleet for the child processes: in-process queue (`--standalone`), and the
+    // default launch, which bridges to a daemon it starts (idle exit 2 s after the section).
+    let dir = std::env::temp_dir().join(format!("prix-bench-overhead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config_path = dir.join("fleet.toml");
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nidle_exit_seconds = 2\nsocket = \"{}\"\n",
+        dir.join("daemon.sock").display()
+    );
+    for (i, sim) in sims.iter().enumerate() {
+        toml.push_str(&format!(
+            "[[host]]\nname = \"gpu{i}\"\nurl = \"{}\"\nslots = {OVERHEAD_SLOTS}\n",
+            sim.url()
+        ));
+    }
+    std::fs::write(&config_path, toml).expect("config");
+    let stdio = stdio_client(&["stdio", "--standalone"], &config_path).await;
+    let bridged = stdio_client(&["stdio"], &config_path).await;
+    let paths: Vec<(&str, Via)> = vec![
+        ("direct to host (OpenAI stream)", Via::Http(direct)),
+        (
+            "OpenAI API through the daemon",
+            Via::Http(vec![format!("{base}/v1/chat/completions")]),
+        ),
+        ("MCP over HTTP, one session", Via::Mcp(mcp_http_one)),
+        ("MCP over HTTP, a session per client", Via::Mcp(mcp_http)),
+        ("MCP stdio, standalone", Via::Mcp(vec![stdio])),
+        ("MCP stdio through the bridge", Via::Mcp(vec![bridged])),
     ];
     let body = bytes::Bytes::from(
         serde_json::to_vec(&serde_json::json!({
@@ -1011,30 +1107,43 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
     );
     let client = reqwest::Client::new();
 
-    // Every path answers the same stream; warm up connections and the manifest read.
-    for (_, urls) in &paths {
-        let text = client
-            .post(&urls[0])
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone())
-            .send()
-            .await
-            .expect("send")
-            .text()
-            .await
-            .expect("body");
-        assert!(text.contains("data: [DONE]"), "a whole stream: {text}");
-        load(&client, urls, &body, 64, 640).await;
-        load(&client, urls, &body, 1, 50).await;
+    // Every path answers; warm up connections and the manifest reads.
+    for (_, via) in &paths {
+        match via {
+            Via::Http(urls) => {
+                let text = client
+                    .post(&urls[0])
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("send")
+                    .text()
+                    .await
+                    .expect("body");
+                assert!(text.contains("data: [DONE]"), "a whole stream: {text}");
+                load(&client, urls, &body, 64, 640).await;
+                load(&client, urls, &body, 1, 50).await;
+            }
+            Via::Mcp(sessions) => {
+                load_mcp(sessions, 64, 640).await;
+                load_mcp(sessions, 1, 50).await;
+            }
+        }
     }
 
     println!(
         "{OVERHEAD_HOSTS} simulated hosts (tokens 1, token_interval_ms 0), {OVERHEAD_SLOTS} \
-         slots each in the daemon ({} slots: 64 clients never queue for a slot); client, daemon \
-         and hosts share one process and one {}-thread Tokio runtime; reqwest client; streaming \
-         request, whole body read; TTFB = first body chunk. Direct: concurrency 1 hits one host, \
-         concurrency 64 spreads the clients over the {OVERHEAD_HOSTS} hosts. {repeats} runs, \
-         paths interleaved within each run; median [min, max] over runs.\n",
+         slots each in the daemon ({} slots: 64 clients never queue for a slot). The bench \
+         process holds the hosts, the in-process daemon (its HTTP front: OpenAI API and MCP) and \
+         the clients on one {}-thread Tokio runtime; the stdio paths add a `prix-dispatch stdio` \
+         child process (standalone: its own queue; bridged: relaying to a `serve` daemon it \
+         started), all on the same cores. OpenAI: reqwest, streaming request, whole body read, \
+         TTFB = first body chunk. MCP: rmcp client, `complete_stream` without a progress token, \
+         timed to the result (no first byte to time); concurrency 64 = 64 concurrent calls on \
+         one session (stdio has one), or one session each over HTTP. Direct: concurrency 1 hits one host, concurrency 64 spreads the clients \
+         over the {OVERHEAD_HOSTS} hosts. {repeats} runs, paths interleaved within each run; \
+         median [min, max] over runs.\n",
         OVERHEAD_HOSTS * OVERHEAD_SLOTS,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
@@ -1044,21 +1153,32 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
     for (concurrency, requests) in [(1usize, requests_c1), (64, requests_c64)] {
         let mut runs: Vec<Vec<[f64; 6]>> = vec![Vec::new(); paths.len()];
         for _ in 0..repeats {
-            for (p, (_, urls)) in paths.iter().enumerate() {
+            for (p, (_, via)) in paths.iter().enumerate() {
                 for sim in &sims {
                     sim.reset();
                 }
-                let s = load(&client, urls, &body, concurrency, requests).await;
+                let s = match via {
+                    Via::Http(urls) => load(&client, urls, &body, concurrency, requests).await,
+                    Via::Mcp(sessions) => load_mcp(sessions, concurrency, requests).await,
+                };
                 if p > 0 {
                     let run_peak = sims.iter().map(|s| s.stats().peak_in_flight).max();
                     peak = peak.max(run_peak.unwrap_or(0));
                 }
+                // An MCP call has no first byte to time: its answer comes whole.
+                let ttfb = |q| {
+                    if s.ttfb.is_empty() {
+                        f64::NAN
+                    } else {
+                        us(quantile(&s.ttfb, q))
+                    }
+                };
                 runs[p].push([
                     us(quantile(&s.total, 0.5)),
                     us(quantile(&s.total, 0.99)),
                     us(quantile(&s.total, 0.999)),
-                    us(quantile(&s.ttfb, 0.5)),
-                    us(quantile(&s.ttfb, 0.99)),
+                    ttfb(0.5),
+                    ttfb(0.99),
                     s.total.len() as f64 / s.wall.as_secs_f64(),
                 ]);
             }
@@ -1126,9 +1246,15 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
         status.counters.failed,
         status.counters.retried
     );
+    for (_, via) in paths {
+        if let Via::Mcp(sessions) = via {
+            for session in sessions {
+                let _ = session.cancel().await;
+            }
+        }
+    }
     stop.cancel();
-    let _ = plain_server.await;
-    let _ = nodelay_server.await;
+    let _ = server.await;
     dispatcher.shutdown();
     for sim in sims {
         sim.shutdown().await;
