@@ -858,13 +858,13 @@ struct Sample {
 async fn one_request(
     client: &reqwest::Client,
     url: &str,
-    body: &bytes::Bytes,
+    post: &Post,
 ) -> (Duration, Duration, usize) {
     let t = Wall::now();
     let mut response = client
         .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body.clone())
+        .headers(post.headers.clone())
+        .body(post.body.clone())
         .send()
         .await
         .expect("request sent");
@@ -881,24 +881,75 @@ async fn one_request(
     (first.unwrap_or(total), total, bytes)
 }
 
-async fn load(
-    client: &reqwest::Client,
-    urls: &[String],
-    body: &bytes::Bytes,
-    concurrency: usize,
-    total: usize,
-) -> Sample {
+/// One kind of POST: its body and headers, to any of `urls` (client i uses url i mod n).
+#[derive(Clone)]
+struct Post {
+    urls: Vec<String>,
+    body: bytes::Bytes,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Post {
+    /// A streaming OpenAI chat completion.
+    fn openai(urls: Vec<String>) -> Self {
+        let body = serde_json::json!({
+            "model": "m",
+            "messages": [{"role": "user", "content": "Say hello."}],
+            "stream": true
+        });
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().expect("header"));
+        Self {
+            urls,
+            body: serde_json::to_vec(&body).expect("json").into(),
+            headers,
+        }
+    }
+
+    /// A stateless (2026-07-28) MCP `tools/call` of `complete_stream`: one POST, no session.
+    fn mcp_stateless(url: String) -> Self {
+        let body = serde_json::json!({
+            "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {
+                "name": "complete_stream",
+                "arguments": {"model_id": "m", "messages": [{"role": "user", "content": "Say hello."}]},
+                "_meta": {
+                    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                    "io.modelcontextprotocol/clientCapabilities": {},
+                    "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "0"}
+                }
+            }
+        });
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "complete_stream"),
+        ] {
+            headers.insert(name, value.parse().expect("header"));
+        }
+        Self {
+            urls: vec![url],
+            body: serde_json::to_vec(&body).expect("json").into(),
+            headers,
+        }
+    }
+}
+
+async fn load(client: &reqwest::Client, post: &Post, concurrency: usize, total: usize) -> Sample {
     let per_client = total / concurrency;
     let started = Wall::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|i| {
             let client = client.clone();
-            let url = urls[i % urls.len()].clone();
-            let body = body.clone();
+            let url = post.urls[i % post.urls.len()].clone();
+            let post = post.clone();
             tokio::spawn(async move {
                 let mut out = Vec::with_capacity(per_client);
                 for _ in 0..per_client {
-                    let (ttfb, total, _) = one_request(&client, &url, &body).await;
+                    let (ttfb, total, _) = one_request(&client, &url, &post).await;
                     out.push((ttfb, total));
                 }
                 out
@@ -950,8 +1001,9 @@ async fn front(
 
 /// How a measured request travels.
 enum Via {
-    /// A streaming OpenAI request to one of these URLs (a host directly, or the daemon).
-    Http(Vec<String>),
+    /// A POST: a streaming OpenAI request (to a host directly, or the daemon), or a stateless
+    /// MCP tool call with a plain HTTP client.
+    Http(Post),
     /// A `complete_stream` tool call over these MCP sessions (client i uses session i mod n).
     Mcp(Vec<rmcp::service::RunningService<rmcp::RoleClient, ()>>),
 }
@@ -1087,43 +1139,45 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
     let stdio = stdio_client(&["stdio", "--standalone"], &config_path).await;
     let bridged = stdio_client(&["stdio"], &config_path).await;
     let paths: Vec<(&str, Via)> = vec![
-        ("direct to host (OpenAI stream)", Via::Http(direct)),
+        (
+            "direct to host (OpenAI stream)",
+            Via::Http(Post::openai(direct)),
+        ),
         (
             "OpenAI API through the daemon",
-            Via::Http(vec![format!("{base}/v1/chat/completions")]),
+            Via::Http(Post::openai(vec![format!("{base}/v1/chat/completions")])),
+        ),
+        (
+            "MCP over HTTP, stateless POSTs (reqwest)",
+            Via::Http(Post::mcp_stateless(format!("{base}/mcp"))),
         ),
         ("MCP over HTTP, one session", Via::Mcp(mcp_http_one)),
         ("MCP over HTTP, a session per client", Via::Mcp(mcp_http)),
         ("MCP stdio, standalone", Via::Mcp(vec![stdio])),
         ("MCP stdio through the bridge", Via::Mcp(vec![bridged])),
     ];
-    let body = bytes::Bytes::from(
-        serde_json::to_vec(&serde_json::json!({
-            "model": "m",
-            "messages": [{"role": "user", "content": "Say hello."}],
-            "stream": true
-        }))
-        .expect("json"),
-    );
     let client = reqwest::Client::new();
 
     // Every path answers; warm up connections and the manifest reads.
     for (_, via) in &paths {
         match via {
-            Via::Http(urls) => {
+            Via::Http(post) => {
                 let text = client
-                    .post(&urls[0])
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(body.clone())
+                    .post(&post.urls[0])
+                    .headers(post.headers.clone())
+                    .body(post.body.clone())
                     .send()
                     .await
                     .expect("send")
                     .text()
                     .await
                     .expect("body");
-                assert!(text.contains("data: [DONE]"), "a whole stream: {text}");
-                load(&client, urls, &body, 64, 640).await;
-                load(&client, urls, &body, 1, 50).await;
+                assert!(
+                    text.contains("data: [DONE]") || text.contains(r#""isError":false"#),
+                    "a whole answer: {text}"
+                );
+                load(&client, post, 64, 640).await;
+                load(&client, post, 1, 50).await;
             }
             Via::Mcp(sessions) => {
                 load_mcp(sessions, 64, 640).await;
@@ -1158,7 +1212,7 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
                     sim.reset();
                 }
                 let s = match via {
-                    Via::Http(urls) => load(&client, urls, &body, concurrency, requests).await,
+                    Via::Http(post) => load(&client, post, concurrency, requests).await,
                     Via::Mcp(sessions) => load_mcp(sessions, concurrency, requests).await,
                 };
                 if p > 0 {
