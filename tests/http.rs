@@ -44,6 +44,28 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
+/// An rmcp client session with the daemon's `/mcp` at `base`.
+async fn mcp_over_http(base: &str) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
+    use rmcp::ServiceExt;
+    ().serve(rmcp::transport::StreamableHttpClientTransport::from_uri(
+        format!("{base}/mcp"),
+    ))
+    .await
+    .unwrap()
+}
+
+/// GET `path` on the daemon at `base`, as JSON.
+async fn get_json(client: &reqwest::Client, base: &str, path: &str) -> Value {
+    client
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn chat(model: &str, content: &str, stream: bool) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": content}], "stream": stream})
 }
@@ -366,9 +388,7 @@ async fn metrics_parse_and_move_when_tasks_run() {
 
 #[tokio::test]
 async fn models_status_and_mcp_over_http_share_the_queue() {
-    use rmcp::ServiceExt;
     use rmcp::model::CallToolRequestParams;
-    use rmcp::transport::StreamableHttpClientTransport;
 
     let d = daemon(
         vec![host(&["m", "n"]).behaviour(quick(4, 20))],
@@ -377,14 +397,7 @@ async fn models_status_and_mcp_over_http_share_the_queue() {
     )
     .await;
     let client = reqwest::Client::new();
-    let models: Value = client
-        .get(format!("{}/v1/models", d.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(&client, &d.base, "/v1/models").await;
     let ids: Vec<&str> = models["data"]
         .as_array()
         .unwrap()
@@ -394,13 +407,7 @@ async fn models_status_and_mcp_over_http_share_the_queue() {
     assert_eq!(ids, ["m", "n"]);
     assert_eq!(models["object"], "list");
 
-    let mcp = ()
-        .serve(StreamableHttpClientTransport::from_uri(format!(
-            "{}/mcp",
-            d.base
-        )))
-        .await
-        .unwrap();
+    let mcp = mcp_over_http(&d.base).await;
     let tools = mcp.list_all_tools().await.unwrap();
     assert_eq!(tools.len(), 4);
     // MCP over HTTP, the OpenAI API and in-process submissions, all at once, one slot.
@@ -445,14 +452,7 @@ async fn models_status_and_mcp_over_http_share_the_queue() {
         "the host never saw two at once"
     );
 
-    let status: Value = client
-        .get(format!("{}/status", d.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = get_json(&client, &d.base, "/status").await;
     assert_eq!(status["hosts"][0]["name"], "gpu0");
     assert_eq!(status["counters"]["completed"], 9);
     let page = client
@@ -492,31 +492,16 @@ async fn mcp_checks_the_host_header() {
 
 #[tokio::test]
 async fn an_mcp_session_over_http_is_listed_as_a_client_until_it_closes() {
-    use rmcp::ServiceExt;
     use rmcp::model::CallToolRequestParams;
-    use rmcp::transport::StreamableHttpClientTransport;
 
     let d = daemon(vec![host(&["m"]).behaviour(quick(20, 25))], None, |_| {}).await;
     let http = reqwest::Client::new();
     let clients = || async {
-        let status: Value = http
-            .get(format!("{}/status", d.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: Value = get_json(&http, &d.base, "/status").await;
         status["clients"].as_array().cloned().unwrap_or_default()
     };
     assert!(clients().await.is_empty());
-    let mcp = ()
-        .serve(StreamableHttpClientTransport::from_uri(format!(
-            "{}/mcp",
-            d.base
-        )))
-        .await
-        .unwrap();
+    let mcp = mcp_over_http(&d.base).await;
     let args = json!({"model_id": "m", "messages": [{"role": "user", "content": "hi"}]});
     let call = mcp.call_tool(
         CallToolRequestParams::new("complete_stream")
