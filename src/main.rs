@@ -84,14 +84,26 @@ enum Command {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("prix_dispatch=info"))
-        // rmcp logs whole requests at debug, `api_key` arguments included: never below info.
-        .add_directive("rmcp=info".parse().expect("a static directive"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::{EnvFilter, FilterExt, LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let wanted =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("prix_dispatch=info"));
+    // rmcp logs whole requests at debug, `api_key` arguments included: whatever RUST_LOG asks,
+    // nothing below info from it. (A directive `rmcp=info` would instead raise it to info when
+    // RUST_LOG asks for less, and rmcp logs lines for every stateless HTTP request.)
+    let cap = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("rmcp", LevelFilter::INFO);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_filter(wanted.and(cap)),
+        )
         .init();
 }
 
