@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use prix_dispatch::config::{self, Config};
 use prix_dispatch::{Dispatcher, bridge, demo, http, local, mcp};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -136,7 +137,13 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
-            let served = supervise(&dispatcher, config.server.shutdown_grace, service).await;
+            let served = supervise(
+                &dispatcher,
+                config.server.shutdown_grace,
+                service,
+                CancellationToken::new(),
+            )
+            .await;
             served
                 .context("the MCP service stopped unexpectedly")?
                 .context("MCP handshake on stdio failed")?;
@@ -179,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
                 max_request_bytes: config.server.max_request_bytes,
                 allowed_hosts: config.server.allowed_hosts.clone(),
             };
-            let stop = tokio_util::sync::CancellationToken::new();
+            let stop = CancellationToken::new();
             let idle = idle_exit.then_some(config.server.idle_exit);
             let mut local = tokio::spawn(local::serve(
                 unix,
@@ -213,7 +220,13 @@ async fn main() -> anyhow::Result<()> {
                 }
             });
             // On a signal the listeners keep serving the requests in flight while they drain.
-            let served = supervise(&dispatcher, config.server.shutdown_grace, service).await;
+            let served = supervise(
+                &dispatcher,
+                config.server.shutdown_grace,
+                service,
+                stop.clone(),
+            )
+            .await;
             // Stops the socket's accept loop, which removes the socket file if it is ours.
             stop.cancel();
             served.context("the daemon stopped unexpectedly")??;
@@ -257,10 +270,13 @@ async fn main() -> anyhow::Result<()> {
 /// Runs `service` until it ends by itself, or until SIGINT/SIGTERM: then no new work, waiting
 /// tasks fail with "shutting down", running ones get `grace` to finish, and the process exits
 /// 0 (130 on a second signal). A scheduler panic exits 70 so that a supervisor restarts us.
+/// `listeners` is cancelled once the running tasks are done, before the process exits: the
+/// listeners stop accepting (the daemon's socket file goes with them).
 async fn supervise<T>(
     dispatcher: &Dispatcher,
     grace: std::time::Duration,
     mut service: tokio::task::JoinHandle<T>,
+    listeners: CancellationToken,
 ) -> Result<T, tokio::task::JoinError> {
     tokio::select! {
         served = &mut service => served,
@@ -278,8 +294,9 @@ async fn supervise<T>(
                     std::process::exit(130);
                 }
             }
-            // Let the last results and errors reach the clients. Exit explicitly: the runtime
-            // would wait on stdin's blocking reader.
+            // Let the last results and errors reach the clients, and the listeners close. Exit
+            // explicitly: the runtime would wait on stdin's blocking reader.
+            listeners.cancel();
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             std::process::exit(0);
         }

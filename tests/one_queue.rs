@@ -349,3 +349,28 @@ async fn a_launch_arriving_as_the_idle_daemon_exits_is_served() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_stopped_by_sigterm_removes_its_socket() {
+    let sim = sim().await;
+    let s = setup("sigterm", &sim, 600.0);
+    let client = launch(&s.config).await;
+    client.call_tool(completion(1, 0)).await.unwrap();
+    let pids = daemons(&s.config);
+    assert_eq!(pids.len(), 1);
+    let socket = s.dir.join("daemon.sock");
+    assert!(socket.exists());
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pids[0].to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(
+        wait_until(Duration::from_secs(5), || daemons(&s.config).is_empty()).await,
+        "the daemon exits on SIGTERM"
+    );
+    assert!(!socket.exists(), "and removes its socket file");
+    client.cancel().await.unwrap();
+    sim.shutdown().await;
+}
