@@ -500,3 +500,57 @@ async fn bad_input_is_refused_clearly_and_keys_never_leak() {
     assert!(leaks.is_empty(), "a key leaked into the logs: {leaks:#?}");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn stdio_over_socket_pairs_as_node_launches_it() {
+    // Node's child_process (Claude Code, Claude Desktop) gives a child Unix socket pairs for
+    // stdin and stdout, not pipes; Python's subprocess gives pipes (the other tests).
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "prix-dispatch-test-{}-socketpair.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, fleet_config(&sim, "")).unwrap();
+    let (stdin_ours, stdin_theirs) = UnixStream::pair().unwrap();
+    let (stdout_ours, stdout_theirs) = UnixStream::pair().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch"))
+        .arg("stdio")
+        .arg("--standalone")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdin(OwnedFd::from(stdin_theirs))
+        .stdout(OwnedFd::from(stdout_theirs))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let to_child = {
+        stdin_ours.set_nonblocking(true).unwrap();
+        tokio::net::UnixStream::from_std(stdin_ours).unwrap()
+    };
+    let from_child = {
+        stdout_ours.set_nonblocking(true).unwrap();
+        tokio::net::UnixStream::from_std(stdout_ours).unwrap()
+    };
+    let client = ().serve((from_child, to_child)).await.expect("MCP handshake");
+    let calls = (0..4).map(|i| {
+        let args = json!({"model_id": "m", "messages": [{"role": "user", "content": format!("call {i}")}]});
+        client.call_tool(call("complete_stream", args))
+    });
+    for result in futures::future::join_all(calls).await {
+        let result = result.unwrap();
+        assert_eq!(result.is_error, Some(false), "{result:?}");
+        assert!(!text(&result).is_empty());
+    }
+    client.cancel().await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("closing our end of stdin ends the process")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(sim.chat_records().len(), 4);
+    let _ = std::fs::remove_file(&path);
+    sim.shutdown().await;
+}
