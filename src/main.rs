@@ -90,8 +90,8 @@ fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
 
-    let wanted =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("prix_dispatch=info"));
+    let wanted = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("prix_dispatch=info,rmcp=warn"));
     // rmcp logs whole requests at debug, `api_key` arguments included: whatever RUST_LOG asks,
     // nothing below info from it. (A directive `rmcp=info` would instead raise it to info when
     // RUST_LOG asks for less, and rmcp logs lines for every stateless HTTP request.)
