@@ -26,40 +26,33 @@ pub type Writer = Pin<Box<dyn AsyncWrite + Send>>;
 
 /// Standard input, registered with the reactor when it is a pipe or a socket.
 pub fn stdin() -> Reader {
-    let fd = io::stdin();
-    match kind(fd.as_fd()) {
-        Some(Kind::Pipe) => {
-            if let Ok(pipe) = duplicate(fd.as_fd()).and_then(pipe::Receiver::from_file) {
-                return Box::pin(pipe);
-            }
-        }
-        Some(Kind::Socket) => {
-            if let Ok(socket) = duplicate(fd.as_fd()).and_then(socket) {
-                return Box::pin(socket);
-            }
-        }
-        None => {}
+    match register(io::stdin().as_fd(), pipe::Receiver::from_file) {
+        Some(Registered::Pipe(pipe)) => Box::pin(pipe),
+        Some(Registered::Socket(socket)) => Box::pin(socket),
+        None => Box::pin(tokio::io::stdin()),
     }
-    Box::pin(tokio::io::stdin())
 }
 
 /// Standard output, registered with the reactor when it is a pipe or a socket.
 pub fn stdout() -> Writer {
-    let fd = io::stdout();
-    match kind(fd.as_fd()) {
-        Some(Kind::Pipe) => {
-            if let Ok(pipe) = duplicate(fd.as_fd()).and_then(pipe::Sender::from_file) {
-                return Box::pin(pipe);
-            }
-        }
-        Some(Kind::Socket) => {
-            if let Ok(socket) = duplicate(fd.as_fd()).and_then(socket) {
-                return Box::pin(socket);
-            }
-        }
-        None => {}
+    match register(io::stdout().as_fd(), pipe::Sender::from_file) {
+        Some(Registered::Pipe(pipe)) => Box::pin(pipe),
+        Some(Registered::Socket(socket)) => Box::pin(socket),
+        None => Box::pin(tokio::io::stdout()),
     }
-    Box::pin(tokio::io::stdout())
+}
+
+enum Registered<P> {
+    Pipe(P),
+    Socket(UnixStream),
+}
+
+/// A duplicate of `fd` registered with the reactor, if it is a pipe or a socket (and that works).
+fn register<P>(fd: BorrowedFd<'_>, pipe: fn(File) -> io::Result<P>) -> Option<Registered<P>> {
+    match kind(fd)? {
+        Kind::Pipe => duplicate(fd).and_then(pipe).ok().map(Registered::Pipe),
+        Kind::Socket => duplicate(fd).and_then(socket).ok().map(Registered::Socket),
+    }
 }
 
 enum Kind {
