@@ -801,29 +801,27 @@ impl<T: Queueable> DispatchState<T> {
     fn dispatch(&mut self, now: Instant, out: &mut Vec<Decision<T>>) {
         loop {
             let held = self.held_for_drain(now);
-            let mut best: Option<((u8, usize, TaskId), &str)> = None;
+            let mut best: Option<((u8, usize, TaskId), &str, HostId)> = None;
             for (model, queue) in &self.queues {
                 let Some((&id, head)) = queue.first_key_value() else {
                     continue;
                 };
-                if self.pick_host(model, &held).is_none() {
+                let Some(host) = self.pick_host(model, &held) else {
                     continue;
-                }
+                };
                 let key = if self.overdue(model, head, now) {
                     (0, 0, id)
                 } else {
                     (1, self.coverage.get(model).copied().unwrap_or(0), id)
                 };
-                if best.is_none_or(|(k, _)| key < k) {
-                    best = Some((key, model));
+                if best.is_none_or(|(k, _, _)| key < k) {
+                    best = Some((key, model, host));
                 }
             }
-            let Some((_, model)) = best else { return };
+            let Some(((_, _, id), model, host)) = best else {
+                return;
+            };
             let model = model.to_string();
-            let host = self
-                .pick_host(&model, &held)
-                .expect("a model competes only with an eligible host");
-            let (&id, _) = self.queues[&model].first_key_value().expect("non-empty");
             let task = self.remove_queued(&model, id);
 
             let h = &mut self.hosts[host.0];
@@ -832,7 +830,12 @@ impl<T: Queueable> DispatchState<T> {
             h.started += 1;
             h.current_model = Some(model.clone());
             h.last_model = Some(model.clone());
-            self.last_started.insert(model.clone(), now);
+            match self.last_started.get_mut(&model) {
+                Some(at) => *at = now,
+                None => {
+                    self.last_started.insert(model.clone(), now);
+                }
+            }
             self.counters.started += 1;
             out.push(Decision::Start { task, host });
 
@@ -853,10 +856,10 @@ impl<T: Queueable> DispatchState<T> {
             let Some(head) = queue.values().next() else {
                 continue;
             };
-            let overdue = self.overdue(model, head, now);
             if self.hosts.iter().any(|h| h.can_take(model)) {
                 continue;
             }
+            let overdue = self.overdue(model, head, now);
             let coverage = |m: Option<&str>| m.and_then(|m| self.coverage.get(m)).copied();
             let scarcity = coverage(Some(model.as_str())).unwrap_or(0);
             // Drain for an overdue task; and, invariant 5, for a model scarcer than the one the
