@@ -49,31 +49,15 @@ enum Registered<P> {
 
 /// A duplicate of `fd` registered with the reactor, if it is a pipe or a socket (and that works).
 fn register<P>(fd: BorrowedFd<'_>, pipe: fn(File) -> io::Result<P>) -> Option<Registered<P>> {
-    match kind(fd)? {
-        Kind::Pipe => duplicate(fd).and_then(pipe).ok().map(Registered::Pipe),
-        Kind::Socket => duplicate(fd).and_then(socket).ok().map(Registered::Socket),
-    }
-}
-
-enum Kind {
-    Pipe,
-    Socket,
-}
-
-fn kind(fd: BorrowedFd<'_>) -> Option<Kind> {
     let file = File::from(fd.try_clone_to_owned().ok()?);
     let kind = file.metadata().ok()?.file_type();
     if kind.is_fifo() {
-        Some(Kind::Pipe)
+        pipe(file).ok().map(Registered::Pipe)
     } else if kind.is_socket() {
-        Some(Kind::Socket)
+        socket(file).ok().map(Registered::Socket)
     } else {
         None
     }
-}
-
-fn duplicate(fd: BorrowedFd<'_>) -> io::Result<File> {
-    Ok(File::from(fd.try_clone_to_owned()?))
 }
 
 fn socket(file: File) -> io::Result<UnixStream> {
