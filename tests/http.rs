@@ -54,6 +54,16 @@ async fn mcp_over_http(base: &str) -> rmcp::service::RunningService<rmcp::RoleCl
     .unwrap()
 }
 
+/// POST `body` to the daemon's `/v1/chat/completions` at `base`.
+async fn post_chat(base: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// GET `path` on the daemon at `base`, as JSON.
 async fn get_json(client: &reqwest::Client, base: &str, path: &str) -> Value {
     client
@@ -73,15 +83,9 @@ fn chat(model: &str, content: &str, stream: bool) -> Value {
 #[tokio::test]
 async fn streaming_is_relayed_as_it_arrives_with_dispatch_headers() {
     let d = daemon(vec![host(&["m"]).behaviour(quick(6, 100))], None, |_| {}).await;
-    let client = reqwest::Client::new();
     let mut body = chat("m", "hi", true);
     body["x_unknown_field"] = json!({"kept": true});
-    let response = client
-        .post(format!("{}/v1/chat/completions", d.base))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_chat(&d.base, &body).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     assert_eq!(response.headers()["x-prix-host"], "gpu0");
@@ -122,12 +126,7 @@ async fn streaming_is_relayed_as_it_arrives_with_dispatch_headers() {
 #[tokio::test]
 async fn non_streaming_answers_are_relayed_whole() {
     let d = daemon(vec![host(&["m"]).behaviour(quick(3, 1))], None, |_| {}).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", d.base))
-        .json(&chat("m", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let response = post_chat(&d.base, &chat("m", "hi", false)).await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -203,12 +202,7 @@ async fn no_healthy_host_is_503() {
     .await;
     d.fleet.dispatcher.refresh_manifests().await.unwrap();
     let _killed = d.fleet.kill(0).await;
-    let r = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", d.base))
-        .json(&chat("m", "hi", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_chat(&d.base, &chat("m", "hi", false)).await;
     assert_eq!(r.status(), 503);
     d.shutdown().await;
 }
@@ -216,12 +210,7 @@ async fn no_healthy_host_is_503() {
 #[tokio::test]
 async fn a_client_that_disconnects_frees_the_slot_and_the_host() {
     let d = daemon(vec![host(&["m"]).behaviour(quick(500, 10))], None, |_| {}).await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/v1/chat/completions", d.base))
-        .json(&chat("m", "hi", true))
-        .send()
-        .await
-        .unwrap();
+    let response = post_chat(&d.base, &chat("m", "hi", true)).await;
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         if String::from_utf8_lossy(&chunk.unwrap()).contains("tok1") {
@@ -362,12 +351,7 @@ async fn metrics_parse_and_move_when_tasks_run() {
     let before = scrape().await;
     assert_eq!(sample(&before, "prix_host_slots{host=\"gpu0\"}"), 1.0);
     for _ in 0..3 {
-        let r = client
-            .post(format!("{}/v1/chat/completions", d.base))
-            .json(&chat("m", "hi", true))
-            .send()
-            .await
-            .unwrap();
+        let r = post_chat(&d.base, &chat("m", "hi", true)).await;
         r.text().await.unwrap();
     }
     let after = scrape().await;
@@ -419,12 +403,7 @@ async fn models_status_and_mcp_over_http_share_the_queue() {
         )
     });
     let openai_calls = (0..3).map(|_| async {
-        let r = client
-            .post(format!("{}/v1/chat/completions", d.base))
-            .json(&chat("n", "hi", true))
-            .send()
-            .await
-            .unwrap();
+        let r = post_chat(&d.base, &chat("n", "hi", true)).await;
         r.text().await.unwrap()
     });
     let direct = (0..3).map(|_| {

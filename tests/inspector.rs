@@ -11,20 +11,11 @@ use common::{Fleet, HttpFront, host, quick};
 use serde_json::Value;
 
 fn inspector() -> PathBuf {
-    let path = std::env::var_os("PRIX_INSPECTOR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/root".into());
-            home.join(".cache/prix-dispatch/inspector/node_modules/.bin/mcp-inspector")
-        });
-    assert!(
-        path.exists(),
-        "no MCP Inspector CLI at {}: run `bash .ci/run` (it installs it) or set PRIX_INSPECTOR",
-        path.display()
-    );
-    path
+    common::installed(
+        "PRIX_INSPECTOR",
+        "inspector/node_modules/.bin/mcp-inspector",
+        "MCP Inspector CLI",
+    )
 }
 
 async fn inspect(args: Vec<String>) -> Output {

@@ -1,6 +1,8 @@
 //! One queue per machine: every `prix-dispatch stdio` launch joins the same daemon (starting
 //! it if needed), so launches never send work to one GPU at once.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,18 +31,10 @@ impl Drop for Setup {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn setup(tag: &str, sim: &SimHost, idle_exit: f64) -> Setup {
     let dir = std::env::temp_dir().join(format!("prix-dispatch-oneq-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let config = dir.join("fleet.toml");
     std::fs::write(
         &config,

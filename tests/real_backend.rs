@@ -60,29 +60,6 @@ fn required_path(var: &str) -> PathBuf {
     path
 }
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PRIX_PYTHON").filter(|p| !p.is_empty()) {
-        return p.into();
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-    let cached = home.join(".cache/prix-dispatch/venv/bin/python");
-    assert!(
-        cached.exists(),
-        "no Python with the `openai` package: run `bash .ci/run` once (it creates {}), or set \
-         PRIX_PYTHON",
-        cached.display()
-    );
-    cached
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Scratch space for models-dir and server logs; kept when the test fails, for the logs.
 struct Scratch(PathBuf);
 
@@ -116,7 +93,7 @@ impl Server {
         mode_args: &[&str],
         views: Vec<Option<&'static str>>,
     ) -> Server {
-        let port = free_port();
+        let port = common::free_port();
         let log = scratch.join(format!("{host}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(bin);
@@ -484,7 +461,11 @@ async fn real_llama_servers_one_request_per_server() {
     let t0 = Instant::now();
     let llama_server = required_path("PRIX_LLAMA_SERVER");
     let gguf = required_path("PRIX_SMOLLM_GGUF");
-    let python = python();
+    let python = common::installed(
+        "PRIX_PYTHON",
+        "venv/bin/python",
+        "Python with the `openai` package",
+    );
 
     let scratch =
         Scratch(std::env::temp_dir().join(format!("prix-dispatch-real-{}", std::process::id())));

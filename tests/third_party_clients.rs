@@ -12,26 +12,6 @@ use std::process::Command;
 use common::{Fleet, HttpFront, host};
 use prix_dispatch::sim::{Behaviour, ToolCallSpec};
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("PRIX_PYTHON") {
-        return p.into();
-    }
-    let cached = dirs_home().join(".cache/prix-dispatch/venv/bin/python");
-    assert!(
-        cached.exists(),
-        "no Python with the `mcp` and `openai` packages: run `bash .ci/run` once (it creates \
-         {}), or set PRIX_PYTHON",
-        cached.display()
-    );
-    cached
-}
-
-fn dirs_home() -> PathBuf {
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/root".into())
-}
-
 fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients")
@@ -65,7 +45,11 @@ async fn fleet() -> Fleet {
 
 /// Runs a client script to completion off the runtime (the daemon keeps serving meanwhile).
 async fn run(args: Vec<String>) {
-    let python = python();
+    let python = common::installed(
+        "PRIX_PYTHON",
+        "venv/bin/python",
+        "Python with the `mcp` and `openai` packages",
+    );
     let output = tokio::task::spawn_blocking(move || Command::new(python).args(&args).output())
         .await
         .unwrap()

@@ -1,6 +1,7 @@
 //! Shared test support: simulated hosts on loopback and a dispatcher pointed at them.
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use prix_dispatch::config::{Config, ConfigSource, HostConfig, QueueSettings};
@@ -242,4 +243,32 @@ impl Drop for HttpFront {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// A port nothing listens on now (bound and released at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A client program `.ci/run` installs: `$var` when set, else its place under
+/// `~/.cache/prix-dispatch` (`in_cache`). Fails with what to run when it is missing.
+pub fn installed(var: &str, in_cache: &str, what: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home =
+                std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+            home.join(".cache/prix-dispatch").join(in_cache)
+        });
+    assert!(
+        path.exists(),
+        "no {what} at {}: run `bash .ci/run` once (it installs it), or set {var}",
+        path.display()
+    );
+    path
 }
