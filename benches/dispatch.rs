@@ -1358,10 +1358,9 @@ struct ScaleRun {
     submit: Vec<Duration>,
 }
 
-fn scale_run(hosts: usize, queued: usize, max_bypass: Duration, iterations: usize) -> ScaleRun {
+/// A `DispatchState` over `scale_fleet(hosts)`, one slot each, its manifests read at `t0`.
+fn scale_state(hosts: usize, max_bypass: Duration, t0: Instant) -> DispatchState<Job> {
     let names = model_names(SCALE_MODELS);
-    let fleet = scale_fleet(hosts);
-    let t0 = Instant::now();
     let mut state = DispatchState::new(
         (0..hosts).map(|i| (format!("h{i}"), 1)),
         Limits {
@@ -1371,12 +1370,19 @@ fn scale_run(hosts: usize, queued: usize, max_bypass: Duration, iterations: usiz
         },
     );
     let _ = state.start();
-    let reports = fleet
+    let reports = scale_fleet(hosts)
         .iter()
         .enumerate()
         .map(|(i, m)| report(i, m, &names))
         .collect();
     let _ = state.manifests_read(reports, t0);
+    state
+}
+
+fn scale_run(hosts: usize, queued: usize, max_bypass: Duration, iterations: usize) -> ScaleRun {
+    let names = model_names(SCALE_MODELS);
+    let t0 = Instant::now();
+    let mut state = scale_state(hosts, max_bypass, t0);
     let mut busy = vec![false; hosts];
     let mut waiting = 0usize;
     for h in 0..hosts {
@@ -1517,22 +1523,8 @@ fn vm_rss_kib() -> u64 {
 /// (no worker is idle, so they all queue). Prints "rss_idle_kib rss_full_kib heap_idle heap_full".
 fn memory_child(queued: usize) {
     let names = model_names(SCALE_MODELS);
-    let fleet = scale_fleet(16);
     let t0 = Instant::now();
-    let mut state = DispatchState::new(
-        (0..16).map(|i| (format!("h{i}"), 1)),
-        Limits {
-            max_pending: 10_000_000,
-            ..Limits::default()
-        },
-    );
-    let _ = state.start();
-    let reports = fleet
-        .iter()
-        .enumerate()
-        .map(|(i, m)| report(i, m, &names))
-        .collect();
-    let _ = state.manifests_read(reports, t0);
+    let mut state = scale_state(16, Duration::from_secs(30), t0);
     let rss_idle = vm_rss_kib();
     let heap_idle = LIVE_BYTES.load(Ordering::Relaxed);
     let mut rng = Rng::new(7);
