@@ -429,10 +429,12 @@ impl StreamReader<'_> {
         }
         // A relayed task's client already has the raw bytes; deltas are for typed clients.
         if matches!(self.task.spec.body, TaskBody::Chat(_)) {
-            if let Some(text) = applied.reasoning {
+            if let Some(range) = applied.reasoning {
+                let text = self.stream.reasoning[range].to_string();
                 self.task.emit(TaskEvent::ReasoningDelta(text));
             }
-            if let Some(text) = applied.content {
+            if let Some(range) = applied.content {
+                let text = self.stream.text[range].to_string();
                 self.task.emit(TaskEvent::Delta(text));
             }
         }

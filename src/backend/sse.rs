@@ -7,6 +7,7 @@
 //! events split across reads, and tool-call deltas that arrive in fragments.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use serde_json::Value;
 
@@ -111,8 +112,11 @@ fn is_complete_payload(data: &str) -> bool {
 /// What one payload changed, for the caller to forward as it arrives.
 #[derive(Debug, Default, PartialEq)]
 pub struct Applied {
-    pub content: Option<String>,
-    pub reasoning: Option<String>,
+    /// Where this chunk's text lies in [`ChatStream::text`] (a range, not a copy: a relayed
+    /// task never needs the piece on its own).
+    pub content: Option<Range<usize>>,
+    /// Where this chunk's reasoning lies in [`ChatStream::reasoning`].
+    pub reasoning: Option<Range<usize>>,
     /// A tool-call fragment arrived (it counts as output for time-to-first-token).
     pub tool_call: bool,
 }
@@ -177,8 +181,9 @@ impl ChatStream {
                 .and_then(Value::as_str)
                 .filter(|t| !t.is_empty())
             {
+                let start = self.text.len();
                 self.text.push_str(text);
-                applied.content = Some(text.to_string());
+                applied.content = Some(start..self.text.len());
             }
             let reasoning = delta
                 .get("reasoning_content")
@@ -186,8 +191,9 @@ impl ChatStream {
                 .and_then(Value::as_str)
                 .filter(|t| !t.is_empty());
             if let Some(text) = reasoning {
+                let start = self.reasoning.len();
                 self.reasoning.push_str(text);
-                applied.reasoning = Some(text.to_string());
+                applied.reasoning = Some(start..self.reasoning.len());
             }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
                 for (position, call) in calls.iter().enumerate() {
@@ -379,7 +385,7 @@ mod tests {
         let a = s
             .apply(r#"{"choices":[{"delta":{"reasoning_content":"think"}}]}"#)
             .unwrap();
-        assert_eq!(a.reasoning.as_deref(), Some("think"));
+        assert_eq!(a.reasoning.map(|r| &s.reasoning[r]), Some("think"));
         s.apply(r#"{"choices":[{"delta":{"content":"answer"}}]}"#)
             .unwrap();
         assert_eq!((s.reasoning.as_str(), s.text.as_str()), ("think", "answer"));
