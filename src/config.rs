@@ -607,9 +607,75 @@ pub fn normalise_base_url(raw: &str) -> Result<String, String> {
     Ok(base)
 }
 
+/// The identity of the server behind a base URL: what must have exactly one scheduler.
+///
+/// Shape: `scheme://host:port/path`, lower-case scheme and host, the port always written
+/// (80/443 when the URL has none), no trailing `/` or `/v1`. `localhost`, `127.0.0.1` and
+/// `[::1]` are one host (a server bound to loopback answers on each), written `127.0.0.1`.
+/// Input is an already normalised base URL ([`normalise_base_url`]); one that does not parse
+/// is its own identity.
+pub fn host_identity(base_url: &str) -> String {
+    let Ok(url) = url::Url::parse(base_url) else {
+        return base_url.to_string();
+    };
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") => {
+            "127.0.0.1".to_string()
+        }
+        Some(url::Host::Ipv6(ip)) if ip.is_loopback() => "127.0.0.1".to_string(),
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        Some(host) => host.to_string().to_ascii_lowercase(),
+        None => String::new(),
+    };
+    let port = url.port_or_known_default().unwrap_or(0);
+    let mut path = url.path().trim_end_matches('/').to_string();
+    if let Some(stripped) = path.strip_suffix("/v1") {
+        path = stripped.trim_end_matches('/').to_string();
+    }
+    format!("{}://{host}:{port}{path}", url.scheme())
+}
+
+impl HostConfig {
+    /// See [`host_identity`].
+    pub fn identity(&self) -> String {
+        host_identity(&self.base_url)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_server_has_one_identity_however_its_url_is_written() {
+        let same = [
+            "http://localhost:1234",
+            "http://127.0.0.1:1234/",
+            "http://LOCALHOST:1234/v1",
+            "http://[::1]:1234/v1/",
+        ];
+        for raw in same {
+            let base = normalise_base_url(raw).unwrap();
+            assert_eq!(host_identity(&base), "http://127.0.0.1:1234", "{raw}");
+        }
+        assert_eq!(
+            host_identity("http://GPU-Box.lan"),
+            "http://gpu-box.lan:80",
+            "default port written out, host lower-cased"
+        );
+        assert_eq!(
+            host_identity("https://gpu:443/proxy/v1"),
+            "https://gpu:443/proxy"
+        );
+        assert_ne!(
+            host_identity("http://127.0.0.1:1234"),
+            host_identity("http://127.0.0.1:1235")
+        );
+        assert_ne!(
+            host_identity("http://127.0.0.1:1234"),
+            host_identity("https://127.0.0.1:1234")
+        );
+    }
 
     fn no_env(_: &str) -> Option<String> {
         None

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::DispatchError;
 use crate::metrics::Metrics;
 use crate::scheduler::state::{Counters, Health, HostId, HostSnapshot, Limits};
-use crate::scheduler::{Scheduler, TaskHandle};
+use crate::scheduler::{FleetChange, Scheduler, TaskHandle};
 use crate::scheduler::{SchedulerSettings, TaskDefaults};
 use crate::task::{CompletionResult, TaskEvent, TaskSpec, Timeouts};
 use crate::worker;
@@ -26,7 +26,8 @@ pub struct Dispatcher {
 
 struct Inner {
     scheduler: Scheduler,
-    hosts: Arc<[HostClient]>,
+    /// The connection pool every host client shares (reloads included).
+    http: reqwest::Client,
     max_request_bytes: usize,
     metrics: Arc<Metrics>,
     clients: Clients,
@@ -70,10 +71,10 @@ impl Dispatcher {
     /// Must be called inside a Tokio runtime.
     pub fn start(config: &Config) -> Dispatcher {
         let http = backend::http_client();
-        let hosts: Arc<[HostClient]> = config
+        let hosts: Vec<(HostClient, usize)> = config
             .hosts
             .iter()
-            .map(|h| HostClient::new(h, http.clone()))
+            .map(|h| (HostClient::new(h, http.clone()), h.slots))
             .collect();
         let slots: Vec<usize> = config.hosts.iter().map(|h| h.slots).collect();
         let settings = SchedulerSettings {
@@ -95,7 +96,7 @@ impl Dispatcher {
             },
             manifest_refresh: config.health.manifest_refresh,
         };
-        let (scheduler, actor) = Scheduler::spawn(hosts.clone(), &slots, settings);
+        let (scheduler, actor) = Scheduler::spawn(hosts, settings);
         let (crash_tx, crashed) = watch::channel(false);
         tokio::spawn(async move {
             if let Err(e) = actor.await
@@ -106,27 +107,38 @@ impl Dispatcher {
             }
         });
         let metrics = Arc::new(Metrics::default());
-        for (i, host) in hosts.iter().enumerate() {
-            let client = Arc::new(host.clone());
-            for _ in 0..slots[i] {
-                tokio::spawn(worker::run(
-                    scheduler.clone(),
-                    HostId(i),
-                    client.clone(),
-                    metrics.clone(),
-                ));
-            }
+        for (i, n) in slots.into_iter().enumerate() {
+            spawn_workers(&scheduler, &metrics, HostId(i), n);
         }
         Dispatcher {
             inner: Arc::new(Inner {
                 scheduler,
-                hosts,
+                http,
                 max_request_bytes: config.server.max_request_bytes,
                 metrics,
                 clients: Clients::default(),
                 crashed,
             }),
         }
+    }
+
+    /// Applies a reloaded fleet without losing work: hosts are matched by identity (normalised
+    /// URL); added ones start taking work once their manifest is read, removed ones take no
+    /// new work while their running tasks finish, changed slots apply as slots free. Only the
+    /// hosts change; queue, health and timeout settings stay as the daemon started.
+    pub async fn reconfigure(
+        &self,
+        hosts: &[crate::config::HostConfig],
+    ) -> Result<FleetChange, DispatchError> {
+        let change = self
+            .inner
+            .scheduler
+            .reconfigure(hosts.to_vec(), self.inner.http.clone())
+            .await?;
+        for &(host, n) in &change.spawn {
+            spawn_workers(&self.inner.scheduler, &self.inner.metrics, host, n);
+        }
+        Ok(change)
     }
 
     /// The Prometheus exposition of this daemon's metrics.
@@ -187,10 +199,11 @@ impl Dispatcher {
         let hosts = snapshot
             .hosts
             .into_iter()
-            .zip(self.inner.hosts.iter())
-            .map(|(state, client)| HostStatus {
+            // A retired host leaves the status once its last task is done.
+            .filter(|state| !state.retired || state.active > 0)
+            .map(|state| HostStatus {
                 reachable: state.health != Health::Down,
-                url: client.base_url.clone(),
+                url: state.url.clone(),
                 state,
             })
             .collect();
@@ -212,6 +225,12 @@ impl Dispatcher {
 
     pub fn shutdown(&self) {
         self.inner.scheduler.shutdown();
+    }
+}
+
+fn spawn_workers(scheduler: &Scheduler, metrics: &Arc<Metrics>, host: HostId, n: usize) {
+    for _ in 0..n {
+        tokio::spawn(worker::run(scheduler.clone(), host, metrics.clone()));
     }
 }
 

@@ -16,14 +16,15 @@ use crate::task::{CompletionResult, InferenceTask, TaskEvent};
 /// How long a slot stays taken after its task was cancelled mid-request (see `run`).
 const CANCEL_SETTLE: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Runs until the scheduler stops.
-pub async fn run(
-    scheduler: Scheduler,
-    host: HostId,
-    client: Arc<HostClient>,
-    metrics: Arc<Metrics>,
-) {
-    while let Some(Assignment { mut task, lease }) = scheduler.next_task(host).await {
+/// Runs until the scheduler stops, or until the scheduler dismisses this worker (its host
+/// left the fleet or has fewer slots after a reload).
+pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
+    while let Some(Assignment {
+        mut task,
+        lease,
+        client,
+    }) = scheduler.next_task(host).await
+    {
         task.attempts += 1;
         let taken = Instant::now();
         let sent = !task.abandoned();

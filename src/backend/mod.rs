@@ -65,6 +65,12 @@ pub fn http_client() -> reqwest::Client {
 }
 
 impl HostClient {
+    /// Whether both clients send the same key (or none): a reload that changes only the key
+    /// is still a change worth logging.
+    pub fn same_key(&self, other: &HostClient) -> bool {
+        self.api_key.as_ref().map(ApiKey::expose) == other.api_key.as_ref().map(ApiKey::expose)
+    }
+
     pub fn new(config: &HostConfig, http: reqwest::Client) -> Self {
         Self {
             name: config.name.clone(),

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::HostClient;
+use crate::config::HostConfig;
 use crate::error::{DispatchError, ErrorKind, HostSignal};
 use crate::task::{InferenceTask, TaskEvent, TaskId, TaskSpec, Timeouts};
 use state::{
@@ -65,6 +66,12 @@ enum Command {
     ProbeResult(ManifestReport),
     Refresh(oneshot::Sender<()>),
     Status(oneshot::Sender<Snapshot>),
+    /// A configuration reload: the new fleet, in configuration order.
+    Reconfigure {
+        hosts: Vec<HostConfig>,
+        http: reqwest::Client,
+        reply: oneshot::Sender<FleetChange>,
+    },
     /// Stop taking work; answers once no task runs any more.
     Close(oneshot::Sender<()>),
     Shutdown,
@@ -73,10 +80,30 @@ enum Command {
     Panic,
 }
 
-/// A task handed to a slot worker, with the slot it holds.
+/// A task handed to a slot worker, with the slot it holds and the host's current client
+/// (a reload may have changed its key).
 pub struct Assignment {
     pub task: InferenceTask,
     pub lease: SlotLease,
+    pub client: Arc<HostClient>,
+}
+
+/// What a reload changed, by host name, and the slot workers the caller must start.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FleetChange {
+    pub added: Vec<String>,
+    /// Retired: no new work; running tasks finish.
+    pub removed: Vec<String>,
+    /// Same server, other slots, name or key.
+    pub changed: Vec<String>,
+    /// Per host, how many more workers it needs.
+    pub spawn: Vec<(HostId, usize)>,
+}
+
+impl FleetChange {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
 }
 
 /// A taken slot. It goes back exactly once: through [`SlotLease::release`] or
@@ -202,25 +229,26 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the actor. `hosts` are in configuration order; their clients read manifests.
+    /// Starts the actor. `hosts` are in configuration order, with their slot counts; their
+    /// clients read manifests. The caller starts `slots` workers per host ([`crate::worker`]).
     /// The join handle tells whether the actor ended by itself or by a panic.
     pub fn spawn(
-        hosts: Arc<[HostClient]>,
-        slots: &[usize],
+        hosts: Vec<(HostClient, usize)>,
         settings: SchedulerSettings,
     ) -> (Scheduler, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = DispatchState::new(
-            hosts.iter().zip(slots).map(|(h, s)| (h.name.clone(), *s)),
+            hosts.iter().map(|(h, s)| (h.name.clone(), *s)),
             settings.limits,
         );
         let actor = Actor {
             state,
-            hosts,
-            waiting: slots.iter().map(|_| VecDeque::new()).collect(),
+            waiting: hosts.iter().map(|_| VecDeque::new()).collect(),
+            workers: hosts.iter().map(|(_, s)| *s).collect(),
+            running: hosts.iter().map(|_| Vec::new()).collect(),
+            hosts: hosts.into_iter().map(|(h, _)| Arc::new(h)).collect(),
             refresh_waiters: Vec::new(),
             close_waiters: Vec::new(),
-            running: slots.iter().map(|_| Vec::new()).collect(),
             tx: tx.clone(),
         };
         let root = CancellationToken::new();
@@ -289,6 +317,19 @@ impl Scheduler {
         self.ask(Command::Status).await
     }
 
+    /// Applies a new fleet (a configuration reload): hosts are matched by identity
+    /// ([`HostConfig::identity`]); new ones join, missing ones retire (their running tasks
+    /// finish), changed slots apply as slots free. The caller starts the workers listed in
+    /// the answer's `spawn`.
+    pub async fn reconfigure(
+        &self,
+        hosts: Vec<HostConfig>,
+        http: reqwest::Client,
+    ) -> Result<FleetChange, DispatchError> {
+        self.ask(|reply| Command::Reconfigure { hosts, http, reply })
+            .await
+    }
+
     /// Stops taking work: waiting tasks fail with a retryable "shutting down", so do new
     /// ones; resolves when no task runs any more.
     pub async fn close(&self) -> Result<(), DispatchError> {
@@ -329,9 +370,12 @@ struct RunningEntry {
 
 struct Actor {
     state: DispatchState<InferenceTask>,
-    hosts: Arc<[HostClient]>,
+    /// Per host (by `HostId`, retired ones included), its current client.
+    hosts: Vec<Arc<HostClient>>,
     /// Per host, the workers waiting for a task (their count mirrors the state's idle workers).
     waiting: Vec<VecDeque<oneshot::Sender<Assignment>>>,
+    /// Per host, the workers alive (waiting, running, or on their way back).
+    workers: Vec<usize>,
     refresh_waiters: Vec<oneshot::Sender<()>>,
     close_waiters: Vec<oneshot::Sender<()>>,
     /// Per host, what runs there and since when: for status pages, not for decisions.
@@ -379,8 +423,18 @@ impl Actor {
                     self.state.submit(*task, now)
                 }
                 Some(Command::NextTask { host, reply }) => {
+                    if !self.state.wants_worker(host) {
+                        // Its host left the fleet or has fewer slots: dropping the reply stops it.
+                        self.workers[host.0] -= 1;
+                        continue;
+                    }
                     self.waiting[host.0].push_back(reply);
                     self.state.worker_idle(host, now)
+                }
+                Some(Command::Reconfigure { hosts, http, reply }) => {
+                    let (change, decisions) = self.reconfigure(hosts, &http, now);
+                    let _ = reply.send(change);
+                    decisions
                 }
                 Some(Command::Released {
                     host,
@@ -445,7 +499,11 @@ impl Actor {
                         client: task.spec.client,
                         since: Instant::now(),
                     });
-                    let assignment = Assignment { task, lease };
+                    let assignment = Assignment {
+                        task,
+                        lease,
+                        client: self.hosts[host.0].clone(),
+                    };
                     let undelivered = match self.waiting[host.0].pop_front() {
                         Some(worker) => worker.send(assignment).err(),
                         None => Some(assignment),
@@ -464,6 +522,13 @@ impl Actor {
                     task.emit(TaskEvent::Failed(error));
                 }
                 Decision::ReadManifests => self.read_manifests(),
+                Decision::DismissWorkers { host, count } => {
+                    for _ in 0..count {
+                        if self.waiting[host.0].pop_front().is_some() {
+                            self.workers[host.0] -= 1;
+                        }
+                    }
+                }
                 Decision::Probe { host, after } => self.probe(host, after),
                 Decision::Health { host, change } => {
                     let host = &self.hosts[host.0];
@@ -485,6 +550,9 @@ impl Actor {
 
     fn snapshot(&self, now: Instant) -> Snapshot {
         let mut snapshot = self.state.snapshot();
+        for (host, client) in snapshot.hosts.iter_mut().zip(&self.hosts) {
+            host.url = client.base_url.clone();
+        }
         for (host, running) in snapshot.hosts.iter_mut().zip(&self.running) {
             host.running = running
                 .iter()
@@ -515,6 +583,77 @@ impl Actor {
         });
     }
 
+    /// Matches the new fleet to the hosts by identity and tells the state what changed.
+    fn reconfigure(
+        &mut self,
+        hosts: Vec<HostConfig>,
+        http: &reqwest::Client,
+        now: Instant,
+    ) -> (FleetChange, Vec<Decision<InferenceTask>>) {
+        let mut change = FleetChange::default();
+        let mut decisions = Vec::new();
+        let mut listed = vec![false; self.hosts.len()];
+        for config in hosts {
+            let identity = config.identity();
+            let existing = self
+                .hosts
+                .iter()
+                .position(|h| crate::config::host_identity(&h.base_url) == identity);
+            let client = Arc::new(HostClient::new(&config, http.clone()));
+            let id = match existing {
+                Some(i) => {
+                    listed[i] = true;
+                    let id = HostId(i);
+                    let old = &self.hosts[i];
+                    if self.state.is_retired(id) {
+                        change.added.push(config.name.clone());
+                        decisions.extend(self.state.revive_host(
+                            id,
+                            config.name.clone(),
+                            config.slots,
+                        ));
+                    } else {
+                        if old.name != config.name
+                            || old.base_url != config.base_url
+                            || !old.same_key(&client)
+                            || self.state.slots(id) != config.slots
+                        {
+                            change.changed.push(config.name.clone());
+                        }
+                        self.state.rename_host(id, config.name.clone());
+                        decisions.extend(self.state.set_slots(id, config.slots, now));
+                    }
+                    self.hosts[i] = client;
+                    id
+                }
+                None => {
+                    let (id, added) = self.state.add_host(config.name.clone(), config.slots);
+                    decisions.extend(added);
+                    self.hosts.push(client);
+                    self.waiting.push(VecDeque::new());
+                    self.running.push(Vec::new());
+                    self.workers.push(0);
+                    listed.push(true);
+                    change.added.push(config.name.clone());
+                    id
+                }
+            };
+            let needed = config.slots.saturating_sub(self.workers[id.0]);
+            if needed > 0 {
+                self.workers[id.0] += needed;
+                change.spawn.push((id, needed));
+            }
+        }
+        for (i, listed) in listed.into_iter().enumerate() {
+            let id = HostId(i);
+            if !listed && !self.state.is_retired(id) {
+                change.removed.push(self.hosts[i].name.clone());
+                decisions.extend(self.state.retire_host(id, now));
+            }
+        }
+        (change, decisions)
+    }
+
     fn probe(&self, host: HostId, after: Duration) {
         let hosts = self.hosts.clone();
         let tx = self.tx.clone();
@@ -526,7 +665,7 @@ impl Actor {
     }
 }
 
-async fn read_host(hosts: &[HostClient], id: HostId) -> ManifestReport {
+async fn read_host(hosts: &[Arc<HostClient>], id: HostId) -> ManifestReport {
     let host = &hosts[id.0];
     let (models, loaded) = tokio::join!(host.read_manifest(), host.read_loaded_models());
     if let Err(why) = &models {

@@ -49,6 +49,9 @@ pub enum Decision<T> {
     Probe { host: HostId, after: Duration },
     /// A host changed health: log it (once per transition, not per request).
     Health { host: HostId, change: HealthChange },
+    /// `count` idle workers of `host` have no slot any more (the host left the fleet, or
+    /// has fewer slots): stop them.
+    DismissWorkers { host: HostId, count: usize },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,11 +151,36 @@ struct Host {
     probing: bool,
     consecutive_5xx: u32,
     started: u64,
+    /// Removed from the configuration: takes no new work; its running tasks finish.
+    retired: bool,
 }
 
 impl Host {
+    fn new(name: String, slots: usize) -> Self {
+        Host {
+            name,
+            slots,
+            active: 0,
+            idle_workers: 0,
+            current_model: None,
+            last_model: None,
+            models: BTreeSet::new(),
+            models_known: false,
+            answered_badly: false,
+            loaded: None,
+            last_error: None,
+            health: Health::Up,
+            cooling_until: None,
+            probing: false,
+            consecutive_5xx: 0,
+            started: 0,
+            retired: false,
+        }
+    }
+
     fn can_take(&self, model: &str) -> bool {
         self.health == Health::Up
+            && !self.retired
             && self.idle_workers > 0
             && self.active < self.slots
             && self.models.contains(model)
@@ -161,7 +189,7 @@ impl Host {
 
     /// Will (or may soon) serve `model`: up, or cooling down for a moment.
     fn serves(&self, model: &str) -> bool {
-        self.health != Health::Down && self.models.contains(model)
+        self.health != Health::Down && !self.retired && self.models.contains(model)
     }
 }
 
@@ -214,6 +242,12 @@ pub struct HostSnapshot {
     pub tasks_started: u64,
     /// The tasks running here now (filled in by the actor, which hands them out).
     pub running: Vec<RunningTask>,
+    /// Removed from the configuration by a reload: takes no new work while its running
+    /// tasks finish (then it leaves the status).
+    pub retired: bool,
+    /// The host's base URL (filled in by the actor, which holds the clients).
+    #[serde(skip)]
+    pub url: String,
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -263,24 +297,7 @@ impl<T: Queueable> DispatchState<T> {
         Self {
             hosts: hosts
                 .into_iter()
-                .map(|(name, slots)| Host {
-                    name,
-                    slots,
-                    active: 0,
-                    idle_workers: 0,
-                    current_model: None,
-                    last_model: None,
-                    models: BTreeSet::new(),
-                    models_known: false,
-                    answered_badly: false,
-                    loaded: None,
-                    last_error: None,
-                    health: Health::Up,
-                    cooling_until: None,
-                    probing: false,
-                    consecutive_5xx: 0,
-                    started: 0,
-                })
+                .map(|(name, slots)| Host::new(name, slots))
                 .collect(),
             limits,
             queues: HashMap::new(),
@@ -640,6 +657,8 @@ impl<T: Queueable> DispatchState<T> {
                     last_error: h.last_error.clone(),
                     tasks_started: h.started,
                     running: Vec::new(),
+                    retired: h.retired,
+                    url: String::new(),
                 })
                 .collect(),
             queue: self
@@ -662,6 +681,10 @@ impl<T: Queueable> DispatchState<T> {
 
     fn apply_report(&mut self, report: ManifestReport, out: &mut Vec<Decision<T>>) {
         let id = report.host;
+        if self.hosts[id.0].retired {
+            // Read before it left the configuration: what it lists no longer matters.
+            return;
+        }
         match report.models {
             Ok(models) => {
                 let h = &mut self.hosts[id.0];
@@ -697,6 +720,9 @@ impl<T: Queueable> DispatchState<T> {
         out: &mut Vec<Decision<T>>,
     ) {
         let h = &mut self.hosts[id.0];
+        if h.retired {
+            return;
+        }
         h.last_error = Some(reason.clone());
         if h.health != Health::Down {
             h.health = Health::Down;
@@ -718,7 +744,7 @@ impl<T: Queueable> DispatchState<T> {
     /// Whether some host lists `model`, or might: it has been unreachable since start. (A host
     /// that answers with errors, say 401, tells us it will not serve anything until fixed.)
     fn may_exist(&self, model: &str) -> bool {
-        self.hosts.iter().any(|h| {
+        self.hosts.iter().filter(|h| !h.retired).any(|h| {
             h.models.contains(model)
                 || (!h.models_known && h.health == Health::Down && !h.answered_badly)
         })
@@ -727,7 +753,11 @@ impl<T: Queueable> DispatchState<T> {
     /// Recomputes scarcity and which waiting models have no host up to serve them.
     fn refresh_coverage(&mut self, now: Instant) {
         self.coverage.clear();
-        for host in self.hosts.iter().filter(|h| h.health == Health::Up) {
+        for host in self
+            .hosts
+            .iter()
+            .filter(|h| h.health == Health::Up && !h.retired)
+        {
             for model in &host.models {
                 *self.coverage.entry(model.clone()).or_default() += 1;
             }
@@ -992,5 +1022,8 @@ fn with_attempts(mut error: DispatchError, attempts: u32) -> DispatchError {
     error
 }
 
+mod fleet;
+#[cfg(test)]
+mod fleet_tests;
 #[cfg(test)]
 mod tests;

@@ -311,6 +311,8 @@ impl Harness {
                     self.probes.push(host);
                 }
                 Decision::Health { host, change } => self.health.push((host, change)),
+                // Fleet changes are tested in `fleet_tests`; the harness's fleet is fixed.
+                Decision::DismissWorkers { .. } => {}
             }
             self.assert_work_conserving();
         }
