@@ -1,0 +1,216 @@
+//! Host ownership: exactly one daemon schedules a host.
+//!
+//! A daemon holds an exclusive `flock` on one file per host it schedules, in this user's
+//! daemon directory, for as long as it schedules the host. The file names the owner (pid,
+//! socket, configuration source), so a launch can find the daemon that owns its hosts and a
+//! second daemon can say who is in its way. The kernel drops the lock when the process dies,
+//! however it dies, so a lock is never stale; the file itself is removed on release.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon_dir::DaemonDir;
+
+/// Who owns a host, as written in its lock file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: u32,
+    /// The socket where launches reach that daemon.
+    pub socket: PathBuf,
+    /// Its configuration source, for messages ("/home/me/fleet.toml", "environment …").
+    pub source: String,
+    /// Started by a `stdio` launch (extends its fleet for later launches) rather than by hand.
+    pub launched: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OwnershipError {
+    #[error("{host} is already scheduled by another prix-dispatch daemon ({})", describe(.owner))]
+    Held { host: String, owner: Option<Owner> },
+    #[error("cannot lock {path} (the lock of {host}): {error}")]
+    Io {
+        host: String,
+        path: PathBuf,
+        error: io::Error,
+    },
+}
+
+fn describe(owner: &Option<Owner>) -> String {
+    match owner {
+        Some(o) => format!(
+            "pid {}, configuration {}, socket {}",
+            o.pid,
+            o.source,
+            o.socket.display()
+        ),
+        None => "it has not written its name yet".into(),
+    }
+}
+
+/// A held host lock; dropping it removes the file and releases the host.
+#[derive(Debug)]
+pub struct HostLock {
+    file: File,
+    path: PathBuf,
+    identity: String,
+}
+
+impl HostLock {
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+}
+
+impl Drop for HostLock {
+    fn drop(&mut self) {
+        // Remove the file while still holding the lock, and only if it is still ours: a
+        // daemon that opened the path meanwhile notices the unlink and opens it anew.
+        if same_file(&self.file, &self.path) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Takes `identity` for `owner`, or says who holds it.
+pub fn acquire(dir: &DaemonDir, identity: &str, owner: &Owner) -> Result<HostLock, OwnershipError> {
+    let path = dir.host_lock(identity);
+    let io_error = |error| OwnershipError::Io {
+        host: identity.to_string(),
+        path: path.clone(),
+        error,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_error)?;
+    }
+    // A releasing daemon unlinks the file under its lock; if we locked that unlinked file,
+    // open again. Bounded: each round means someone else holds or replaced it.
+    for _ in 0..16 {
+        let mut file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => match read_owner(&mut file) {
+                // An owner that names itself holds it; a nameless holder is a launch looking
+                // (its shared lock lasts microseconds) or an owner about to write its name.
+                Some(owner) => {
+                    return Err(OwnershipError::Held {
+                        host: identity.to_string(),
+                        owner: Some(owner),
+                    });
+                }
+                None => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    continue;
+                }
+            },
+            Err(std::fs::TryLockError::Error(error)) => return Err(io_error(error)),
+        }
+        if !same_file(&file, &path) {
+            continue;
+        }
+        let text = serde_json::to_string(owner).map_err(|e| io_error(io::Error::other(e)))?;
+        file.set_len(0).map_err(io_error)?;
+        file.rewind().map_err(io_error)?;
+        file.write_all(text.as_bytes()).map_err(io_error)?;
+        return Ok(HostLock {
+            file,
+            path,
+            identity: identity.to_string(),
+        });
+    }
+    Err(OwnershipError::Held {
+        host: identity.to_string(),
+        owner: None,
+    })
+}
+
+/// The daemon that holds `identity` now, if any.
+pub fn owner_of(dir: &DaemonDir, identity: &str) -> Option<Owner> {
+    let path = dir.host_lock(identity);
+    let mut file = File::options().read(true).open(&path).ok()?;
+    match file.try_lock_shared() {
+        // Nobody holds it: a file left by a daemon that was killed.
+        Ok(()) => None,
+        Err(std::fs::TryLockError::WouldBlock) => read_owner(&mut file),
+        Err(std::fs::TryLockError::Error(_)) => None,
+    }
+}
+
+fn read_owner(file: &mut File) -> Option<Owner> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> DaemonDir {
+        let p = std::env::temp_dir().join(format!("prix-own-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        DaemonDir::at(p).unwrap()
+    }
+
+    fn owner(pid: u32) -> Owner {
+        Owner {
+            pid,
+            socket: "/tmp/x.sock".into(),
+            source: "fleet.toml".into(),
+            launched: false,
+        }
+    }
+
+    #[test]
+    fn one_owner_at_a_time_and_the_second_learns_who() {
+        let d = dir("one");
+        let id = "http://127.0.0.1:1234";
+        assert_eq!(owner_of(&d, id), None);
+        let lock = acquire(&d, id, &owner(1)).unwrap();
+        assert_eq!(owner_of(&d, id), Some(owner(1)));
+        match acquire(&d, id, &owner(2)) {
+            Err(OwnershipError::Held { owner: Some(o), .. }) => assert_eq!(o.pid, 1),
+            other => panic!("expected Held, got {other:?}"),
+        }
+        let other_host = acquire(&d, "http://127.0.0.1:1235", &owner(2));
+        assert!(other_host.is_ok(), "another host is free");
+        drop(lock);
+        assert!(!d.host_lock(id).exists(), "no lock file left behind");
+        assert_eq!(owner_of(&d, id), None);
+        let again = acquire(&d, id, &owner(2)).unwrap();
+        assert_eq!(owner_of(&d, id).map(|o| o.pid), Some(2));
+        drop(again);
+        std::fs::remove_dir_all(d.path()).unwrap();
+    }
+
+    #[test]
+    fn a_file_left_by_a_killed_daemon_is_not_an_owner() {
+        let d = dir("stale");
+        let id = "http://gpu:1234";
+        let path = d.host_lock(id);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, serde_json::to_string(&owner(9)).unwrap()).unwrap();
+        assert_eq!(owner_of(&d, id), None, "nobody holds the lock");
+        let lock = acquire(&d, id, &owner(3)).expect("taken over");
+        assert_eq!(owner_of(&d, id).map(|o| o.pid), Some(3));
+        drop(lock);
+        std::fs::remove_dir_all(d.path()).unwrap();
+    }
+}
