@@ -522,7 +522,10 @@ impl Des {
                     self.waiting[task.kind] -= 1;
                     self.result.failed += 1;
                 }
-                Decision::ReadManifests | Decision::Probe { .. } | Decision::Health { .. } => {}
+                Decision::ReadManifests
+                | Decision::Probe { .. }
+                | Decision::Health { .. }
+                | Decision::DismissWorkers { .. } => {}
             }
         }
     }

@@ -1,10 +1,10 @@
 //! `prix-dispatch stdio` as a thin bridge to the machine's one daemon.
 //!
 //! Agent hosts launch MCP servers as child processes; if each launch ran its own scheduler,
-//! two of them would send work to the same GPU at once. So a launch finds the daemon for its
-//! configuration (its Unix socket), starting one if there is none — detached, as sccache or
-//! gpg-agent do, with a lock file so that simultaneous launches start exactly one — and then
-//! relays MCP lines both ways. It holds no queue. If the daemon goes away mid-session, the
+//! two of them would send work to the same GPU at once. So a launch finds the daemon that owns
+//! its hosts (their lock files name its socket), else this user's daemon socket, starting a
+//! daemon if none answers — detached, as sccache or gpg-agent do, with a lock file so that
+//! simultaneous launches start exactly one — and then relays MCP lines both ways. It holds no queue. If the daemon goes away mid-session, the
 //! calls in flight get a clear error, and the next call starts a new daemon, replaying the
 //! client's handshake so the session goes on.
 
@@ -21,7 +21,11 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::local::{Hello, Welcome};
+use crate::daemon_dir::DaemonDir;
+use crate::fleet::SourceFleet;
+use crate::local::{Hello, Op, PROTOCOL, Welcome};
+use crate::ownership;
+use crate::reload::DaemonInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -33,6 +37,11 @@ pub enum BridgeError {
         log: PathBuf,
         why: String,
     },
+    #[error(
+        "this launch's hosts are scheduled by two prix-dispatch daemons ({0}); a launch joins \
+         one. Stop one of them (`prix-dispatch stop --socket PATH`) and launch again"
+    )]
+    Split(String),
     #[error("stdin/stdout failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -40,10 +49,39 @@ pub enum BridgeError {
 /// How to find or start the daemon.
 #[derive(Debug, Clone)]
 pub struct DaemonSpec {
+    /// Where to start a daemon (and look for one) when no daemon owns this launch's hosts.
     pub socket: PathBuf,
-    pub fingerprint: String,
+    /// This user's daemon directory (host locks).
+    pub dir: DaemonDir,
+    /// The launch's hosts, sent in the hello.
+    pub fleet: SourceFleet,
     /// The `--config` the daemon should be started with, if the launch had one.
     pub config: Option<PathBuf>,
+}
+
+impl DaemonSpec {
+    /// The socket of the daemon that owns this launch's hosts, if one does; else the default.
+    fn target(&self) -> Result<PathBuf, BridgeError> {
+        let mut owners: Vec<ownership::Owner> = Vec::new();
+        for host in &self.fleet.hosts {
+            if let Some(owner) = ownership::owner_of(&self.dir, &host.identity())
+                && !owners.iter().any(|o| o.socket == owner.socket)
+            {
+                owners.push(owner);
+            }
+        }
+        match owners.len() {
+            0 => Ok(self.socket.clone()),
+            1 => Ok(owners.remove(0).socket),
+            _ => Err(BridgeError::Split(
+                owners
+                    .iter()
+                    .map(|o| format!("pid {} at {}", o.pid, o.socket.display()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )),
+        }
+    }
 }
 
 /// Requests in flight, and the replayed handshake answers to drop, shared by both directions.
@@ -222,8 +260,13 @@ fn fail_in_flight(pending: &Mutex<Pending>, out: &mpsc::UnboundedSender<String>,
 
 /// The daemon's socket, after the hello; starts the daemon if none answers.
 pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
-    if let Some(stream) = connect(spec).await? {
+    let target = spec.target()?;
+    if let Some(stream) = connect(&target, spec).await? {
         return Ok(stream);
+    }
+    if target != spec.socket {
+        // Its owner went away between the look and the connect: look again.
+        return Box::pin(connect_or_start(spec)).await;
     }
     if let Some(dir) = spec.socket.parent() {
         std::fs::create_dir_all(dir)?;
@@ -241,22 +284,33 @@ pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeErr
     })
     .await
     .map_err(std::io::Error::other)??;
-    if let Some(stream) = connect(spec).await? {
+    if let Some(stream) = connect(&spec.socket, spec).await? {
         return Ok(stream);
     }
     let log = spec.socket.with_extension("log");
-    start_daemon(spec, &log).map_err(|e| BridgeError::Start {
+    let mut child = start_daemon(spec, &log).map_err(|e| BridgeError::Start {
         socket: spec.socket.clone(),
         log: log.clone(),
         why: e.to_string(),
     })?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(stream) = connect(spec).await? {
+        if let Some(stream) = connect(&spec.socket, spec).await? {
             drop(lock_file);
+            reap_later(child);
             return Ok(stream);
         }
+        if let Ok(Some(exit)) = child.try_wait() {
+            // It could not start (another daemon owns a host, a port, a bad file): its log
+            // says why, and so do we.
+            return Err(BridgeError::Start {
+                socket: spec.socket.clone(),
+                why: format!("it exited ({exit}): {}", last_error_line(&log)),
+                log,
+            });
+        }
         if tokio::time::Instant::now() > deadline {
+            reap_later(child);
             return Err(BridgeError::Start {
                 socket: spec.socket.clone(),
                 log,
@@ -267,17 +321,43 @@ pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeErr
     }
 }
 
-/// Connects and says hello; `None` when no daemon answers on the socket.
-async fn connect(spec: &DaemonSpec) -> Result<Option<UnixStream>, BridgeError> {
-    let Ok(mut stream) = UnixStream::connect(&spec.socket).await else {
+/// Connects to `socket` and asks to join with the launch's hosts; `None` when no daemon
+/// answers there.
+async fn connect(socket: &Path, spec: &DaemonSpec) -> Result<Option<UnixStream>, BridgeError> {
+    let hello = Hello {
+        prix_dispatch_bridge: PROTOCOL,
+        pid: std::process::id(),
+        op: Op::Join,
+        fleet: Some(spec.fleet.clone()),
+    };
+    Ok(say_hello(socket, &hello)
+        .await?
+        .map(|(stream, _)| stream))
+}
+
+/// Asks the daemon at `socket` for its status, or to stop (`prix-dispatch status`, `stop`).
+/// `None` when no daemon answers there.
+pub async fn ask(socket: &Path, op: Op) -> Result<Option<DaemonInfo>, BridgeError> {
+    let hello = Hello {
+        prix_dispatch_bridge: PROTOCOL,
+        pid: std::process::id(),
+        op,
+        fleet: None,
+    };
+    Ok(say_hello(socket, &hello)
+        .await?
+        .and_then(|(_, welcome)| welcome.info))
+}
+
+/// Sends `hello`, reads the welcome; the stream stays open for what follows.
+async fn say_hello(
+    socket: &Path,
+    hello: &Hello,
+) -> Result<Option<(UnixStream, Welcome)>, BridgeError> {
+    let Ok(mut stream) = UnixStream::connect(socket).await else {
         return Ok(None);
     };
-    let hello = Hello {
-        prix_dispatch_bridge: 1,
-        config: spec.fingerprint.clone(),
-        pid: std::process::id(),
-    };
-    let mut line = serde_json::to_string(&hello).map_err(std::io::Error::other)?;
+    let mut line = serde_json::to_string(hello).map_err(std::io::Error::other)?;
     line.push('\n');
     if stream.write_all(line.as_bytes()).await.is_err() {
         return Ok(None);
@@ -295,7 +375,7 @@ async fn connect(spec: &DaemonSpec) -> Result<Option<UnixStream>, BridgeError> {
     }
     let welcome: Welcome = serde_json::from_slice(&answer).map_err(std::io::Error::other)?;
     if welcome.ok {
-        Ok(Some(stream))
+        Ok(Some((stream, welcome)))
     } else {
         Err(BridgeError::Refused(
             welcome
@@ -307,7 +387,7 @@ async fn connect(spec: &DaemonSpec) -> Result<Option<UnixStream>, BridgeError> {
 
 /// `prix-dispatch serve --idle-exit`, detached: its own process group (a Ctrl-C meant for
 /// the agent host does not reach it), no terminal, output to a log file next to the socket.
-fn start_daemon(spec: &DaemonSpec, log: &Path) -> std::io::Result<()> {
+fn start_daemon(spec: &DaemonSpec, log: &Path) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()?;
     let log_file = File::options().create(true).append(true).open(log)?;
@@ -325,9 +405,26 @@ fn start_daemon(spec: &DaemonSpec, log: &Path) -> std::io::Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(log_file)
         .process_group(0);
-    let mut child = command.spawn()?;
+    let child = command.spawn()?;
     tracing::info!(pid = child.id(), socket = %spec.socket.display(), "started the prix-dispatch daemon");
-    // Reap it if it exits while this launch still runs (no zombie); it outlives us otherwise.
+    Ok(child)
+}
+
+/// Reaps the daemon if it exits while this launch still runs (no zombie); it outlives us
+/// otherwise.
+fn reap_later(mut child: std::process::Child) {
     std::thread::spawn(move || child.wait());
-    Ok(())
+}
+
+/// The last error or warning a daemon logged, for the launch's message.
+fn last_error_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .rev()
+                .find(|l| l.contains("ERROR") || l.contains("Error:"))
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "no error in its log".into())
 }

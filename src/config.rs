@@ -69,8 +69,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// `Host` header values `/mcp` accepts besides loopback (required to listen beyond it).
     pub allowed_hosts: Vec<String>,
-    /// The daemon's Unix socket, where `stdio` launches join it; `None` = derived from the
-    /// configuration (see [`Config::socket_path`]).
+    /// The daemon's Unix socket, where `stdio` launches join it; `None` = this user's daemon
+    /// socket (see [`crate::daemon_dir::DaemonDir::socket`]).
     pub socket: Option<PathBuf>,
     /// A daemon started by a `stdio` launch exits after this long with no clients and no tasks.
     pub idle_exit: Duration,
@@ -478,64 +478,6 @@ impl Config {
 }
 
 impl Config {
-    /// A stable digest of everything that decides where and how work runs (hosts, their
-    /// keys, slots, queue and health rules). Two launches with the same digest can share a
-    /// daemon; a daemon refuses a bridge whose digest differs.
-    pub fn fingerprint(&self) -> String {
-        use std::fmt::Write;
-        let mut canonical = String::new();
-        for h in &self.hosts {
-            let key = h.api_key.as_ref().map(|k| fnv1a(k.expose().as_bytes()));
-            let _ = write!(
-                canonical,
-                "host {} {} {} {key:?};",
-                h.name, h.base_url, h.slots
-            );
-        }
-        let q = &self.queue;
-        let _ = write!(
-            canonical,
-            "queue {} {:?} {:?} {} {:?};",
-            q.max_pending, q.wait_timeout, q.max_bypass, q.max_attempts, q.host_wait
-        );
-        let h = &self.health;
-        let _ = write!(
-            canonical,
-            "health {:?} {:?} {} {:?};timeouts {:?} {:?};listen {}",
-            h.probe_interval,
-            h.manifest_refresh,
-            h.failure_threshold,
-            h.cooldown,
-            self.timeouts.first_token,
-            self.timeouts.inactivity,
-            self.server.listen
-        );
-        format!("{:016x}", fnv1a(canonical.as_bytes()))
-    }
-
-    /// Where the daemon for this configuration listens for `stdio` launches:
-    /// `[server] socket`, else `$XDG_RUNTIME_DIR/prix-dispatch-<fingerprint>.sock`, else the
-    /// same name in a private directory under the system temp dir.
-    pub fn socket_path(&self, env: EnvLookup) -> PathBuf {
-        if let Some(path) = &self.server.socket {
-            return path.clone();
-        }
-        let name = format!("prix-dispatch-{}.sock", &self.fingerprint()[..12]);
-        match env("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-            Some(dir) => PathBuf::from(dir).join(name),
-            None => {
-                // Per user, by uid: launchers may strip USER from the environment.
-                use std::os::unix::fs::MetadataExt;
-                let uid = std::fs::metadata("/proc/self")
-                    .map(|m| m.uid())
-                    .unwrap_or(0);
-                std::env::temp_dir()
-                    .join(format!("prix-dispatch-{uid}"))
-                    .join(name)
-            }
-        }
-    }
-
     /// All defaults around these hosts (tests, the demo, the environment fallback).
     pub fn with_hosts(source: ConfigSource, hosts: Vec<HostConfig>) -> Config {
         Config {
@@ -547,13 +489,6 @@ impl Config {
             hosts,
         }
     }
-}
-
-/// FNV-1a: stable across builds and platforms, unlike std's hasher.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// A count setting of at least 1, in the type the setting uses.

@@ -1,9 +1,12 @@
-//! The daemon's Unix socket, where `prix-dispatch stdio` launches join it.
+//! The daemon's Unix socket, where `prix-dispatch stdio` launches join it and where
+//! `prix-dispatch status` and `stop` reach it.
 //!
-//! A bridge opens the socket, sends one hello line naming its configuration's fingerprint and
-//! its pid, and gets one answer line; after that the stream is plain MCP (newline-delimited
-//! JSON-RPC, as on stdio), served like any stdio client. A bridge whose configuration differs
-//! is refused with a message that says so, instead of being served the wrong fleet.
+//! A client opens the socket, sends one hello line (what it wants, its pid, and for a launch
+//! the hosts its configuration lists) and gets one answer line. For a launch, the daemon joins
+//! it (same hosts), reloads to take its hosts (a daemon a launch started), or refuses it with
+//! a message naming the daemon (a daemon started by hand that lacks some hosts); after a
+//! welcome the stream is plain MCP (newline-delimited JSON-RPC, as on stdio), served like any
+//! stdio client.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -18,30 +21,56 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatcher::Dispatcher;
+use crate::fleet::SourceFleet;
 use crate::mcp;
+use crate::reload::{DaemonInfo, FleetManager};
 
-/// The first line a bridge sends.
+/// The protocol version of [`Hello`]; version 1 sent a configuration fingerprint.
+pub const PROTOCOL: u32 = 2;
+
+/// The first line a client sends.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Hello {
     pub prix_dispatch_bridge: u32,
-    pub config: String,
     pub pid: u32,
+    #[serde(default)]
+    pub op: Op,
+    /// The launch's hosts (for [`Op::Join`]).
+    #[serde(default)]
+    pub fleet: Option<SourceFleet>,
 }
 
-/// The daemon's answer: `ok`, or why not.
+/// What a client of the socket wants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// Be served MCP (a `stdio` launch).
+    #[default]
+    Join,
+    /// One line of [`DaemonInfo`] (`prix-dispatch status`).
+    Status,
+    /// Drain and exit, as on SIGTERM (`prix-dispatch stop`).
+    Stop,
+}
+
+/// The daemon's answer: `ok`, or why not; `info` for [`Op::Status`] and [`Op::Stop`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Welcome {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<DaemonInfo>,
 }
 
-const HELLO_LIMIT: usize = 4096;
+/// A launch lists its hosts (with keys) in its hello: room for a large fleet.
+const HELLO_LIMIT: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     #[error(
-        "another prix-dispatch daemon already serves {0}; stop it first, or give this one another [server] socket"
+        "another prix-dispatch daemon already serves {0}; see it with `prix-dispatch status`, \
+         stop it with `prix-dispatch stop`, or give this one another [server] socket"
     )]
     InUse(PathBuf),
     #[error("cannot listen on {path}: {error}")]
@@ -54,6 +83,13 @@ pub struct LocalSocket {
     path: PathBuf,
     /// (device, inode) of the socket file this daemon created.
     identity: Option<(u64, u64)>,
+}
+
+impl Drop for LocalSocket {
+    /// However the daemon stops (a failed start included), its socket file goes with it.
+    fn drop(&mut self) {
+        self.unlink();
+    }
 }
 
 impl LocalSocket {
@@ -137,11 +173,12 @@ const IDLE_CHECK: Duration = Duration::from_millis(100);
 /// stays) or finds no socket and starts a new daemon.
 pub async fn serve(
     socket: LocalSocket,
-    dispatcher: Dispatcher,
-    fingerprint: String,
+    manager: Arc<FleetManager>,
     stop: CancellationToken,
+    stop_requested: CancellationToken,
     idle_exit: Option<Duration>,
 ) -> Ended {
+    let dispatcher = manager.dispatcher().clone();
     // Connections accepted and not yet finished, including those still saying hello (not yet
     // in `dispatcher.clients()`).
     let sessions = Arc::new(AtomicUsize::new(0));
@@ -171,19 +208,18 @@ pub async fn serve(
             }
         };
         idle_since = None;
-        let dispatcher = dispatcher.clone();
-        let fingerprint = fingerprint.clone();
+        let manager = manager.clone();
+        let stop_requested = stop_requested.clone();
         let session = SessionCount::enter(&sessions);
         tokio::spawn(async move {
             let _session = session;
-            if let Err(e) = serve_bridge(stream, dispatcher, &fingerprint).await {
+            if let Err(e) = serve_bridge(stream, &manager, &stop_requested).await {
                 tracing::info!(error = %e, "bridge session ended with an error");
             }
         });
     };
-    // Unlink first, then close: connections queued meanwhile are reset, and their launches
-    // start a new daemon instead of waiting on this one.
-    socket.unlink();
+    // Unlink first (the drop does), then close: connections queued meanwhile are reset, and
+    // their launches start a new daemon instead of waiting on this one.
     drop(socket);
     ended
 }
@@ -219,8 +255,8 @@ impl Drop for SessionCount {
 
 async fn serve_bridge(
     stream: UnixStream,
-    dispatcher: Dispatcher,
-    fingerprint: &str,
+    manager: &FleetManager,
+    stop_requested: &CancellationToken,
 ) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -235,28 +271,57 @@ async fn serve_bridge(
     let hello: Hello = serde_json::from_str(line.trim()).map_err(|e| {
         io::Error::new(io::ErrorKind::InvalidData, format!("bad bridge hello: {e}"))
     })?;
-    if hello.config != fingerprint {
-        let welcome = Welcome {
-            ok: false,
-            error: Some(format!(
-                "this prix-dispatch daemon (pid {}) serves a different configuration (fingerprint \
-                 {fingerprint}, yours {}); refusing to serve the wrong fleet. Give each \
-                 configuration its own [server] socket, or stop the daemon",
-                std::process::id(),
-                hello.config
-            )),
-        };
-        write_line(&mut write, &welcome).await?;
-        return Ok(());
+    let refuse = |error: String| Welcome {
+        ok: false,
+        error: Some(error),
+        info: None,
+    };
+    match hello.op {
+        Op::Status => {
+            let welcome = Welcome {
+                ok: true,
+                error: None,
+                info: Some(manager.info().await),
+            };
+            return write_line(&mut write, &welcome).await;
+        }
+        Op::Stop => {
+            let welcome = Welcome {
+                ok: true,
+                error: None,
+                info: Some(manager.info().await),
+            };
+            tracing::info!(pid = hello.pid, "`prix-dispatch stop` asked this daemon to stop");
+            write_line(&mut write, &welcome).await?;
+            stop_requested.cancel();
+            return Ok(());
+        }
+        Op::Join => {}
+    }
+    let admitted = match (&hello.fleet, hello.prix_dispatch_bridge) {
+        (Some(fleet), PROTOCOL) => manager.admit(fleet).await,
+        _ => Err(format!(
+            "this prix-dispatch daemon (pid {}) speaks launch protocol {PROTOCOL}, the launch \
+             (pid {}) another: the binary was updated while the daemon ran. Stop the daemon \
+             with `prix-dispatch stop` and launch again",
+            std::process::id(),
+            hello.pid
+        )),
+    };
+    if let Err(message) = admitted {
+        tracing::warn!(pid = hello.pid, %message, "refused a stdio launch");
+        return write_line(&mut write, &refuse(message)).await;
     }
     write_line(
         &mut write,
         &Welcome {
             ok: true,
             error: None,
+            info: None,
         },
     )
     .await?;
+    let dispatcher = manager.dispatcher().clone();
     let client = dispatcher.clients().connect("bridge", Some(hello.pid));
     tracing::info!(pid = hello.pid, "a stdio launch joined");
     mcp::serve_client(dispatcher, client, reader, write)
@@ -285,8 +350,8 @@ mod tests {
         dir.join("daemon.sock")
     }
 
-    fn dispatcher() -> Dispatcher {
-        Dispatcher::start(&Config::with_hosts(
+    fn manager(path: &Path) -> Arc<FleetManager> {
+        let config = Config::with_hosts(
             ConfigSource::Environment,
             vec![HostConfig {
                 name: "gpu0".into(),
@@ -295,7 +360,21 @@ mod tests {
                 slots: 1,
                 api_key: None,
             }],
-        ))
+        );
+        let dir = crate::daemon_dir::DaemonDir::at(path.parent().unwrap().join("dir")).unwrap();
+        let owner = crate::ownership::Owner {
+            pid: std::process::id(),
+            socket: path.to_path_buf(),
+            source: config.source.to_string(),
+            launched: true,
+        };
+        FleetManager::new(
+            crate::fleet::Fleet::new(SourceFleet::from_config(&config)),
+            Default::default(),
+            Dispatcher::start(&config),
+            dir,
+            owner,
+        )
     }
 
     #[tokio::test]
@@ -305,10 +384,10 @@ mod tests {
         // The old daemon stopped listening; a new one took the path.
         std::fs::remove_file(&path).unwrap();
         let new = bind(&path).await.unwrap();
-        old.unlink();
+        drop(old);
         assert!(path.exists(), "the new daemon's socket file is still there");
         UnixStream::connect(&path).await.expect("and answers");
-        new.unlink();
+        drop(new);
         assert!(!path.exists());
     }
 
@@ -320,9 +399,9 @@ mod tests {
         let stop = CancellationToken::new();
         let served = tokio::spawn(serve(
             socket,
-            dispatcher(),
-            "fingerprint".into(),
+            manager(&path),
             stop.clone(),
+            CancellationToken::new(),
             Some(Duration::from_millis(200)),
         ));
         // Connected, but no hello yet: not a client of the dispatcher, still a session.

@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use prix_dispatch::config::{self, Config};
-use prix_dispatch::{Dispatcher, bridge, demo, http, local, mcp};
+use prix_dispatch::daemon::{self, ServeOptions};
+use prix_dispatch::local::Op;
+use prix_dispatch::{Dispatcher, bridge, demo, mcp};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -29,9 +31,11 @@ enum Command {
     /// Tools: complete_stream, complete, list_models, dispatch_status. Logs go to stderr
     /// (filter with RUST_LOG); stdout carries only MCP messages.
     ///
-    /// Every launch on a machine shares one queue: this process joins the daemon for its
-    /// configuration (starting one, detached, if none runs) and relays MCP to it. The daemon
-    /// started this way exits after [server] idle_exit_seconds with no clients and no tasks.
+    /// Every launch on a machine shares one queue: this process joins the daemon that owns its
+    /// hosts, else this user's daemon (/tmp/prix-dispatch-<uid>/daemon.sock), starting one,
+    /// detached, if none runs, and relays MCP to it. The daemon started this way takes the
+    /// hosts of later launches too, and exits after [server] idle_exit_seconds with no clients
+    /// and no tasks.
     Stdio {
         /// Fleet configuration (TOML). Default: $PRIX_DISPATCH_CONFIG, else
         /// config/prix-dispatch.toml, else the LOCAL_INFERENCE_SERVER_N variables.
@@ -46,7 +50,9 @@ enum Command {
     /// OpenAI-compatible API at /v1, /metrics (Prometheus), /status (JSON), /healthz, and a
     /// live status page at /.
     ///
-    /// Every client on the machine can share it. SIGINT/SIGTERM drain it gracefully.
+    /// Every client on the machine can share it. It owns its hosts: a second daemon for any
+    /// of them is refused. It re-reads its configuration when the file changes and on SIGHUP.
+    /// SIGINT/SIGTERM (or `prix-dispatch stop`) drain it gracefully.
     Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -54,8 +60,26 @@ enum Command {
         /// `stdio` launch that starts the daemon).
         #[arg(long, hide = true)]
         idle_exit: bool,
-        /// The Unix socket for `stdio` launches (default: derived from the configuration).
+        /// The Unix socket for `stdio` launches (default: [server] socket, else
+        /// /tmp/prix-dispatch-<uid>/daemon.sock).
         #[arg(long, hide = true)]
+        socket: Option<PathBuf>,
+    },
+    /// Show this user's running daemon: pid, socket, configuration sources, hosts, queue and
+    /// clients. Exits 1 when none runs.
+    Status {
+        /// The daemon's socket (default: /tmp/prix-dispatch-<uid>/daemon.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop this user's running daemon gracefully (running tasks finish, as on SIGTERM).
+    /// Exits 1 when none runs.
+    Stop {
+        /// The daemon's socket (default: /tmp/prix-dispatch-<uid>/daemon.sock).
+        #[arg(long)]
         socket: Option<PathBuf>,
     },
     /// Validate a configuration and print the resolved fleet (keys are never printed).
@@ -121,11 +145,7 @@ async fn main() -> anyhow::Result<()> {
             standalone: false,
         } => {
             let config = load(path.clone())?;
-            let spec = bridge::DaemonSpec {
-                socket: config.socket_path(&config::process_env),
-                fingerprint: config.fingerprint(),
-                config: path.map(std::path::absolute).transpose()?,
-            };
+            let spec = daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
             tracing::debug!(socket = %spec.socket.display(), "joining the machine's daemon");
             bridge::run(spec).await?;
         }
@@ -137,10 +157,11 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
-            let served = supervise(
+            let served = daemon::supervise(
                 &dispatcher,
                 config.server.shutdown_grace,
                 service,
+                CancellationToken::new(),
                 CancellationToken::new(),
             )
             .await;
@@ -154,82 +175,41 @@ async fn main() -> anyhow::Result<()> {
             socket,
         } => {
             let config = load(config)?;
-            let auth_token = match &config.server.auth_token_env {
-                Some(var) => Some(std::env::var(var).with_context(|| format!("{var} is not set"))?),
-                None => None,
+            daemon::serve(ServeOptions {
+                config,
+                launched: idle_exit,
+                socket,
+            })
+            .await?;
+        }
+        Command::Status { socket, json } => {
+            let socket = default_socket(socket)?;
+            let Some(info) = bridge::ask(&socket, Op::Status).await? else {
+                println!("no prix-dispatch daemon runs at {}", socket.display());
+                std::process::exit(1);
             };
-            let socket = socket.unwrap_or_else(|| config.socket_path(&config::process_env));
-            let unix = local::bind(&socket).await?;
-            let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-                Ok(listener) => Some(listener),
-                // A daemon that a stdio launch started serves its launches without HTTP.
-                Err(e) if idle_exit => {
-                    tracing::warn!(error = %e, listen = %config.server.listen, "no HTTP listener; serving stdio launches only");
-                    None
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "cannot listen on {} ([server] listen)",
-                            config.server.listen
-                        )
-                    });
-                }
-            };
-            if let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
-                tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving on http://{addr} (MCP at /mcp, OpenAI API at /v1, status page at /)");
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{}", describe_daemon(&info));
             }
-            tracing::info!(socket = %socket.display(), "stdio launches join at this socket");
-            let dispatcher = Dispatcher::start(&config);
-            let options = http::HttpOptions {
-                auth_token,
-                max_request_bytes: config.server.max_request_bytes,
-                allowed_hosts: config.server.allowed_hosts.clone(),
+        }
+        Command::Stop { socket } => {
+            let socket = default_socket(socket)?;
+            let Some(info) = bridge::ask(&socket, Op::Stop).await? else {
+                println!("no prix-dispatch daemon runs at {}", socket.display());
+                std::process::exit(1);
             };
-            let stop = CancellationToken::new();
-            let idle = idle_exit.then_some(config.server.idle_exit);
-            let mut local = tokio::spawn(local::serve(
-                unix,
-                dispatcher.clone(),
-                config.fingerprint(),
-                stop.clone(),
-                idle,
-            ));
-            let http = listener.map(|l| {
-                tokio::spawn(http::serve(
-                    l,
-                    dispatcher.clone(),
-                    options,
-                    stop.clone().cancelled_owned(),
-                ))
-            });
-            let service = tokio::spawn(async move {
-                tokio::select! {
-                    served = async {
-                        match http {
-                            Some(task) => task.await,
-                            None => std::future::pending().await,
-                        }
-                    } => served.map_err(anyhow::Error::from)?.map_err(anyhow::Error::from),
-                    ended = &mut local => {
-                        if ended? == local::Ended::Idle {
-                            tracing::info!("no clients and no tasks: exiting (started by a stdio launch)");
-                        }
-                        Ok(())
-                    }
-                }
-            });
-            // On a signal the listeners keep serving the requests in flight while they drain.
-            let served = supervise(
-                &dispatcher,
-                config.server.shutdown_grace,
-                service,
-                stop.clone(),
-            )
-            .await;
-            // Stops the socket's accept loop, which removes the socket file if it is ours.
-            stop.cancel();
-            served.context("the daemon stopped unexpectedly")??;
+            // Wait until it is gone, so that a script can start the next one right after.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while socket.exists() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            println!(
+                "stopped the prix-dispatch daemon (pid {}) at {}",
+                info.pid,
+                socket.display()
+            );
         }
         Command::CheckConfig { config, probe } => {
             let config = load(config)?;
@@ -267,61 +247,60 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `service` until it ends by itself, or until SIGINT/SIGTERM: then no new work, waiting
-/// tasks fail with "shutting down", running ones get `grace` to finish, and the process exits
-/// 0 (130 on a second signal). A scheduler panic exits 70 so that a supervisor restarts us.
-/// `listeners` is cancelled once the running tasks are done, before the process exits: the
-/// listeners stop accepting (the daemon's socket file goes with them).
-async fn supervise<T>(
-    dispatcher: &Dispatcher,
-    grace: std::time::Duration,
-    mut service: tokio::task::JoinHandle<T>,
-    listeners: CancellationToken,
-) -> Result<T, tokio::task::JoinError> {
-    tokio::select! {
-        served = &mut service => served,
-        _ = next_signal() => {
-            tracing::info!(grace_seconds = grace.as_secs_f64(), "signal received: finishing running tasks (a second signal exits at once)");
-            // The front end keeps running meanwhile, so finished tasks reach their clients.
-            tokio::select! {
-                in_time = dispatcher.drain(grace) => {
-                    if !in_time {
-                        tracing::warn!("grace period over: stopping the tasks still running");
-                    }
-                }
-                _ = next_signal() => {
-                    tracing::warn!("second signal: exiting now");
-                    std::process::exit(130);
-                }
-            }
-            // Let the last results and errors reach the clients, and the listeners close. Exit
-            // explicitly: the runtime would wait on stdin's blocking reader.
-            listeners.cancel();
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            std::process::exit(0);
-        }
-        _ = dispatcher.crashed() => {
-            // Every waiting client already got an error.
-            tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
-            std::process::exit(70);
-        }
-    }
+fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(match socket {
+        Some(socket) => socket,
+        None => prix_dispatch::daemon_dir::DaemonDir::for_this_user()?.socket(),
+    })
 }
 
-/// SIGINT or SIGTERM.
-async fn next_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops gracefully");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+fn describe_daemon(info: &prix_dispatch::reload::DaemonInfo) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "daemon: pid {} (started {})", info.pid, info.started_by);
+    let _ = writeln!(out, "socket: {}", info.socket.display());
+    let _ = writeln!(out, "configuration: {}", info.sources.join(" + "));
+    let status = &info.status;
+    if let Some(hosts) = status["hosts"].as_array() {
+        let _ = writeln!(out, "hosts ({}):", hosts.len());
+        for h in hosts {
+            let _ = writeln!(
+                out,
+                "  {:<12} {}  {}  {}/{} slots busy{}",
+                h["name"].as_str().unwrap_or("?"),
+                h["url"].as_str().unwrap_or("?"),
+                h["health"].as_str().unwrap_or("?"),
+                h["active"].as_u64().unwrap_or(0),
+                h["slots"].as_u64().unwrap_or(0),
+                if h["retired"].as_bool() == Some(true) {
+                    "  (removed: finishing its running tasks)"
+                } else {
+                    ""
+                }
+            );
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
+    let _ = writeln!(
+        out,
+        "queue: {} waiting {}",
+        status["queued_total"].as_u64().unwrap_or(0),
+        status["queue"]
+    );
+    if let Some(clients) = status["clients"].as_array() {
+        let _ = writeln!(out, "clients ({}):", clients.len());
+        for c in clients {
+            let _ = writeln!(
+                out,
+                "  {} {} pid {}: {} queued, {} running",
+                c["transport"].as_str().unwrap_or("?"),
+                c["name"].as_str().unwrap_or("(unnamed)"),
+                c["pid"],
+                c["queued"],
+                c["running"]
+            );
+        }
+    }
+    out
 }
 
 fn describe(config: &Config) -> String {
@@ -329,12 +308,18 @@ fn describe(config: &Config) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "configuration: {} (ok)", config.source);
     let _ = writeln!(out, "listen: {}", config.server.listen);
-    let _ = writeln!(
-        out,
-        "socket for stdio launches: {} (fingerprint {})",
-        config.socket_path(&config::process_env).display(),
-        config.fingerprint()
-    );
+    match prix_dispatch::daemon_dir::DaemonDir::for_this_user() {
+        Ok(dir) => {
+            let _ = writeln!(
+                out,
+                "socket for stdio launches: {}",
+                daemon::socket_for(config, &dir).display()
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "socket for stdio launches: unusable: {e}");
+        }
+    }
     let wait = config
         .queue
         .wait_timeout

@@ -74,12 +74,24 @@ pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationTo
             auth::require_token,
         ));
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        // The pid header lets a second `serve` that finds the port taken name the daemon there.
+        .route(
+            "/healthz",
+            get(|| async {
+                (
+                    [(HEALTHZ_PID_HEADER, std::process::id().to_string())],
+                    "ok\n",
+                )
+            }),
+        )
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(options.max_request_bytes))
         .with_state(app)
 }
+
+/// Header on `/healthz` answers: the daemon's pid.
+pub const HEALTHZ_PID_HEADER: &str = "x-prix-dispatch-pid";
 
 /// Serves until `shutdown` resolves, then stops accepting and ends MCP sessions.
 pub async fn serve(
