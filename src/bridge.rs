@@ -330,9 +330,7 @@ async fn connect(socket: &Path, spec: &DaemonSpec) -> Result<Option<UnixStream>,
         op: Op::Join,
         fleet: Some(spec.fleet.clone()),
     };
-    Ok(say_hello(socket, &hello)
-        .await?
-        .map(|(stream, _)| stream))
+    Ok(say_hello(socket, &hello).await?.map(|(stream, _)| stream))
 }
 
 /// Asks the daemon at `socket` for its status, or to stop (`prix-dispatch status`, `stop`).

@@ -291,7 +291,10 @@ async fn serve_bridge(
                 error: None,
                 info: Some(manager.info().await),
             };
-            tracing::info!(pid = hello.pid, "`prix-dispatch stop` asked this daemon to stop");
+            tracing::info!(
+                pid = hello.pid,
+                "`prix-dispatch stop` asked this daemon to stop"
+            );
             write_line(&mut write, &welcome).await?;
             stop_requested.cancel();
             return Ok(());

@@ -257,7 +257,11 @@ fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 fn describe_daemon(info: &prix_dispatch::reload::DaemonInfo) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "daemon: pid {} (started {})", info.pid, info.started_by);
+    let _ = writeln!(
+        out,
+        "daemon: pid {} (started {})",
+        info.pid, info.started_by
+    );
     let _ = writeln!(out, "socket: {}", info.socket.display());
     let _ = writeln!(out, "configuration: {}", info.sources.join(" + "));
     let status = &info.status;

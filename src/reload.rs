@@ -104,8 +104,12 @@ impl FleetManager {
             }
             Verdict::Reload { next, warnings } => {
                 warn_once(&mut state, warnings);
-                self.apply(&mut state, next, &format!("a launch from {}", incoming.source))
-                    .await
+                self.apply(
+                    &mut state,
+                    next,
+                    &format!("a launch from {}", incoming.source),
+                )
+                .await
             }
             Verdict::Refuse { shared, missing } => Err(format!(
                 "the prix-dispatch daemon (pid {}, configuration {}) already schedules {} and was \
@@ -150,7 +154,11 @@ impl FleetManager {
         let mut taken = Vec::new();
         for identity in wanted.iter().filter(|i| !state.locks.contains_key(*i)) {
             // A host removed a moment ago and listed again: its lock is still ours.
-            if let Some(at) = state.releasing.iter().position(|l| l.identity() == identity) {
+            if let Some(at) = state
+                .releasing
+                .iter()
+                .position(|l| l.identity() == identity)
+            {
                 taken.push(state.releasing.swap_remove(at));
                 continue;
             }
@@ -246,7 +254,10 @@ impl FleetManager {
 
 fn warn_once(state: &mut State, warnings: Vec<crate::fleet::Warning>) {
     for w in warnings {
-        if state.warned.insert((w.source_key.clone(), w.identity.clone())) {
+        if state
+            .warned
+            .insert((w.source_key.clone(), w.identity.clone()))
+        {
             tracing::warn!("{}", w.message);
         }
     }
@@ -261,7 +272,9 @@ pub async fn watch(manager: Arc<FleetManager>) {
     let names = watched_names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        let names = names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let names = names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if event.paths.iter().any(|p| names.contains(p)) {
             let _ = tx.send(());
         }
@@ -274,8 +287,7 @@ pub async fn watch(manager: Arc<FleetManager>) {
         }
     };
     let mut dirs: HashSet<PathBuf> = HashSet::new();
-    let mut hangup =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         // Watch the directory of every file the fleet comes from (the set grows with launches).
@@ -285,7 +297,10 @@ pub async fn watch(manager: Arc<FleetManager>) {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             names.extend(files.iter().cloned());
-            for dir in files.iter().filter_map(|f| f.parent().map(Path::to_path_buf)) {
+            for dir in files
+                .iter()
+                .filter_map(|f| f.parent().map(Path::to_path_buf))
+            {
                 if dirs.insert(dir.clone())
                     && let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive)
                 {

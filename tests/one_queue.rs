@@ -274,48 +274,6 @@ async fn an_idle_daemon_exits_by_itself_but_not_while_a_task_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_refuses_a_launch_with_another_configuration() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let sim = sim().await;
-    let s = setup("mismatch", &sim, 30.0);
-    let client = launch(&s.config).await;
-    // Same socket, another fleet.
-    let other = s.dir.join("other.toml");
-    let text = std::fs::read_to_string(&s.config)
-        .unwrap()
-        .replace("slots = 1", "slots = 2");
-    std::fs::write(&other, text).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch"))
-        .arg("stdio")
-        .arg("--config")
-        .arg(&other)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(format!("{initialize}\n").as_bytes())
-        .await
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let answer: Value = serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-    let message = answer["error"]["message"].as_str().unwrap();
-    assert!(message.contains("different configuration"), "{message}");
-    let status = tokio::time::timeout(Duration::from_secs(5), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!status.success(), "the refused launch exits with an error");
-    assert_eq!(daemons(&s.config).len(), 1, "the first daemon is untouched");
-    client.cancel().await.unwrap();
-    sim.shutdown().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_launch_arriving_as_the_idle_daemon_exits_is_served() {
     // The daemon exits 0.3 s after its last client leaves. Launches arrive at every moment
     // around that instant, 10 ms apart: each must be served — by the old daemon or a new
