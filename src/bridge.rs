@@ -61,6 +61,7 @@ pub struct DaemonSpec {
 
 impl DaemonSpec {
     /// The socket of the daemon that owns this launch's hosts, if one does; else the default.
+    /// A host held by a `stdio --standalone` process (which takes no launches) is an error.
     fn target(&self) -> Result<PathBuf, BridgeError> {
         let mut owners: Vec<ownership::Owner> = Vec::new();
         for host in &self.fleet.hosts {
@@ -69,6 +70,14 @@ impl DaemonSpec {
             {
                 owners.push(owner);
             }
+        }
+        if let Some(o) = owners.iter().find(|o| o.socket.as_os_str().is_empty()) {
+            return Err(BridgeError::Refused(format!(
+                "a host of this launch is scheduled by `prix-dispatch stdio --standalone` (pid \
+                 {}, configuration {}), which serves only its own client; stop it, or launch \
+                 it without --standalone so that launches can share it",
+                o.pid, o.source
+            )));
         }
         match owners.len() {
             0 => Ok(self.socket.clone()),
@@ -260,13 +269,27 @@ fn fail_in_flight(pending: &Mutex<Pending>, out: &mpsc::UnboundedSender<String>,
 
 /// The daemon's socket, after the hello; starts the daemon if none answers.
 pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
-    let target = spec.target()?;
-    if let Some(stream) = connect(&target, spec).await? {
-        return Ok(stream);
+    let mut target = spec.target()?;
+    // The owner of a host may go away between the look and the connect: look again, a few
+    // times (each round means a daemon stopped).
+    for _ in 0..3 {
+        if let Some(stream) = connect(&target, spec).await? {
+            return Ok(stream);
+        }
+        if target == spec.socket {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        target = spec.target()?;
     }
     if target != spec.socket {
-        // Its owner went away between the look and the connect: look again.
-        return Box::pin(connect_or_start(spec)).await;
+        return Err(BridgeError::Refused(format!(
+            "the prix-dispatch daemon that owns this launch's hosts holds their locks but does \
+             not answer at {}; if it is stuck, stop it (`prix-dispatch stop --socket {}`) or \
+             kill it, and launch again",
+            target.display(),
+            target.display()
+        )));
     }
     if let Some(dir) = spec.socket.parent() {
         std::fs::create_dir_all(dir)?;

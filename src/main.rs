@@ -154,6 +154,21 @@ async fn main() -> anyhow::Result<()> {
             standalone: true,
         } => {
             let config = load(config)?;
+            // A queue of its own, but never a second scheduler for a host: take its locks.
+            let dir = prix_dispatch::daemon_dir::DaemonDir::for_this_user()?;
+            let source = prix_dispatch::fleet::SourceFleet::from_config(&config);
+            let owner = prix_dispatch::ownership::Owner {
+                pid: std::process::id(),
+                socket: PathBuf::new(),
+                source: source.source.clone(),
+                launched: false,
+            };
+            let _locks = prix_dispatch::reload::acquire_all(
+                &dir,
+                &prix_dispatch::fleet::Fleet::new(source),
+                &owner,
+            )
+            .context("stdio --standalone schedules its hosts itself; stop the daemon that owns them (`prix-dispatch stop`) or launch without --standalone to share it")?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
