@@ -525,7 +525,8 @@ impl Des {
                 Decision::ReadManifests
                 | Decision::Probe { .. }
                 | Decision::Health { .. }
-                | Decision::DismissWorkers { .. } => {}
+                | Decision::DismissWorkers { .. }
+                | Decision::ReadSlots { .. } => {}
             }
         }
     }

@@ -116,6 +116,9 @@ pub enum HostSignal {
     ServerError(String),
     /// Nothing learnt (cancellation, a slow model, a 4xx, a bad stream).
     Neutral,
+    /// The host's own `/slots` showed this many slots busy with requests this daemon did not
+    /// send, so the task was not sent (it goes back to its place in the queue).
+    BusyElsewhere(usize),
 }
 
 /// A failed attempt on one host: what the client hears, what it says about the host, and

@@ -23,8 +23,26 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
         mut task,
         lease,
         client,
+        running_here,
+        slots,
     }) = scheduler.next_task(host).await
     {
+        if !task.abandoned()
+            && let Some(busy) = busy_elsewhere(&client, running_here, slots).await
+        {
+            // Not sent, so not an attempt: the task goes back to its place in the queue and
+            // the slots held from elsewhere count as taken until they are free.
+            tracing::debug!(host = %client.name, task = %task.id, busy, "host busy with requests from elsewhere; task back to the queue");
+            lease.retry(
+                task,
+                DispatchError::new(
+                    ErrorKind::HostError,
+                    format!("{} is busy with requests from elsewhere", client.name),
+                ),
+                HostSignal::BusyElsewhere(busy),
+            );
+            continue;
+        }
         task.attempts += 1;
         let taken = Instant::now();
         let sent = !task.abandoned();
@@ -75,6 +93,20 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
             }
         }
     }
+}
+
+/// Slots of a llama.cpp host busy with requests this daemon did not send, when they leave
+/// this task no slot (`None`: send it). `running_here` counts this task; our other requests may
+/// not show as processing yet, so they are subtracted as if they did.
+async fn busy_elsewhere(client: &HostClient, running_here: usize, slots: usize) -> Option<usize> {
+    if !client.may_show_slots() {
+        return None;
+    }
+    let seen = client.read_slots().await?;
+    let ours = running_here.saturating_sub(1);
+    let elsewhere = seen.processing.saturating_sub(ours);
+    let full = ours + elsewhere >= slots || seen.processing >= seen.total;
+    (elsewhere > 0 && full).then_some(elsewhere)
 }
 
 /// One attempt on the host, stopped at once when the client goes away. A panic in it fails

@@ -98,10 +98,11 @@ impl Server {
         let out = std::fs::File::create(&log).unwrap();
         let mut command = Command::new(bin);
         command
-            .args(mode_args)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             // One slot, one thread (two servers share this machine's two cores), small context.
             .args(["-np", "1", "-t", "1", "-tb", "1", "-c", "1024", "--metrics"])
+            // Last, so that a test can ask for more slots (`-np 2`).
+            .args(mode_args)
             // A router would also list models from a Hugging Face cache; keep it to models-dir.
             .env("LLAMA_CACHE", scratch.join("hf-cache"))
             .stdin(Stdio::null())
@@ -818,4 +819,130 @@ async fn real_llama_servers_one_request_per_server() {
         runs.len(),
         t0.elapsed()
     );
+}
+
+/// A llama-server with two slots, configured as a one-slot GPU, busy with a request sent around
+/// the daemon (another dispatcher, a person with curl): the daemon sends nothing until that
+/// request ends, says so in its status, then serves. Judged from the server's own `/slots`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_busy_with_a_request_from_elsewhere_gets_no_second_one() {
+    let llama_server = required_path("PRIX_LLAMA_SERVER");
+    let gguf = required_path("PRIX_SMOLLM_GGUF");
+    let scratch = Scratch(
+        std::env::temp_dir().join(format!("prix-dispatch-elsewhere-{}", std::process::id())),
+    );
+    std::fs::create_dir_all(scratch.0.join("hf-cache")).unwrap();
+    let gguf_arg = gguf.display().to_string();
+    let mut server = Server::spawn(
+        "gpu0",
+        &llama_server,
+        &scratch.0,
+        &["-m", &gguf_arg, "--alias", SHARED, "-np", "2"],
+        vec![None],
+    );
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    server.wait_ready(&http).await;
+    let dispatcher = Dispatcher::start(&Config::with_hosts(
+        ConfigSource::Environment,
+        vec![HostConfig {
+            name: "gpu0".into(),
+            base_url: server.base.clone(),
+            slots: 1,
+            api_key: None,
+        }],
+    ));
+    // Warm the model and let the daemon learn that this host shows its slots.
+    assert_real_answer(&run(&dispatcher, SHARED, "Say hi.", 4).await);
+
+    // The request from elsewhere: long enough to be seen, on the server's first slot.
+    let foreign = tokio::spawn({
+        let (http, base) = (http.clone(), server.base.clone());
+        async move {
+            let answer = http
+                .post(format!("{base}/v1/chat/completions"))
+                .json(
+                    &json!({"model": SHARED, "max_tokens": 120, "temperature": 0.0,
+                    "ignore_eos": true,
+                    "messages": [{"role": "user", "content": "Count from one to one hundred."}]}),
+                )
+                .send()
+                .await
+                .expect("the foreign request is answered");
+            assert!(answer.status().is_success());
+            Instant::now()
+        }
+    });
+    let processing = |slots: &[(Option<&'static str>, Value)]| {
+        slots.iter().filter(|(_, s)| is_processing(s)).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while processing(&server.slots(&http).await) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the foreign request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Ours, while it runs; the server's slots are watched all along.
+    let watching = CancellationToken::new();
+    let peak = tokio::spawn({
+        let (http, base, stop) = (http.clone(), server.base.clone(), watching.clone());
+        async move {
+            let view = ViewRef {
+                base: &base,
+                views: &[None],
+            };
+            let mut peak = 0;
+            while !stop.is_cancelled() {
+                let slots = view.slots(&http).await;
+                peak = peak.max(slots.iter().filter(|(_, s)| is_processing(s)).count());
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            peak
+        }
+    });
+    let ours = tokio::spawn({
+        let dispatcher = dispatcher.clone();
+        async move { run(&dispatcher, SHARED, "Name a colour.", 8).await }
+    });
+    // The daemon sees the host busy from elsewhere and holds the task.
+    let mut seen_busy = false;
+    for _ in 0..100 {
+        let status = dispatcher.status().await.unwrap();
+        if status.hosts[0].state.busy_elsewhere == 1 && status.queued_total == 1 {
+            seen_busy = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let foreign_ended = foreign.await.unwrap();
+    let ours = ours.await.unwrap();
+    watching.cancel();
+    let peak = peak.await.unwrap();
+    assert!(
+        seen_busy,
+        "dispatch_status said the host was busy from elsewhere"
+    );
+    assert_real_answer(&ours);
+    let (_, started) = ours.started.clone().expect("ours started");
+    assert!(
+        started + WINDOW_TOLERANCE >= foreign_ended,
+        "ours was sent {:?} before the foreign request ended",
+        foreign_ended.duration_since(started)
+    );
+    assert_eq!(
+        peak, 1,
+        "the server never had two requests at once (its /slots)"
+    );
+    assert_eq!(
+        dispatcher.status().await.unwrap().hosts[0]
+            .state
+            .busy_elsewhere,
+        0
+    );
+    dispatcher.shutdown();
 }

@@ -3,9 +3,12 @@
 //! `{base_url}/v1/...` is built here and nowhere else. A host's key is sent only to that host.
 
 pub mod request;
+pub mod slots;
 pub mod sse;
 
 use std::error::Error as _;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -46,6 +49,8 @@ pub struct HostClient {
     /// was a measurable part of every request. `None` if `base_url` is not a URL (a
     /// `HostConfig` built by hand); the string is then sent as is and the request fails there.
     chat_url: Option<reqwest::Url>,
+    /// Whether the host has llama.cpp's `/slots` (see [`slots`]); learnt at the first read.
+    slots_support: Arc<AtomicU8>,
 }
 
 /// One HTTP client for all hosts: connection pooling, and an idle timeout shorter than the
@@ -78,6 +83,7 @@ impl HostClient {
             api_key: config.api_key.clone(),
             http,
             chat_url: reqwest::Url::parse(&chat_url(&config.base_url)).ok(),
+            slots_support: Arc::default(),
         }
     }
 

@@ -64,6 +64,11 @@ enum Command {
     Cancel(TaskId),
     ManifestsRead(Vec<ManifestReport>),
     ProbeResult(ManifestReport),
+    /// A `/slots` read of a host busy from elsewhere: slots processing, if it could tell.
+    SlotsRead {
+        host: HostId,
+        processing: Option<usize>,
+    },
     Refresh(oneshot::Sender<()>),
     Status(oneshot::Sender<Snapshot>),
     /// A configuration reload: the new fleet, in configuration order.
@@ -86,6 +91,10 @@ pub struct Assignment {
     pub task: InferenceTask,
     pub lease: SlotLease,
     pub client: Arc<HostClient>,
+    /// The host's tasks in flight from this daemon when this one started, itself included,
+    /// and its slots: what a `/slots` read before sending is compared against.
+    pub running_here: usize,
+    pub slots: usize,
 }
 
 /// What a reload changed, by host name, and the slot workers the caller must start.
@@ -452,6 +461,9 @@ impl Actor {
                     self.state.manifests_read(reports, now)
                 }
                 Some(Command::ProbeResult(report)) => self.state.probe_result(report, now),
+                Some(Command::SlotsRead { host, processing }) => {
+                    self.state.slots_read(host, processing, now)
+                }
                 Some(Command::Refresh(reply)) => {
                     self.refresh_waiters.push(reply);
                     let mut decisions = Vec::new();
@@ -503,6 +515,8 @@ impl Actor {
                         task,
                         lease,
                         client: self.hosts[host.0].clone(),
+                        running_here: self.running[host.0].len(),
+                        slots: self.state.slots(host),
                     };
                     let undelivered = match self.waiting[host.0].pop_front() {
                         Some(worker) => worker.send(assignment).err(),
@@ -522,6 +536,15 @@ impl Actor {
                     task.emit(TaskEvent::Failed(error));
                 }
                 Decision::ReadManifests => self.read_manifests(),
+                Decision::ReadSlots { host, after } => {
+                    let client = self.hosts[host.0].clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let processing = client.read_slots().await.map(|b| b.processing);
+                        let _ = tx.send(Command::SlotsRead { host, processing });
+                    });
+                }
                 Decision::DismissWorkers { host, count } => {
                     for _ in 0..count {
                         if self.waiting[host.0].pop_front().is_some() {
@@ -541,6 +564,12 @@ impl Actor {
                         }
                         HealthChange::Up => {
                             tracing::info!(host = %host.name, "host back in rotation")
+                        }
+                        HealthChange::BusyElsewhere { busy: 0 } => {
+                            tracing::info!(host = %host.name, "no longer busy with requests from elsewhere")
+                        }
+                        HealthChange::BusyElsewhere { busy } => {
+                            tracing::warn!(host = %host.name, busy, "busy with requests from elsewhere (its /slots); holding work for it until they end")
                         }
                     }
                 }

@@ -52,13 +52,26 @@ pub enum Decision<T> {
     /// `count` idle workers of `host` have no slot any more (the host left the fleet, or
     /// has fewer slots): stop them.
     DismissWorkers { host: HostId, count: usize },
+    /// After `after`, read this host's `/slots` and report with `slots_read`: it is busy
+    /// with requests from elsewhere, and the slots they hold come back when they end.
+    ReadSlots { host: HostId, after: Duration },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthChange {
-    Down { reason: String },
-    Cooling { seconds: u64, reason: String },
+    Down {
+        reason: String,
+    },
+    Cooling {
+        seconds: u64,
+        reason: String,
+    },
     Up,
+    /// Slots busy with requests this daemon did not send, per the host's `/slots` (0: free
+    /// of them again).
+    BusyElsewhere {
+        busy: usize,
+    },
 }
 
 /// How a running task ended, for the counters.
@@ -153,6 +166,10 @@ struct Host {
     started: u64,
     /// Removed from the configuration: takes no new work; its running tasks finish.
     retired: bool,
+    /// Slots busy with requests from elsewhere (the host's `/slots`): taken, for placement.
+    busy_elsewhere: usize,
+    /// A `ReadSlots` is outstanding.
+    reading_slots: bool,
 }
 
 impl Host {
@@ -175,6 +192,8 @@ impl Host {
             consecutive_5xx: 0,
             started: 0,
             retired: false,
+            busy_elsewhere: 0,
+            reading_slots: false,
         }
     }
 
@@ -182,7 +201,7 @@ impl Host {
         self.health == Health::Up
             && !self.retired
             && self.idle_workers > 0
-            && self.active < self.slots
+            && self.active + self.busy_elsewhere < self.slots
             && self.models.contains(model)
             && (self.active == 0 || self.current_model.as_deref() == Some(model))
     }
@@ -245,6 +264,10 @@ pub struct HostSnapshot {
     /// Removed from the configuration by a reload: takes no new work while its running
     /// tasks finish (then it leaves the status).
     pub retired: bool,
+    /// Slots busy with requests this daemon did not send ("busy with requests from
+    /// elsewhere": another dispatcher, a person using the server directly), from the host's
+    /// llama.cpp `/slots`; counted as taken. Always 0 for hosts that do not show slots.
+    pub busy_elsewhere: usize,
     /// The host's base URL (filled in by the actor, which holds the clients).
     #[serde(skip)]
     pub url: String,
@@ -407,6 +430,7 @@ impl<T: Queueable> DispatchState<T> {
         match release.signal {
             HostSignal::Healthy => h.consecutive_5xx = 0,
             HostSignal::Neutral => {}
+            HostSignal::BusyElsewhere(busy) => self.busy_elsewhere(host, busy, &mut out),
             HostSignal::Unreachable(reason) => {
                 self.host_down(host, reason, Duration::ZERO, &mut out);
                 self.refresh_coverage(now);
@@ -658,6 +682,7 @@ impl<T: Queueable> DispatchState<T> {
                     tasks_started: h.started,
                     running: Vec::new(),
                     retired: h.retired,
+                    busy_elsewhere: h.busy_elsewhere,
                     url: String::new(),
                 })
                 .collect(),
@@ -1022,6 +1047,7 @@ fn with_attempts(mut error: DispatchError, attempts: u32) -> DispatchError {
     error
 }
 
+mod busy_elsewhere;
 mod fleet;
 #[cfg(test)]
 mod fleet_tests;

@@ -312,7 +312,7 @@ impl Harness {
                 }
                 Decision::Health { host, change } => self.health.push((host, change)),
                 // Fleet changes are tested in `fleet_tests`; the harness's fleet is fixed.
-                Decision::DismissWorkers { .. } => {}
+                Decision::DismissWorkers { .. } | Decision::ReadSlots { .. } => {}
             }
             self.assert_work_conserving();
         }
