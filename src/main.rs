@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use prix_dispatch::config::{self, Config};
-use prix_dispatch::{Dispatcher, bridge, demo, http, local, mcp};
+use prix_dispatch::{Dispatcher, bridge, demo, http, local, mcp, remote};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -39,8 +39,13 @@ enum Command {
         config: Option<PathBuf>,
         /// Run the queue in this process instead of joining the machine's daemon (one-off
         /// use, tests). Two standalone launches do not share a queue.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "connect")]
         standalone: bool,
+        /// Join the daemon at this URL (`prix-dispatch serve` on another machine, e.g.
+        /// http://gpu-box:8765) instead of this machine's; its token is read from
+        /// PRIX_DISPATCH_TOKEN. Overrides [server] connect; needs no local configuration.
+        #[arg(long, value_name = "URL")]
+        connect: Option<String>,
     },
     /// Run the long-lived daemon on [server] listen: MCP over Streamable HTTP at /mcp, the
     /// OpenAI-compatible API at /v1, /metrics (Prometheus), /status (JSON), /healthz, and a
@@ -117,10 +122,19 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
         Command::Stdio {
+            connect: Some(url),
+            ..
+        } => remote::run(remote::RemoteSpec::from_env(&url)?).await?,
+        Command::Stdio {
             config: path,
             standalone: false,
+            connect: None,
         } => {
             let config = load(path.clone())?;
+            if let Some(url) = &config.server.connect {
+                remote::run(remote::RemoteSpec::from_env(url)?).await?;
+                return Ok(());
+            }
             let spec = bridge::DaemonSpec {
                 socket: config.socket_path(&config::process_env),
                 fingerprint: config.fingerprint(),
@@ -132,8 +146,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Stdio {
             config,
             standalone: true,
+            connect: None,
         } => {
             let config = load(config)?;
+            has_hosts(&config)?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
@@ -154,6 +170,7 @@ async fn main() -> anyhow::Result<()> {
             socket,
         } => {
             let config = load(config)?;
+            has_hosts(&config)?;
             let auth_token = match &config.server.auth_token_env {
                 Some(var) => Some(std::env::var(var).with_context(|| format!("{var} is not set"))?),
                 None => None,
@@ -265,6 +282,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A configuration that only joins another machine's daemon ([server] connect) has no hosts
+/// to run a queue for.
+fn has_hosts(config: &Config) -> anyhow::Result<()> {
+    match &config.server.connect {
+        Some(url) if config.hosts.is_empty() => anyhow::bail!(
+            "{}: this configuration joins the daemon at {url} ([server] connect) and lists no \
+             [[host]] to serve; run `prix-dispatch stdio` with it, or serve the fleet's own \
+             configuration",
+            config.source
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Runs `service` until it ends by itself, or until SIGINT/SIGTERM: then no new work, waiting
