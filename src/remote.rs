@@ -179,6 +179,8 @@ struct Handshake {
 /// A request whose answer is still expected; cancelling the token drops its stream.
 struct InFlight {
     seq: u64,
+    /// The request's JSON-RPC id; `None` for `initialize`, which must not be cancelled.
+    cancellable: Option<Value>,
     stop: CancellationToken,
 }
 
@@ -312,6 +314,7 @@ impl Bridge {
             let seq = in_flight.0;
             let entry = InFlight {
                 seq,
+                cancellable: initialize.is_none().then(|| id.clone()),
                 stop: stop.clone(),
             };
             if in_flight.1.insert(key.clone(), entry).is_some() {
@@ -521,10 +524,25 @@ impl Bridge {
         }
     }
 
-    /// The client closed stdin: drop every open stream and end the session, so that the
-    /// daemon cancels this client's tasks at once and forgets it.
+    /// The client closed stdin: cancel its calls, drop every open stream and end the session,
+    /// so that the daemon stops this client's tasks at once and forgets it.
     async fn close(&self) {
         let open: Vec<InFlight> = lock(&self.in_flight).1.drain().map(|(_, c)| c).collect();
+        // Each call is cancelled explicitly: a closed stream does not stop a call of a
+        // session, and rmcp lets a closed session's calls run on for seconds before it stops
+        // them. The session lock is not needed (and an initialize in flight holds it).
+        let session = self.session.try_lock().map(|s| s.clone()).unwrap_or_default();
+        if session.established {
+            let cancels = open.iter().filter_map(|call| call.cancellable.as_ref()).map(|id| {
+                let message = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                    "params": {"requestId": id, "reason": "the client closed its connection"}});
+                let request = self.post(&message.to_string(), &message, &session);
+                async move {
+                    let _ = request.timeout(SHORT_EXCHANGE).send().await;
+                }
+            });
+            futures::future::join_all(cancels).await;
+        }
         for call in open {
             call.stop.cancel();
         }
