@@ -359,6 +359,9 @@ fn describe(config: &Config) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "configuration: {} (ok)", config.source);
+    if let Some(url) = &config.server.connect {
+        let _ = writeln!(out, "stdio joins the daemon at: {url}");
+    }
     let _ = writeln!(out, "listen: {}", config.server.listen);
     let _ = writeln!(
         out,

@@ -78,6 +78,11 @@ pub enum RemoteError {
          it to the daemon's [server] allowed_hosts"
     )]
     HostNotAllowed { url: Url, host: String },
+    #[error(
+        "{url} answered HTTP 404: no MCP endpoint there; give the address of `prix-dispatch \
+         serve` (its [server] listen)"
+    )]
+    NoEndpoint { url: Url },
     #[error("the prix-dispatch daemon at {url} went away while this call ran; retry")]
     WentAway { url: Url },
     #[error("the daemon at {url} answered HTTP {status}: {body}")]
@@ -623,6 +628,7 @@ impl Bridge {
                 RemoteError::TokenMissing { url }
             }
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RemoteError::TokenRefused { url },
+            StatusCode::NOT_FOUND => RemoteError::NoEndpoint { url },
             _ => RemoteError::Http {
                 url,
                 status: status.as_u16(),
@@ -655,6 +661,9 @@ impl Bridge {
                 })?;
                 for data in events.feed(&chunk) {
                     match serde_json::from_str::<Value>(&data) {
+                        Ok(message) if !is_json_rpc(&message) => {
+                            tracing::warn!(event = %data, "skipped an event that is not JSON-RPC");
+                        }
                         Ok(message) => {
                             if let Some(answer) = self.deliver(message, Some(data), id, swallow) {
                                 return Ok(Some(answer));
@@ -672,6 +681,15 @@ impl Bridge {
                 Ok(message) => vec![message],
                 Err(e) => return Err(self.protocol(format!("a JSON answer that does not parse: {e}"))),
             };
+            // Another HTTP server at this address (LM Studio answers 200 with its own error
+            // object to any path): nothing of it may reach stdout.
+            if !messages.iter().all(is_json_rpc) {
+                let shown: String = String::from_utf8_lossy(&bytes).chars().take(200).collect();
+                return Err(self.protocol(format!(
+                    "an answer that is not MCP JSON-RPC ({shown}); is this the address of \
+                     `prix-dispatch serve`?"
+                )));
+            }
             let mut answer = None;
             for message in messages {
                 answer = answer.or(self.deliver(message, None, id, swallow));
@@ -730,6 +748,10 @@ impl Bridge {
             self.went_away()
         }
     }
+}
+
+fn is_json_rpc(message: &Value) -> bool {
+    message.get("jsonrpc").and_then(Value::as_str) == Some("2.0")
 }
 
 /// The innermost cause of a connection failure, in words ("connection refused").

@@ -810,3 +810,75 @@ async fn a_config_with_server_connect_joins_like_the_flag_and_the_flag_wins() {
     assert!(stderr.contains("[server] connect"), "{stderr}");
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_client_passes_through_and_wrong_addresses_get_clear_errors() {
+    let sim = sim().await;
+    let scratch = Scratch::new("stateless");
+    let daemon = Daemon::start(&scratch, &sim, None).await;
+
+    // The 2026-07-28 revision has no handshake: each request carries its version in _meta,
+    // and the bridge mirrors it (and the method and tool name) into the headers it requires.
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "stateless-test", "version": "1"}});
+    let mut raw = Raw::start(&daemon.url(), None);
+    raw.send(json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover",
+        "params": {"_meta": meta}}))
+        .await;
+    let discovered = raw.answer(1).await;
+    assert!(
+        discovered["result"]["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&json!("2026-07-28"))),
+        "{discovered}"
+    );
+    raw.send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "_meta": meta, "name": "complete", "arguments": {"model_id": "m",
+            "messages": [{"role": "user", "content": "hi"}]}}}))
+        .await;
+    let answer = raw.answer(2).await;
+    assert_eq!(answer["result"]["content"][0]["text"], expected(4), "{answer}");
+    let (status, _) = raw.finish().await;
+    assert!(status.success());
+
+    // The same daemon reached by an address outside its allowed_hosts (an IPv4-mapped IPv6
+    // address still lands on 127.0.0.1).
+    let mapped = format!("http://[::ffff:127.0.0.1]:{}", daemon.port);
+    let mut raw = Raw::start(&mapped, None);
+    let answer = raw.initialize().await;
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("does not accept the name this machine reached it by ([::ffff:7f00:1])")
+            && message.contains("allowed_hosts"),
+        "{message}"
+    );
+    raw.finish().await;
+
+    // A path where the daemon has no endpoint.
+    let mut raw = Raw::start(&format!("{}/fleet/", daemon.url()), None);
+    let answer = raw.initialize().await;
+    assert_eq!(
+        answer["error"]["message"],
+        format!(
+            "{}/fleet/mcp answered HTTP 404: no MCP endpoint there; give the address of \
+             `prix-dispatch serve` (its [server] listen)",
+            daemon.url()
+        )
+    );
+    raw.finish().await;
+
+    // Not a daemon at all: the GPU server's own address (which answers 200 with an error
+    // object of its own); nothing but JSON-RPC reaches stdout (`answer` checks every line).
+    let mut raw = Raw::start(&sim.url(), None);
+    let answer = raw.initialize().await;
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("the daemon at {}/mcp answered something", sim.url()))
+            && message.contains("not MCP JSON-RPC")
+            && message.contains("is this the address of `prix-dispatch serve`?"),
+        "{message}"
+    );
+    raw.finish().await;
+    sim.shutdown().await;
+}
