@@ -231,8 +231,20 @@ pub async fn run(spec: RemoteSpec) -> Result<(), RemoteError> {
         in_flight: Mutex::default(),
     });
     let mut lines = BufReader::new(crate::stdio::stdin()).lines();
+    // A host may stop its MCP servers with a signal rather than by closing stdin. A closed
+    // TCP connection does not end an HTTP session the way a closed socket ends a local one,
+    // so leave the same way as at end of input.
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let ended = loop {
-        match lines.next_line().await {
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            _ = signalled(&mut terminate) => {
+                tracing::info!("signal received: leaving the daemon's session");
+                break Ok(());
+            }
+        };
+        match line {
             Ok(Some(line)) => bridge.accept(line).await,
             Ok(None) => break Ok(()),
             Err(e) => break Err(RemoteError::Io(e)),
@@ -243,6 +255,22 @@ pub async fn run(spec: RemoteSpec) -> Result<(), RemoteError> {
     // Calls just cancelled may still hold the writer's channel for a moment.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     ended
+}
+
+/// SIGTERM or SIGINT.
+async fn signalled(terminate: &mut Option<tokio::signal::unix::Signal>) {
+    let term = async {
+        match terminate {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 async fn write_lines(mut lines: mpsc::UnboundedReceiver<String>) {

@@ -882,3 +882,52 @@ async fn a_stateless_client_passes_through_and_wrong_addresses_get_clear_errors(
     raw.finish().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_stopped_by_sigterm_mid_call_leaves_the_daemon_cleanly() {
+    let sim = sim().await;
+    let scratch = Scratch::new("sigterm");
+    let daemon = Daemon::start(&scratch, &sim, None).await;
+    let command = tokio::process::Command::new(BIN).configure(|c| {
+        c.arg("stdio")
+            .arg("--connect")
+            .arg(daemon.url())
+            .env("RUST_LOG", "warn");
+    });
+    let transport = TokioChildProcess::new(command).unwrap();
+    let pid = transport.id().unwrap();
+    let client = tokio::time::timeout(PROMPT, Collector::default().serve(transport))
+        .await
+        .unwrap()
+        .unwrap();
+    let peer = client.peer().clone();
+    let running =
+        tokio::spawn(async move { peer.call_tool(completion("complete_stream", 300, 20)).await });
+    assert!(wait_until(PROMPT, || sim.stats().in_flight == 1).await);
+    assert_eq!(daemon.http_clients().await.len(), 1);
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(
+        sim.wait_idle(Duration::from_secs(3)).await,
+        "the host still streams for a launch that was stopped"
+    );
+    assert_eq!(
+        sim.chat_records().last().unwrap().outcome,
+        Outcome::ClientDisconnected
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !daemon.http_clients().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session was not ended"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = tokio::time::timeout(PROMPT, running).await;
+    let _ = client.cancel().await;
+    sim.shutdown().await;
+}
