@@ -381,8 +381,7 @@ impl Config {
 
         if let Some(url) = file.server.connect {
             // The same checks as a host URL; `remote` adds the `/mcp` when it connects.
-            normalise_base_url(&url)
-                .map_err(|why| invalid(format!("[server] connect: {why}")))?;
+            normalise_base_url(&url).map_err(|why| invalid(format!("[server] connect: {why}")))?;
             server.connect = Some(url.trim().to_string());
         }
         if file.host.is_empty() && server.connect.is_none() {
@@ -704,7 +703,10 @@ mod tests {
     #[test]
     fn a_config_that_connects_needs_no_hosts_but_a_valid_url() {
         let c = parse("[server]\nconnect = \"http://gpu-box.lan:8765/mcp\"\n").unwrap();
-        assert_eq!(c.server.connect.as_deref(), Some("http://gpu-box.lan:8765/mcp"));
+        assert_eq!(
+            c.server.connect.as_deref(),
+            Some("http://gpu-box.lan:8765/mcp")
+        );
         assert!(c.hosts.is_empty());
         for (url, needle) in [
             ("gpu-box:8765", "[server] connect"),

@@ -122,8 +122,7 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
         Command::Stdio {
-            connect: Some(url),
-            ..
+            connect: Some(url), ..
         } => remote::run(remote::RemoteSpec::from_env(&url)?).await?,
         Command::Stdio {
             config: path,

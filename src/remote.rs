@@ -294,7 +294,11 @@ impl Bridge {
         let message: Value = match serde_json::from_str(&line) {
             Ok(Value::Object(m)) => Value::Object(m),
             Ok(_) => {
-                self.reply_error(&Value::Null, -32600, "expected one JSON-RPC message per line");
+                self.reply_error(
+                    &Value::Null,
+                    -32600,
+                    "expected one JSON-RPC message per line",
+                );
                 return;
             }
             Err(e) => {
@@ -512,9 +516,8 @@ impl Bridge {
             let request = self.post(&initialized, &message, &session);
             if let Sent::SessionGone = self.send(request, true).await? {
                 session.established = false;
-                return Err(self.protocol(
-                    "it did not know the session it had just opened (HTTP 404)".into(),
-                ));
+                return Err(self
+                    .protocol("it did not know the session it had just opened (HTTP 404)".into()));
             }
         }
         tracing::info!(url = %self.spec.endpoint, "re-initialised the session (replayed the client's handshake)");
@@ -535,11 +538,16 @@ impl Bridge {
     async fn notify(&self, line: &str, message: &Value) {
         let delivered =
             tokio::time::timeout(SHORT_EXCHANGE, self.send_in_session(line, message)).await;
-        let method = message.get("method").and_then(Value::as_str).unwrap_or("a response");
+        let method = message
+            .get("method")
+            .and_then(Value::as_str)
+            .unwrap_or("a response");
         match delivered {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(method, error = %e, "could not deliver a notification"),
-            Err(_) => tracing::warn!(method, url = %self.spec.endpoint, "the daemon did not take a notification in time"),
+            Err(_) => {
+                tracing::warn!(method, url = %self.spec.endpoint, "the daemon did not take a notification in time")
+            }
         }
     }
 
@@ -564,16 +572,23 @@ impl Bridge {
         // Each call is cancelled explicitly: a closed stream does not stop a call of a
         // session, and rmcp lets a closed session's calls run on for seconds before it stops
         // them. The session lock is not needed (and an initialize in flight holds it).
-        let session = self.session.try_lock().map(|s| s.clone()).unwrap_or_default();
+        let session = self
+            .session
+            .try_lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         if session.established {
-            let cancels = open.iter().filter_map(|call| call.cancellable.as_ref()).map(|id| {
-                let message = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+            let cancels = open
+                .iter()
+                .filter_map(|call| call.cancellable.as_ref())
+                .map(|id| {
+                    let message = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
                     "params": {"requestId": id, "reason": "the client closed its connection"}});
-                let request = self.post(&message.to_string(), &message, &session);
-                async move {
-                    let _ = request.timeout(SHORT_EXCHANGE).send().await;
-                }
-            });
+                    let request = self.post(&message.to_string(), &message, &session);
+                    async move {
+                        let _ = request.timeout(SHORT_EXCHANGE).send().await;
+                    }
+                });
             futures::future::join_all(cancels).await;
         }
         for call in open {
@@ -660,7 +675,12 @@ impl Bridge {
             _ => RemoteError::Http {
                 url,
                 status: status.as_u16(),
-                body: body.chars().take(300).collect::<String>().trim().to_string(),
+                body: body
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+                    .trim()
+                    .to_string(),
             },
         })
     }
@@ -707,7 +727,9 @@ impl Bridge {
             let messages = match serde_json::from_slice::<Value>(&bytes) {
                 Ok(Value::Array(batch)) => batch,
                 Ok(message) => vec![message],
-                Err(e) => return Err(self.protocol(format!("a JSON answer that does not parse: {e}"))),
+                Err(e) => {
+                    return Err(self.protocol(format!("a JSON answer that does not parse: {e}")));
+                }
             };
             // Another HTTP server at this address (LM Studio answers 200 with its own error
             // object to any path): nothing of it may reach stdout.
@@ -733,7 +755,13 @@ impl Bridge {
 
     /// Writes one message from the daemon to stdout (unless it is `id`'s answer and
     /// `swallow`); returns it if it is `id`'s answer.
-    fn deliver(&self, message: Value, raw: Option<String>, id: &Value, swallow: bool) -> Option<Value> {
+    fn deliver(
+        &self,
+        message: Value,
+        raw: Option<String>,
+        id: &Value,
+        swallow: bool,
+    ) -> Option<Value> {
         let is_answer = message.get("method").is_none() && message.get("id") == Some(id);
         if !(is_answer && swallow) {
             // stdout is line-delimited: a message spread over several data: lines is re-encoded.
@@ -808,7 +836,9 @@ fn cause(e: &reqwest::Error) -> String {
 /// `MCP-Protocol-Version` (the request's own, in the stateless revision, else the negotiated
 /// one), and in the stateless revision the `Mcp-Method` / `Mcp-Name` headers it requires.
 fn protocol_headers(message: &Value, negotiated: Option<&str>) -> Vec<(&'static str, HeaderValue)> {
-    let own = message.pointer(PROTOCOL_VERSION_META).and_then(Value::as_str);
+    let own = message
+        .pointer(PROTOCOL_VERSION_META)
+        .and_then(Value::as_str);
     let Some(version) = own.or(negotiated) else {
         return Vec::new();
     };
@@ -831,10 +861,10 @@ fn protocol_headers(message: &Value, negotiated: Option<&str>) -> Vec<(&'static 
         };
         let name = key.and_then(|k| message.get("params")?.get(k)?.as_str());
         // Names that need the Base64 header form are left out; none of ours do.
-        if let Some(name) = name.filter(|n| n.bytes().all(|b| (0x21..0x7f).contains(&b))) {
-            if let Ok(value) = HeaderValue::from_str(name) {
-                headers.push(("mcp-name", value));
-            }
+        if let Some(name) = name.filter(|n| n.bytes().all(|b| (0x21..0x7f).contains(&b)))
+            && let Ok(value) = HeaderValue::from_str(name)
+        {
+            headers.push(("mcp-name", value));
         }
     }
     headers
@@ -919,7 +949,12 @@ mod tests {
 
     #[test]
     fn endpoint_rejects_what_cannot_be_a_daemon() {
-        for raw in ["gpu-box:8765", "ftp://gpu-box/", "http://gpu-box/?a=1", "nonsense"] {
+        for raw in [
+            "gpu-box:8765",
+            "ftp://gpu-box/",
+            "http://gpu-box/?a=1",
+            "nonsense",
+        ] {
             let e = endpoint(raw).unwrap_err();
             assert!(matches!(e, RemoteError::BadUrl { .. }), "{raw}: {e}");
             assert!(e.to_string().contains("http://workstation:8765"), "{e}");

@@ -52,10 +52,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "prix-dispatch-remote-{tag}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("prix-dispatch-remote-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Scratch(dir)
@@ -271,10 +269,12 @@ impl Raw {
     }
 
     async fn initialize(&mut self) -> Value {
-        self.send(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        self.send(
+            json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
             "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "raw-test", "version": "1"}}}))
-            .await;
+            "clientInfo": {"name": "raw-test", "version": "1"}}}),
+        )
+        .await;
         self.answer(1).await
     }
 
@@ -333,9 +333,7 @@ fn peak_from_records(records: &[RequestRecord]) -> usize {
         .map(|r| {
             records
                 .iter()
-                .filter(|s| {
-                    s.start_us <= r.start_us && s.end_us.is_none_or(|end| r.start_us < end)
-                })
+                .filter(|s| s.start_us <= r.start_us && s.end_us.is_none_or(|end| r.start_us < end))
                 .count()
         })
         .max()
@@ -427,7 +425,11 @@ async fn mcp_through_the_bridge_and_openai_clients_share_the_daemons_one_queue()
     .expect("not queued behind the streaming call")
     .unwrap();
     assert_eq!(status.structured_content.unwrap()["hosts"][0]["active"], 1);
-    assert_eq!(sim.stats().in_flight, 1, "the long call was still streaming");
+    assert_eq!(
+        sim.stats().in_flight,
+        1,
+        "the long call was still streaming"
+    );
     let long = tokio::time::timeout(PROMPT, long).await.unwrap().unwrap();
     assert_eq!(text(&long.unwrap()), expected(40));
 
@@ -554,10 +556,13 @@ async fn a_daemon_that_dies_mid_call_fails_it_and_the_next_call_rejoins_the_rest
     // A new daemon on the same port knows nothing of the session: the bridge replays the
     // handshake (after the 404) and the call goes through on the same stdio session.
     daemon.restart().await;
-    let r = tokio::time::timeout(PROMPT, client.call_tool(completion("complete_stream", 3, 5)))
-        .await
-        .expect("in time")
-        .expect("recovered on the restarted daemon");
+    let r = tokio::time::timeout(
+        PROMPT,
+        client.call_tool(completion("complete_stream", 3, 5)),
+    )
+    .await
+    .expect("in time")
+    .expect("recovered on the restarted daemon");
     assert_eq!(text(&r), expected(3));
     let clients = daemon.http_clients().await;
     assert_eq!(clients.len(), 1, "one re-initialised session: {clients:?}");
@@ -590,10 +595,12 @@ async fn a_launch_started_before_its_daemon_works_once_it_is_up_and_relays_progr
     // The daemon comes up on that port; the next call opens the session with the client's
     // handshake first.
     let _daemon = Daemon::start_on(port, &scratch, &sim, None).await;
-    raw.send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+    raw.send(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
         "name": "complete", "arguments": {"model_id": "m",
-            "messages": [{"role": "user", "content": "hi"}]}}}))
-        .await;
+            "messages": [{"role": "user", "content": "hi"}]}}}),
+    )
+    .await;
     let answer = raw.answer(2).await;
     assert_eq!(answer["result"]["isError"], false, "{answer}");
     assert_eq!(
@@ -603,11 +610,13 @@ async fn a_launch_started_before_its_daemon_works_once_it_is_up_and_relays_progr
     );
 
     // Progress comes through on stdout in order, each notification as the daemon sends it.
-    raw.send(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+    raw.send(
+        json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
         "name": "complete_stream", "_meta": {"progressToken": "p3"}, "arguments": {"model_id": "m",
             "messages": [{"role": "user",
-                "content": sim_directive(json!({"tokens": 5, "token_interval_ms": 100}))}]}}}))
-        .await;
+                "content": sim_directive(json!({"tokens": 5, "token_interval_ms": 100}))}]}}}),
+    )
+    .await;
     let (answer, notes) = raw.answer_after(3).await;
     let answered = tokio::time::Instant::now();
     assert_eq!(answer["result"]["content"][0]["text"], expected(5));
@@ -616,7 +625,9 @@ async fn a_launch_started_before_its_daemon_works_once_it_is_up_and_relays_progr
         .filter(|(_, n)| n["method"] == "notifications/progress")
         .collect();
     assert!(
-        progress.iter().all(|(_, n)| n["params"]["progressToken"] == "p3"),
+        progress
+            .iter()
+            .all(|(_, n)| n["params"]["progressToken"] == "p3"),
         "{notes:?}"
     );
     let values: Vec<f64> = progress
@@ -630,7 +641,11 @@ async fn a_launch_started_before_its_daemon_works_once_it_is_up_and_relays_progr
     let deltas: Vec<&(tokio::time::Instant, Value)> = progress
         .iter()
         .copied()
-        .filter(|(_, n)| n["params"]["message"].as_str().is_some_and(|m| m.starts_with("tok")))
+        .filter(|(_, n)| {
+            n["params"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("tok"))
+        })
         .collect();
     let text: String = deltas
         .iter()
@@ -823,9 +838,11 @@ async fn a_stateless_client_passes_through_and_wrong_addresses_get_clear_errors(
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "stateless-test", "version": "1"}});
     let mut raw = Raw::start(&daemon.url(), None);
-    raw.send(json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover",
-        "params": {"_meta": meta}}))
-        .await;
+    raw.send(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "server/discover",
+        "params": {"_meta": meta}}),
+    )
+    .await;
     let discovered = raw.answer(1).await;
     assert!(
         discovered["result"]["supportedVersions"]
@@ -833,12 +850,18 @@ async fn a_stateless_client_passes_through_and_wrong_addresses_get_clear_errors(
             .is_some_and(|v| v.contains(&json!("2026-07-28"))),
         "{discovered}"
     );
-    raw.send(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+    raw.send(
+        json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
         "_meta": meta, "name": "complete", "arguments": {"model_id": "m",
-            "messages": [{"role": "user", "content": "hi"}]}}}))
-        .await;
+            "messages": [{"role": "user", "content": "hi"}]}}}),
+    )
+    .await;
     let answer = raw.answer(2).await;
-    assert_eq!(answer["result"]["content"][0]["text"], expected(4), "{answer}");
+    assert_eq!(
+        answer["result"]["content"][0]["text"],
+        expected(4),
+        "{answer}"
+    );
     let (status, _) = raw.finish().await;
     assert!(status.success());
 
@@ -874,8 +897,10 @@ async fn a_stateless_client_passes_through_and_wrong_addresses_get_clear_errors(
     let answer = raw.initialize().await;
     let message = answer["error"]["message"].as_str().unwrap();
     assert!(
-        message.starts_with(&format!("the daemon at {}/mcp answered something", sim.url()))
-            && message.contains("not MCP JSON-RPC")
+        message.starts_with(&format!(
+            "the daemon at {}/mcp answered something",
+            sim.url()
+        )) && message.contains("not MCP JSON-RPC")
             && message.contains("is this the address of `prix-dispatch serve`?"),
         "{message}"
     );
