@@ -54,6 +54,11 @@ pub enum RemoteError {
     #[error("{url:?} is not a daemon URL: {why}; expected e.g. http://workstation:8765")]
     BadUrl { url: String, why: String },
     #[error(
+        "PRIX_DISPATCH_TOKEN holds characters an HTTP header cannot carry (a line break?): set \
+         it to the token the daemon's auth_token_env names"
+    )]
+    BadToken,
+    #[error(
         "{url}: this build of prix-dispatch speaks plain http only; reach the daemon with \
          http:// on the LAN, or through an SSH tunnel"
     )]
@@ -108,13 +113,8 @@ impl RemoteSpec {
         let endpoint = endpoint(url)?;
         let token = match token.filter(|t| !t.is_empty()) {
             Some(token) => {
-                // Say which variable is wrong without echoing its value.
-                let mut value = HeaderValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                    RemoteError::BadUrl {
-                        url: url.to_string(),
-                        why: format!("{TOKEN_ENV} holds characters a header cannot carry"),
-                    }
-                })?;
+                let mut value = HeaderValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| RemoteError::BadToken)?;
                 value.set_sensitive(true);
                 Some(value)
             }
@@ -874,7 +874,7 @@ fn protocol_headers(message: &Value, negotiated: Option<&str>) -> Vec<(&'static 
 /// the `id:`, `retry:` and `event:` fields are dropped, and so are events without data (rmcp
 /// primes each stream with one).
 #[derive(Debug, Default)]
-pub struct SseParser {
+struct SseParser {
     line: Vec<u8>,
     data: String,
     has_data: bool,
@@ -882,7 +882,7 @@ pub struct SseParser {
 
 impl SseParser {
     /// Feeds the next bytes of the body; returns the data of every event they complete.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
         let mut events = Vec::new();
         for &byte in bytes {
             if byte != b'\n' {
@@ -972,6 +972,7 @@ mod tests {
         let none = RemoteSpec::new("http://gpu-box:8765", Some(String::new())).unwrap();
         assert!(none.token.is_none(), "an empty variable is no token");
         let bad = RemoteSpec::new("http://gpu-box:8765", Some("a\nb".into())).unwrap_err();
+        assert!(matches!(bad, RemoteError::BadToken), "{bad}");
         assert!(bad.to_string().contains(TOKEN_ENV), "{bad}");
         assert!(!bad.to_string().contains("a\nb"));
     }
