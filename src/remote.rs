@@ -8,8 +8,9 @@
 //!
 //! It behaves like the local bridge (`bridge.rs`): every request is its own POST, so calls run
 //! concurrently and their progress notifications arrive as they are sent; `notifications/cancelled`
-//! is forwarded and the call's stream dropped; closing stdin drops every stream and ends the
-//! session (DELETE), so the daemon cancels this client's tasks. If the daemon goes away, the
+//! is forwarded and the call's stream dropped; closing stdin (or SIGTERM/SIGINT) cancels the
+//! calls in flight, drops their streams and ends the session (DELETE), so the daemon stops this
+//! client's tasks at once. If the daemon goes away, the
 //! calls in flight fail with an error naming it, and the next call re-initialises the session
 //! by replaying the client's handshake (also when the daemon answers 404 for a session it no
 //! longer knows: restarted, or the session expired).
@@ -47,8 +48,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(90);
 /// Notifications and the final DELETE must not hold up the session or the exit for long.
 const SHORT_EXCHANGE: Duration = Duration::from_secs(10);
 
-/// What can go wrong between this launch and the daemon. Each becomes the JSON-RPC error of
-/// the request that ran into it.
+/// What can go wrong between this launch and the daemon. A bad URL or token stops the launch;
+/// everything else becomes the JSON-RPC error of the request that ran into it.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
     #[error("{url:?} is not a daemon URL: {why}; expected e.g. http://workstation:8765")]
