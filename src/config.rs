@@ -74,6 +74,9 @@ pub struct ServerSettings {
     pub socket: Option<PathBuf>,
     /// A daemon started by a `stdio` launch exits after this long with no clients and no tasks.
     pub idle_exit: Duration,
+    /// `stdio` joins the daemon at this URL (on another machine) instead of one of its own,
+    /// like `--connect`; such a configuration needs no hosts.
+    pub connect: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +130,7 @@ impl Default for ServerSettings {
             allowed_hosts: Vec::new(),
             socket: None,
             idle_exit: Duration::from_secs(600),
+            connect: None,
         }
     }
 }
@@ -190,6 +194,7 @@ struct FileServer {
     allowed_hosts: Option<Vec<String>>,
     socket: Option<PathBuf>,
     idle_exit_seconds: Option<f64>,
+    connect: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -374,9 +379,15 @@ impl Config {
                 seconds(s, "[timeouts] timeout_seconds", false).map_err(&invalid)?;
         }
 
-        if file.host.is_empty() {
+        if let Some(url) = file.server.connect {
+            // The same checks as a host URL; `remote` adds the `/mcp` when it connects.
+            normalise_base_url(&url).map_err(|why| invalid(format!("[server] connect: {why}")))?;
+            server.connect = Some(url.trim().to_string());
+        }
+        if file.host.is_empty() && server.connect.is_none() {
             return Err(invalid(
-                "no [[host]] entries: add at least one, e.g. [[host]] name = \"gpu0\" url = \"http://127.0.0.1:1234\""
+                "no [[host]] entries: add at least one, e.g. [[host]] name = \"gpu0\" url = \"http://127.0.0.1:1234\", \
+                 or join a daemon on another machine with [server] connect = \"http://HOST:8765\""
                     .into(),
             ));
         }
@@ -688,6 +699,26 @@ mod tests {
         let token =
             "[server]\nauth_token_env = \"NOPE_TOKEN\"\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n";
         assert!(parse(token).unwrap_err().to_string().contains("NOPE_TOKEN"));
+    }
+
+    #[test]
+    fn a_config_that_connects_needs_no_hosts_but_a_valid_url() {
+        let c = parse("[server]\nconnect = \"http://gpu-box.lan:8765/mcp\"\n").unwrap();
+        assert_eq!(
+            c.server.connect.as_deref(),
+            Some("http://gpu-box.lan:8765/mcp")
+        );
+        assert!(c.hosts.is_empty());
+        for (url, needle) in [
+            ("gpu-box:8765", "[server] connect"),
+            ("ftp://gpu-box/", "http:// or https://"),
+            ("http://", "not a URL"),
+        ] {
+            let err = parse(&format!("[server]\nconnect = \"{url}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+        }
     }
 
     #[test]

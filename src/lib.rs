@@ -19,6 +19,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod ownership;
 pub mod reload;
+pub mod remote;
 pub mod scheduler;
 pub mod sim;
 pub mod stdio;

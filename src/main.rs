@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use prix_dispatch::config::{self, Config};
 use prix_dispatch::daemon::{self, ServeOptions};
 use prix_dispatch::local::Op;
-use prix_dispatch::{Dispatcher, bridge, demo, mcp};
+use prix_dispatch::{Dispatcher, bridge, demo, mcp, remote};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -43,8 +43,13 @@ enum Command {
         config: Option<PathBuf>,
         /// Run the queue in this process instead of joining the machine's daemon (one-off
         /// use, tests). Two standalone launches do not share a queue.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "connect")]
         standalone: bool,
+        /// Join the daemon at this URL (`prix-dispatch serve` on another machine, e.g.
+        /// http://gpu-box:8765) instead of this machine's; its token is read from
+        /// PRIX_DISPATCH_TOKEN. Overrides [server] connect; needs no local configuration.
+        #[arg(long, value_name = "URL")]
+        connect: Option<String>,
     },
     /// Run the long-lived daemon on [server] listen: MCP over Streamable HTTP at /mcp, the
     /// OpenAI-compatible API at /v1, /metrics (Prometheus), /status (JSON), /healthz, and a
@@ -141,10 +146,18 @@ async fn main() -> anyhow::Result<()> {
     init_logging();
     match Cli::parse().command {
         Command::Stdio {
+            connect: Some(url), ..
+        } => remote::run(remote::RemoteSpec::from_env(&url)?).await?,
+        Command::Stdio {
             config: path,
             standalone: false,
+            connect: None,
         } => {
             let config = load(path.clone())?;
+            if let Some(url) = &config.server.connect {
+                remote::run(remote::RemoteSpec::from_env(url)?).await?;
+                return Ok(());
+            }
             let spec = daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
             tracing::debug!(socket = %spec.socket.display(), "joining the machine's daemon");
             bridge::run(spec).await?;
@@ -152,8 +165,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Stdio {
             config,
             standalone: true,
+            connect: None,
         } => {
             let config = load(config)?;
+            has_hosts(&config)?;
             // A queue of its own, but never a second scheduler for a host: take its locks.
             let dir = prix_dispatch::daemon_dir::DaemonDir::for_this_user()?;
             let source = prix_dispatch::fleet::SourceFleet::from_config(&config);
@@ -190,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
             socket,
         } => {
             let config = load(config)?;
+            has_hosts(&config)?;
             daemon::serve(ServeOptions {
                 config,
                 launched: idle_exit,
@@ -269,6 +285,20 @@ fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     })
 }
 
+/// A configuration that only joins another machine's daemon ([server] connect) has no hosts
+/// to run a queue for.
+fn has_hosts(config: &Config) -> anyhow::Result<()> {
+    match &config.server.connect {
+        Some(url) if config.hosts.is_empty() => anyhow::bail!(
+            "{}: this configuration joins the daemon at {url} ([server] connect) and lists no \
+             [[host]] to serve; run `prix-dispatch stdio` with it, or serve the fleet's own \
+             configuration",
+            config.source
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn describe_daemon(info: &prix_dispatch::reload::DaemonInfo) -> String {
     use std::fmt::Write;
     let mut out = String::new();
@@ -326,6 +356,9 @@ fn describe(config: &Config) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let _ = writeln!(out, "configuration: {} (ok)", config.source);
+    if let Some(url) = &config.server.connect {
+        let _ = writeln!(out, "stdio joins the daemon at: {url}");
+    }
     let _ = writeln!(out, "listen: {}", config.server.listen);
     match prix_dispatch::daemon_dir::DaemonDir::for_this_user() {
         Ok(dir) => {
