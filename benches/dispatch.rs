@@ -157,6 +157,7 @@ fn completed() -> Release<Job> {
         outcome: Outcome::Completed,
         signal: HostSignal::Healthy,
         retry: None,
+        observed: None,
     }
 }
 
@@ -500,7 +501,7 @@ impl Des {
     fn apply(&mut self, decisions: Vec<Decision<Job>>) {
         for d in decisions {
             match d {
-                Decision::Start { task, host } => {
+                Decision::Start { task, host, .. } => {
                     let h = host.0;
                     if self.running[h].len() >= self.slots[h] {
                         self.result.slot_violations += 1;
@@ -1106,6 +1107,7 @@ async fn overhead_async(requests_c1: usize, requests_c64: usize, repeats: usize)
                 base_url: sim.url(),
                 slots: OVERHEAD_SLOTS,
                 api_key: None,
+                ..HostConfig::default()
             })
             .collect(),
     );

@@ -118,6 +118,24 @@ pub struct HostConfig {
     pub base_url: String,
     pub slots: usize,
     pub api_key: Option<ApiKey>,
+    /// Models the host holds in memory at once (`max_loaded_models`, default 1: LM Studio's
+    /// JIT auto-evict keeps one); learned upward when the host reports more resident.
+    pub max_loaded_models: usize,
+    /// Time to load a model here until one is learned (`load_seconds`, default 30 s).
+    pub load: Duration,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            base_url: String::new(),
+            slots: 1,
+            api_key: None,
+            max_loaded_models: 1,
+            load: crate::scheduler::state::DEFAULT_LOAD,
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -231,6 +249,8 @@ struct FileHost {
     slots: Option<i64>,
     api_key: Option<String>,
     api_key_env: Option<String>,
+    max_loaded_models: Option<i64>,
+    load_seconds: Option<f64>,
 }
 
 /// Reads the environment; injected so tests need not touch the process environment.
@@ -431,11 +451,23 @@ impl Config {
                 },
                 (None, None) => None,
             };
+            let max_loaded_models = match h.max_loaded_models {
+                None => 1,
+                Some(n) => {
+                    at_least_one(n, &format!("{at}: max_loaded_models")).map_err(&invalid)?
+                }
+            };
+            let load = match h.load_seconds {
+                None => crate::scheduler::state::DEFAULT_LOAD,
+                Some(s) => seconds(s, &format!("{at}: load_seconds"), true).map_err(&invalid)?,
+            };
             hosts.push(HostConfig {
                 name: h.name,
                 base_url,
                 slots,
                 api_key,
+                max_loaded_models,
+                load,
             });
         }
         Ok(Config {
@@ -479,6 +511,7 @@ impl Config {
                 base_url,
                 slots: 1,
                 api_key: key.map(ApiKey::new),
+                ..HostConfig::default()
             });
         }
         if hosts.is_empty() {

@@ -149,6 +149,7 @@ async fn battery(
                 base_url: sim.url(),
                 slots: 1,
                 api_key: None,
+                ..HostConfig::default()
             })
             .collect(),
     );

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::DispatchError;
 use crate::metrics::Metrics;
 use crate::scheduler::state::{Counters, Health, HostId, HostSnapshot, Limits};
-use crate::scheduler::{FleetChange, Scheduler, TaskHandle};
+use crate::scheduler::{FleetChange, HostSetup, Scheduler, TaskHandle};
 use crate::scheduler::{SchedulerSettings, TaskDefaults};
 use crate::task::{CompletionResult, TaskEvent, TaskSpec, Timeouts};
 use crate::worker;
@@ -64,6 +64,9 @@ pub struct DispatchStatus {
     /// Connected MCP clients and the tasks each has queued and running.
     pub clients: Vec<ClientStatus>,
     pub counters: Counters,
+    /// What placement knows of switching costs: per host and model, learned load, warm
+    /// first-token and service times in seconds.
+    pub costs: Vec<crate::scheduler::costs::LearnedCost>,
 }
 
 impl Dispatcher {
@@ -71,10 +74,15 @@ impl Dispatcher {
     /// Must be called inside a Tokio runtime.
     pub fn start(config: &Config) -> Dispatcher {
         let http = backend::http_client();
-        let hosts: Vec<(HostClient, usize)> = config
+        let hosts: Vec<HostSetup> = config
             .hosts
             .iter()
-            .map(|h| (HostClient::new(h, http.clone()), h.slots))
+            .map(|h| HostSetup {
+                client: HostClient::new(h, http.clone()),
+                slots: h.slots,
+                max_loaded_models: h.max_loaded_models,
+                load: h.load,
+            })
             .collect();
         let slots: Vec<usize> = config.hosts.iter().map(|h| h.slots).collect();
         let settings = SchedulerSettings {
@@ -86,6 +94,7 @@ impl Dispatcher {
                 probe_interval: config.health.probe_interval,
                 breaker_threshold: config.health.failure_threshold,
                 breaker_cooldown: config.health.cooldown,
+                swap_aware: true,
             },
             defaults: TaskDefaults {
                 timeouts: Timeouts {
@@ -215,6 +224,7 @@ impl Dispatcher {
             closing: snapshot.closing,
             clients: self.inner.clients.list(&snapshot.tasks_by_client),
             counters: snapshot.counters,
+            costs: snapshot.costs,
         })
     }
 

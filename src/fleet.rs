@@ -16,12 +16,25 @@ use crate::config::{Config, ConfigSource, HostConfig, host_identity};
 use crate::task::ApiKey;
 
 /// One host as a source lists it; sent by a launch over the daemon's private socket.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceHost {
     pub name: String,
     pub base_url: String,
     pub slots: usize,
     pub api_key: Option<String>,
+    #[serde(default = "one")]
+    pub max_loaded_models: usize,
+    /// Configured load time, in seconds.
+    #[serde(default = "default_load_seconds")]
+    pub load_seconds: f64,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn default_load_seconds() -> f64 {
+    crate::scheduler::state::DEFAULT_LOAD.as_secs_f64()
 }
 
 impl fmt::Debug for SourceHost {
@@ -42,7 +55,7 @@ impl SourceHost {
 }
 
 /// The hosts of one configuration source.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SourceFleet {
     /// What makes two launches the same source: `file:<absolute path>`, or `environment:`
     /// and the identities its variables list (two prompt-prix launches with the same servers
@@ -67,6 +80,8 @@ impl SourceFleet {
                 base_url: h.base_url.clone(),
                 slots: h.slots,
                 api_key: h.api_key.as_ref().map(|k| k.expose().to_string()),
+                max_loaded_models: h.max_loaded_models,
+                load_seconds: h.load.as_secs_f64(),
             })
             .collect();
         match &config.source {
@@ -100,13 +115,13 @@ impl SourceFleet {
 }
 
 /// A daemon's sources, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Fleet {
     sources: Vec<SourceFleet>,
 }
 
 /// What a daemon does with a launch that brings `incoming`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     /// Every host is already scheduled here: serve the launch. `warnings` name settings that
     /// differ between the sources (the daemon's apply).
@@ -152,6 +167,8 @@ impl Fleet {
                 base_url: h.base_url,
                 slots: h.slots,
                 api_key: h.api_key.map(ApiKey::new),
+                max_loaded_models: h.max_loaded_models,
+                load: std::time::Duration::from_secs_f64(h.load_seconds.clamp(0.0, 1e9)),
             })
             .collect()
     }
@@ -286,6 +303,8 @@ mod tests {
             base_url: url.into(),
             slots,
             api_key: key.map(String::from),
+            max_loaded_models: 1,
+            load_seconds: 30.0,
         }
     }
 

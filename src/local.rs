@@ -362,6 +362,7 @@ mod tests {
                 base_url: "http://127.0.0.1:9".into(),
                 slots: 1,
                 api_key: None,
+                ..HostConfig::default()
             }],
         );
         let dir = crate::daemon_dir::DaemonDir::at(path.parent().unwrap().join("dir")).unwrap();

@@ -297,6 +297,8 @@ pub struct InferenceTask {
     /// Fired when the client gives up; whoever holds the task stops working on it.
     pub cancel: CancellationToken,
     pub events: mpsc::UnboundedSender<TaskEvent>,
+    /// Fired at the host's first output byte, when the worker wants to know (a cold load).
+    pub first_output: Option<CancellationToken>,
 }
 
 impl InferenceTask {
@@ -314,6 +316,14 @@ impl InferenceTask {
     }
 
     pub fn emit(&self, event: TaskEvent) {
+        if let Some(first) = &self.first_output
+            && matches!(
+                event,
+                TaskEvent::Delta(_) | TaskEvent::ReasoningDelta(_) | TaskEvent::Bytes(_)
+            )
+        {
+            first.cancel();
+        }
         // A closed receiver means the client left; the worker notices through `abandoned`.
         let _ = self.events.send(event);
     }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use crate::backend::{HostClient, StreamOutput};
 use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
 use crate::metrics::Metrics;
+use crate::scheduler::costs::Observed;
 use crate::scheduler::state::{HostId, Outcome};
 use crate::scheduler::{Assignment, Scheduler};
 use crate::task::{CompletionResult, InferenceTask, TaskEvent};
@@ -25,6 +26,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
         client,
         running_here,
         slots,
+        cold,
     }) = scheduler.next_task(host).await
     {
         if !task.abandoned()
@@ -50,14 +52,37 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
             task.emit(TaskEvent::Started {
                 host: client.name.clone(),
             });
-            attempt(&client, &task).await
+            if cold {
+                // The cold-load gate: the scheduler opens this host's other slots at the
+                // first byte, when the model is loaded.
+                let first = tokio_util::sync::CancellationToken::new();
+                task.first_output = Some(first.clone());
+                let run = attempt(&client, &task);
+                tokio::pin!(run);
+                tokio::select! {
+                    result = &mut run => result,
+                    _ = first.cancelled() => {
+                        scheduler.first_byte(host, task.id);
+                        run.await
+                    }
+                }
+            } else {
+                attempt(&client, &task).await
+            }
         } else {
             // Cancelled between assignment and now: nothing was sent, the slot goes straight back.
             Err(DispatchError::cancelled().into())
         };
         match result {
             Ok(output) => {
-                lease.release(Outcome::Completed, HostSignal::Healthy);
+                lease.completed(
+                    task.spec.model.clone(),
+                    Observed {
+                        cold,
+                        ttft: output.ttft,
+                        service: taken.elapsed(),
+                    },
+                );
                 let result = completion(output, &task, &client.name, taken);
                 metrics.completed(&result);
                 task.emit(TaskEvent::Finished(result));

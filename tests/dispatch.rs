@@ -616,12 +616,14 @@ async fn a_dead_host_is_reported_and_the_rest_of_the_fleet_serves() {
                 base_url: dead_url.clone(),
                 slots: 1,
                 api_key: None,
+                ..prix_dispatch::config::HostConfig::default()
             },
             prix_dispatch::config::HostConfig {
                 name: "alive".into(),
                 base_url: fleet.sims[0].url(),
                 slots: 1,
                 api_key: None,
+                ..prix_dispatch::config::HostConfig::default()
             },
         ],
     );

@@ -531,6 +531,7 @@ async fn real_llama_servers_one_request_per_server() {
             base_url: s.base.clone(),
             slots: 1,
             api_key: None,
+            ..HostConfig::default()
         })
         .collect();
     let dispatcher = Dispatcher::start(&Config::with_hosts(ConfigSource::Environment, hosts));
@@ -852,6 +853,7 @@ async fn a_server_busy_with_a_request_from_elsewhere_gets_no_second_one() {
             base_url: server.base.clone(),
             slots: 1,
             api_key: None,
+            ..HostConfig::default()
         }],
     ));
     // Warm the model and let the daemon learn that this host shows its slots.

@@ -5,6 +5,8 @@
 //! went down. Everything else talks to it through the cloneable [`Scheduler`] handle; no lock
 //! is shared and none is held across I/O.
 
+pub mod costs;
+pub mod placement;
 pub mod state;
 
 use std::collections::VecDeque;
@@ -21,6 +23,7 @@ use crate::backend::HostClient;
 use crate::config::HostConfig;
 use crate::error::{DispatchError, ErrorKind, HostSignal};
 use crate::task::{InferenceTask, TaskEvent, TaskId, TaskSpec, Timeouts};
+use costs::Observed;
 use state::{
     Decision, DispatchState, HealthChange, HostId, Limits, ManifestReport, Outcome, Queueable,
     Release, RunningTask, Snapshot,
@@ -64,6 +67,11 @@ enum Command {
     Cancel(TaskId),
     ManifestsRead(Vec<ManifestReport>),
     ProbeResult(ManifestReport),
+    /// A cold request sent its first byte: its model is loaded.
+    FirstByte {
+        host: HostId,
+        task: TaskId,
+    },
     /// A `/slots` read of a host busy from elsewhere: slots processing, if it could tell.
     SlotsRead {
         host: HostId,
@@ -95,6 +103,18 @@ pub struct Assignment {
     /// and its slots: what a `/slots` read before sending is compared against.
     pub running_here: usize,
     pub slots: usize,
+    /// The host does not hold the model: the request loads it, and the worker tells the
+    /// scheduler at its first byte ([`Scheduler::first_byte`]).
+    pub cold: bool,
+}
+
+/// A host as the scheduler starts with it.
+pub struct HostSetup {
+    pub client: HostClient,
+    pub slots: usize,
+    pub max_loaded_models: usize,
+    /// Load time until one is learned.
+    pub load: Duration,
 }
 
 /// What a reload changed, by host name, and the slot workers the caller must start.
@@ -131,6 +151,17 @@ impl SlotLease {
             outcome,
             signal,
             retry: None,
+            observed: None,
+        });
+    }
+
+    /// Gives the slot back after a completed task, with its timings for the cost model.
+    pub fn completed(mut self, model: String, observed: Observed) {
+        self.send(Release {
+            outcome: Outcome::Completed,
+            signal: HostSignal::Healthy,
+            retry: None,
+            observed: Some((model, observed)),
         });
     }
 
@@ -141,6 +172,7 @@ impl SlotLease {
             outcome: Outcome::Failed,
             signal,
             retry: Some((task, error)),
+            observed: None,
         });
     }
 
@@ -161,6 +193,7 @@ impl Drop for SlotLease {
             outcome: Outcome::Cancelled,
             signal: HostSignal::Neutral,
             retry: None,
+            observed: None,
         });
     }
 }
@@ -242,20 +275,23 @@ impl Scheduler {
     /// clients read manifests. The caller starts `slots` workers per host ([`crate::worker`]).
     /// The join handle tells whether the actor ended by itself or by a panic.
     pub fn spawn(
-        hosts: Vec<(HostClient, usize)>,
+        hosts: Vec<HostSetup>,
         settings: SchedulerSettings,
     ) -> (Scheduler, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let state = DispatchState::new(
-            hosts.iter().map(|(h, s)| (h.name.clone(), *s)),
+        let mut state = DispatchState::new(
+            hosts.iter().map(|h| (h.client.name.clone(), h.slots)),
             settings.limits,
         );
+        for (i, h) in hosts.iter().enumerate() {
+            state.set_switching(HostId(i), h.max_loaded_models, h.load);
+        }
         let actor = Actor {
             state,
             waiting: hosts.iter().map(|_| VecDeque::new()).collect(),
-            workers: hosts.iter().map(|(_, s)| *s).collect(),
+            workers: hosts.iter().map(|h| h.slots).collect(),
             running: hosts.iter().map(|_| Vec::new()).collect(),
-            hosts: hosts.into_iter().map(|(h, _)| Arc::new(h)).collect(),
+            hosts: hosts.into_iter().map(|h| Arc::new(h.client)).collect(),
             refresh_waiters: Vec::new(),
             close_waiters: Vec::new(),
             tx: tx.clone(),
@@ -297,6 +333,7 @@ impl Scheduler {
             enqueued_at: Instant::now(),
             cancel: cancel.clone(),
             events: events_tx,
+            first_output: None,
         };
         self.tx
             .send(Command::Submit(Box::new(task)))
@@ -308,6 +345,11 @@ impl Scheduler {
             scheduler: self.tx.clone(),
             ended: false,
         })
+    }
+
+    /// The cold request `task` on `host` sent its first byte (the cold-load gate opens).
+    pub fn first_byte(&self, host: HostId, task: TaskId) {
+        let _ = self.tx.send(Command::FirstByte { host, task });
     }
 
     /// Waits until a slot of `host` has a task; `None` once the scheduler stops.
@@ -461,6 +503,7 @@ impl Actor {
                     self.state.manifests_read(reports, now)
                 }
                 Some(Command::ProbeResult(report)) => self.state.probe_result(report, now),
+                Some(Command::FirstByte { host, task }) => self.state.first_byte(host, task, now),
                 Some(Command::SlotsRead { host, processing }) => {
                     self.state.slots_read(host, processing, now)
                 }
@@ -499,7 +542,7 @@ impl Actor {
     fn carry_out(&mut self, decisions: Vec<Decision<InferenceTask>>) {
         for decision in decisions {
             match decision {
-                Decision::Start { task, host } => {
+                Decision::Start { task, host, cold } => {
                     let lease = SlotLease {
                         host,
                         task: task.id,
@@ -517,6 +560,7 @@ impl Actor {
                         client: self.hosts[host.0].clone(),
                         running_here: self.running[host.0].len(),
                         slots: self.state.slots(host),
+                        cold,
                     };
                     let undelivered = match self.waiting[host.0].pop_front() {
                         Some(worker) => worker.send(assignment).err(),
@@ -653,10 +697,14 @@ impl Actor {
                         decisions.extend(self.state.set_slots(id, config.slots, now));
                     }
                     self.hosts[i] = client;
+                    self.state
+                        .set_switching(id, config.max_loaded_models, config.load);
                     id
                 }
                 None => {
                     let (id, added) = self.state.add_host(config.name.clone(), config.slots);
+                    self.state
+                        .set_switching(id, config.max_loaded_models, config.load);
                     decisions.extend(added);
                     self.hosts.push(client);
                     self.waiting.push(VecDeque::new());

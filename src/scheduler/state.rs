@@ -13,6 +13,8 @@ use schemars::JsonSchema;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use costs::{CostModel, Observed};
+
 use crate::error::{DispatchError, ErrorKind};
 pub use crate::error::{HostSignal, ManifestFailure};
 use crate::task::TaskId;
@@ -40,7 +42,8 @@ pub struct HostId(pub usize);
 #[derive(Debug)]
 pub enum Decision<T> {
     /// Hand `task` to an idle worker of `host`; its slot is already counted as taken.
-    Start { task: T, host: HostId },
+    /// `cold`: the host does not hold the model, so the request will load it.
+    Start { task: T, host: HostId, cold: bool },
     /// Tell the task's client it failed.
     Fail { task: T, error: DispatchError },
     /// Read every host's manifest and report with `manifests_read`.
@@ -89,6 +92,8 @@ pub struct Release<T> {
     pub outcome: Outcome,
     pub signal: HostSignal,
     pub retry: Option<(T, DispatchError)>,
+    /// A completed task's model and timings, for the cost model.
+    pub observed: Option<(String, Observed)>,
 }
 
 /// One host's manifest read.
@@ -113,6 +118,9 @@ pub struct Limits {
     /// Consecutive 5xx answers that cool a host down.
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
+    /// Placement counts model loads (see [`placement`]); `false` is the placement before
+    /// swap-awareness, kept as a baseline for the benchmarks.
+    pub swap_aware: bool,
 }
 
 impl Default for Limits {
@@ -125,6 +133,7 @@ impl Default for Limits {
             probe_interval: Duration::from_secs(5),
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(10),
+            swap_aware: true,
         }
     }
 }
@@ -170,6 +179,15 @@ struct Host {
     busy_elsewhere: usize,
     /// A `ReadSlots` is outstanding.
     reading_slots: bool,
+    /// Models believed in memory, least recently used first: corrected by every manifest
+    /// read where the host tells, kept from what runs here otherwise.
+    resident: Vec<String>,
+    /// Most models it holds at once (LM Studio's auto-evict: 1); learned upward from reports.
+    max_loaded: usize,
+    /// A request loading a model here that has not sent its first byte: nothing else starts
+    /// here until it does (the cold-load gate; LM Studio loads a copy per concurrent request,
+    /// its bug tracker #1751).
+    loading: Option<TaskId>,
 }
 
 impl Host {
@@ -194,6 +212,9 @@ impl Host {
             retired: false,
             busy_elsewhere: 0,
             reading_slots: false,
+            resident: Vec::new(),
+            max_loaded: 1,
+            loading: None,
         }
     }
 
@@ -201,6 +222,7 @@ impl Host {
         self.health == Health::Up
             && !self.retired
             && self.idle_workers > 0
+            && self.loading.is_none()
             && self.active + self.busy_elsewhere < self.slots
             && self.models.contains(model)
             && (self.active == 0 || self.current_model.as_deref() == Some(model))
@@ -240,6 +262,8 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Per client id, (queued, running) tasks (filled in by the actor).
     pub tasks_by_client: BTreeMap<u64, (usize, usize)>,
+    /// The cost model: load, warm first-token and service times learned per host and model.
+    pub costs: Vec<costs::LearnedCost>,
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -268,6 +292,15 @@ pub struct HostSnapshot {
     /// elsewhere": another dispatcher, a person using the server directly), from the host's
     /// llama.cpp `/slots`; counted as taken. Always 0 for hosts that do not show slots.
     pub busy_elsewhere: usize,
+    /// Models the daemon believes in memory, least recently used first: what the host said
+    /// at its last read, updated by what ran here since.
+    pub resident_models: Vec<String>,
+    /// Most models it holds at once (default 1, LM Studio's auto-evict; learned upward).
+    pub max_loaded_models: usize,
+    /// A request is loading a model here (until its first byte, nothing else starts).
+    pub loading: bool,
+    /// Expected seconds to load a model here (learned, else the fleet's, else configured).
+    pub load_seconds: f64,
     /// The host's base URL (filled in by the actor, which holds the clients).
     #[serde(skip)]
     pub url: String,
@@ -308,6 +341,10 @@ pub struct DispatchState<T> {
     waiting: usize,
     closing: bool,
     counters: Counters,
+    /// Load and service times, learned from finished tasks.
+    costs: CostModel,
+    /// The time of the last matching (every event ends with one).
+    last_dispatch: Option<Instant>,
 }
 
 /// How many of the first waiting tasks of a model hear their new position when the line moves.
@@ -317,11 +354,14 @@ impl<T: Queueable> DispatchState<T> {
     /// `hosts` as (name, slots) in configuration order. Manifests are unknown until the first
     /// `manifests_read`; tasks submitted before that wait for it.
     pub fn new(hosts: impl IntoIterator<Item = (String, usize)>, limits: Limits) -> Self {
+        let hosts: Vec<Host> = hosts
+            .into_iter()
+            .map(|(name, slots)| Host::new(name, slots))
+            .collect();
         Self {
-            hosts: hosts
-                .into_iter()
-                .map(|(name, slots)| Host::new(name, slots))
-                .collect(),
+            costs: CostModel::new(vec![DEFAULT_LOAD; hosts.len()]),
+            last_dispatch: None,
+            hosts,
             limits,
             queues: HashMap::new(),
             index: HashMap::new(),
@@ -417,7 +457,12 @@ impl<T: Queueable> DispatchState<T> {
         now: Instant,
     ) -> Vec<Decision<T>> {
         let mut out = Vec::new();
+        if let Some((model, seen)) = &release.observed {
+            self.costs.observe(host.0, model, *seen);
+        }
         let h = &mut self.hosts[host.0];
+        // A load in progress is the only task on its host: its end ends the gate.
+        h.loading = None;
         debug_assert!(
             h.active > 0,
             "release without a matching start on {}",
@@ -623,7 +668,29 @@ impl<T: Queueable> DispatchState<T> {
             Some(self.host_wait_deadline(head, *since))
         });
         let cooling = self.hosts.iter().filter_map(|h| h.cooling_until);
-        queue.into_iter().chain(host_wait).chain(cooling).min()
+        // Swap-aware placement may hold a task back rather than load its model; once it is
+        // overdue, any host that can switch takes it: wake up then.
+        let overdue = self
+            .limits
+            .swap_aware
+            .then(|| {
+                self.queues.iter().filter_map(|(model, queue)| {
+                    let head = queue.values().next()?;
+                    let at = self.overdue_at(model, head);
+                    // Only a moment still to come: one already past changes nothing more.
+                    self.last_dispatch
+                        .is_none_or(|seen| at > seen)
+                        .then_some(at)
+                })
+            })
+            .into_iter()
+            .flatten();
+        queue
+            .into_iter()
+            .chain(host_wait)
+            .chain(cooling)
+            .chain(overdue)
+            .min()
     }
 
     /// Stops taking work: every waiting task fails with a retryable "shutting down", and so
@@ -670,7 +737,8 @@ impl<T: Queueable> DispatchState<T> {
             hosts: self
                 .hosts
                 .iter()
-                .map(|h| HostSnapshot {
+                .enumerate()
+                .map(|(i, h)| HostSnapshot {
                     name: h.name.clone(),
                     health: h.health,
                     slots: h.slots,
@@ -683,6 +751,13 @@ impl<T: Queueable> DispatchState<T> {
                     running: Vec::new(),
                     retired: h.retired,
                     busy_elsewhere: h.busy_elsewhere,
+                    resident_models: h.resident.clone(),
+                    max_loaded_models: h.max_loaded,
+                    loading: h.loading.is_some(),
+                    load_seconds: self
+                        .costs
+                        .load(i, h.resident.last().map_or("", String::as_str))
+                        .as_secs_f64(),
                     url: String::new(),
                 })
                 .collect(),
@@ -696,6 +771,7 @@ impl<T: Queueable> DispatchState<T> {
             closing: self.closing,
             counters: self.counters,
             tasks_by_client: BTreeMap::new(),
+            costs: self.costs.learned(|i| self.hosts[i].name.clone()),
         }
     }
 
@@ -716,6 +792,15 @@ impl<T: Queueable> DispatchState<T> {
                 h.models = models.into_iter().collect();
                 h.models_known = true;
                 h.answered_badly = false;
+                match &report.loaded {
+                    Some(loaded) => h.correct_residency(loaded),
+                    // A host that can hold everything it lists never switches (vLLM, a
+                    // single-model llama-server).
+                    None if h.models.len() <= h.max_loaded => {
+                        h.resident = h.models.iter().cloned().collect();
+                    }
+                    None => {}
+                }
                 h.loaded = report.loaded;
                 if h.health == Health::Down {
                     h.health = Health::Up;
@@ -854,37 +939,30 @@ impl<T: Queueable> DispatchState<T> {
     /// configuration order. Only models with an eligible slot compete, so a model whose hosts
     /// are all busy never blocks another (no head-of-line blocking).
     fn dispatch(&mut self, now: Instant, out: &mut Vec<Decision<T>>) {
+        self.last_dispatch = Some(now);
         loop {
             let held = self.held_for_drain(now);
-            let mut best: Option<((u8, usize, TaskId), &str, HostId)> = None;
-            for (model, queue) in &self.queues {
-                let Some((&id, head)) = queue.first_key_value() else {
-                    continue;
-                };
-                let Some(host) = self.pick_host(model, &held) else {
-                    continue;
-                };
-                let key = if self.overdue(model, head, now) {
-                    (0, 0, id)
-                } else {
-                    (1, self.coverage.get(model).copied().unwrap_or(0), id)
-                };
-                if best.is_none_or(|(k, _, _)| key < k) {
-                    best = Some((key, model, host));
-                }
-            }
-            let Some(((_, _, id), model, host)) = best else {
+            let choice = if self.limits.swap_aware {
+                self.choose_swap_aware(&held, now)
+            } else {
+                self.choose_load_blind(&held, now)
+            };
+            let Some((id, model, host)) = choice else {
                 return;
             };
-            let model = model.to_string();
             let task = self.remove_queued(&model, id);
 
             let h = &mut self.hosts[host.0];
+            let cold = !h.resident.contains(&model);
             h.idle_workers -= 1;
             h.active += 1;
             h.started += 1;
             h.current_model = Some(model.clone());
             h.last_model = Some(model.clone());
+            h.touch(&model);
+            if cold && self.limits.swap_aware {
+                h.loading = Some(id);
+            }
             match self.last_started.get_mut(&model) {
                 Some(at) => *at = now,
                 None => {
@@ -892,7 +970,7 @@ impl<T: Queueable> DispatchState<T> {
                 }
             }
             self.counters.started += 1;
-            out.push(Decision::Start { task, host });
+            out.push(Decision::Start { task, host, cold });
 
             if let Some(queue) = self.queues.get(&model) {
                 for (i, t) in queue.values().take(POSITION_UPDATES).enumerate() {
@@ -900,6 +978,119 @@ impl<T: Queueable> DispatchState<T> {
                 }
             }
         }
+    }
+
+    /// Placement before swap-awareness (the benchmarks' baseline): the oldest overdue task,
+    /// else the scarcest model's oldest, on the least versatile idle host.
+    fn choose_load_blind(&self, held: &[bool], now: Instant) -> Option<(TaskId, String, HostId)> {
+        let mut best: Option<((u8, usize, TaskId), &str, HostId)> = None;
+        for (model, queue) in &self.queues {
+            let Some((&id, head)) = queue.first_key_value() else {
+                continue;
+            };
+            let Some(host) = self.pick_host(model, held) else {
+                continue;
+            };
+            let key = if self.overdue(model, head, now) {
+                (0, 0, id)
+            } else {
+                (1, self.coverage.get(model).copied().unwrap_or(0), id)
+            };
+            if best.is_none_or(|(k, _, _)| key < k) {
+                best = Some((key, model, host));
+            }
+        }
+        best.map(|((_, _, id), model, host)| (id, model.to_string(), host))
+    }
+
+    /// Swap-aware placement: every (model, free host) pair is judged by [`placement`].
+    fn choose_swap_aware(&self, held: &[bool], now: Instant) -> Option<(TaskId, String, HostId)> {
+        type ModelKey = (bool, bool, usize, TaskId);
+        type HostKey = (bool, Duration, usize, usize, bool, usize);
+        let mut best: Option<(ModelKey, HostKey, &str, HostId)> = None;
+        for (model, queue) in &self.queues {
+            let Some((&id, head)) = queue.first_key_value() else {
+                continue;
+            };
+            let overdue = self.overdue(model, head, now);
+            let mut host_best: Option<(HostKey, HostId)> = None;
+            for (i, h) in self.hosts.iter().enumerate() {
+                if held[i] || !h.can_take(model) {
+                    continue;
+                }
+                let warm = h.resident.iter().any(|m| m == model);
+                let load = self.costs.load(i, model);
+                let facts = placement::PairFacts {
+                    overdue,
+                    warm,
+                    warm_elsewhere: self.holders(model, Some(i)),
+                    backlog: self.costs.service(i, model) * (queue.len() as u32),
+                    load,
+                    strands: !warm && self.strands(i),
+                };
+                if !placement::allowed(&facts) {
+                    continue;
+                }
+                let key = placement::host_key(
+                    warm,
+                    load,
+                    h.models.len(),
+                    h.active,
+                    h.last_model.as_deref() == Some(model.as_str()),
+                    i,
+                );
+                if host_best.is_none_or(|(k, _)| key < k) {
+                    host_best = Some((key, HostId(i)));
+                }
+            }
+            let Some((host_key, host)) = host_best else {
+                continue;
+            };
+            let running = self
+                .hosts
+                .iter()
+                .filter(|h| h.active > 0 && h.current_model.as_deref() == Some(model.as_str()))
+                .count();
+            let key = placement::model_key(
+                overdue,
+                running,
+                self.coverage.get(model).copied().unwrap_or(0),
+                id,
+            );
+            if best.is_none_or(|(k, hk, _, _)| (key, host_key) < (k, hk)) {
+                best = Some((key, host_key, model, host));
+            }
+        }
+        best.map(|(key, _, model, host)| (key.3, model.to_string(), host))
+    }
+
+    /// Healthy hosts other than `except` that hold `model` loaded. One still loading it is
+    /// no faster than a cold host: a task would wait for its load all the same.
+    fn holders(&self, model: &str, except: Option<usize>) -> usize {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter(|(i, h)| {
+                Some(*i) != except
+                    && h.health == Health::Up
+                    && !h.retired
+                    && h.resident.iter().any(|m| m == model)
+                    && !(h.loading.is_some() && h.current_model.as_deref() == Some(model))
+            })
+            .count()
+    }
+
+    /// Whether loading a model on `host` evicts one whose waiting tasks no other host holds.
+    fn strands(&self, host: usize) -> bool {
+        let h = &self.hosts[host];
+        if h.resident.len() < h.max_loaded {
+            return false;
+        }
+        let Some(evicted) = h.resident.first() else {
+            return false;
+        };
+        self.queues.get(evicted).is_some_and(|q| !q.is_empty())
+            && self.holders(evicted, Some(host)) == 0
     }
 
     /// Hosts that take no new work so that they drain for an overdue task that only the drain
@@ -949,11 +1140,16 @@ impl<T: Queueable> DispatchState<T> {
     /// instead of 0.97 on a 16-host fleet); this way the bound still holds per model — none
     /// waits longer than `max_bypass` without a start — and per task once it leads its model.
     fn overdue(&self, model: &str, head: &T, now: Instant) -> bool {
+        now >= self.overdue_at(model, head)
+    }
+
+    /// When `model`'s next task `head` becomes overdue (see [`Self::overdue`]).
+    fn overdue_at(&self, model: &str, head: &T) -> Instant {
         let since = self
             .last_started
             .get(model)
             .map_or(head.enqueued_at(), |&t| t.max(head.enqueued_at()));
-        now.saturating_duration_since(since) >= self.limits.max_bypass
+        since + self.limits.max_bypass
     }
 
     fn pick_host(&self, model: &str, held: &[bool]) -> Option<HostId> {
@@ -1047,9 +1243,19 @@ fn with_attempts(mut error: DispatchError, attempts: u32) -> DispatchError {
     error
 }
 
+pub use super::costs;
+use super::placement;
+
+/// A host's load time until one is learned (`[[host]] load_seconds`): the middle of the
+/// 5–60 s real GPUs pay to switch 7–30B models (shared/reference/placement.md).
+pub const DEFAULT_LOAD: Duration = Duration::from_secs(30);
+
 mod busy_elsewhere;
 mod fleet;
 #[cfg(test)]
 mod fleet_tests;
+mod residency;
+#[cfg(test)]
+mod swap_tests;
 #[cfg(test)]
 mod tests;

@@ -87,6 +87,7 @@ impl Fleet {
                 base_url: sim.url(),
                 slots: plan.slots,
                 api_key: plan.api_key.map(ApiKey::new),
+                ..HostConfig::default()
             });
             sims.push(sim);
         }

@@ -116,6 +116,7 @@ mod tests {
                 outcome: Outcome::Failed,
                 signal: HostSignal::BusyElsewhere(1),
                 retry: Some((Job(1, now), crate::error::DispatchError::cancelled())),
+                observed: None,
             },
             now,
         );

@@ -13,6 +13,7 @@ impl<T: Queueable> DispatchState<T> {
     /// once). Returns its id: the next index, in configuration order after the existing ones.
     pub fn add_host(&mut self, name: String, slots: usize) -> (HostId, Vec<Decision<T>>) {
         let id = HostId(self.hosts.len());
+        self.costs.add_host(super::DEFAULT_LOAD);
         let mut host = Host::new(name, slots.max(1));
         host.probing = true;
         self.hosts.push(host);

@@ -50,6 +50,7 @@ fn done() -> Release<Job> {
         outcome: Outcome::Completed,
         signal: HostSignal::Healthy,
         retry: None,
+        observed: None,
     }
 }
 
@@ -58,7 +59,7 @@ fn starts(decisions: &[Decision<Job>]) -> Vec<(u64, usize)> {
     decisions
         .iter()
         .filter_map(|d| match d {
-            Decision::Start { task, host } => Some((task.id, host.0)),
+            Decision::Start { task, host, .. } => Some((task.id, host.0)),
             _ => None,
         })
         .collect()

@@ -67,6 +67,7 @@ fn done() -> Release<T> {
         outcome: Outcome::Completed,
         signal: HostSignal::Healthy,
         retry: None,
+        observed: None,
     }
 }
 
@@ -143,6 +144,9 @@ impl Harness {
         Limits {
             max_pending: 100_000,
             max_bypass,
+            // These tests pin the load-blind rules; swap-aware placement has its own tests,
+            // and the property tests run both.
+            swap_aware: false,
             ..Limits::default()
         }
     }
@@ -250,7 +254,7 @@ impl Harness {
         let mut newest_start: HashMap<String, u64> = HashMap::new();
         for d in decisions {
             match d {
-                Decision::Start { mut task, host } => {
+                Decision::Start { mut task, host, .. } => {
                     let on = &mut self.running[host.0];
                     assert!(
                         on.len() < self.slots[host.0],
@@ -400,6 +404,7 @@ impl Harness {
                 outcome,
                 signal,
                 retry: Some((task, error)),
+                observed: None,
             }
         } else {
             self.end(
@@ -414,6 +419,7 @@ impl Harness {
                 outcome,
                 signal,
                 retry: None,
+                observed: None,
             }
         };
         let d = self.state.released(HostId(host), release, self.now);
@@ -629,10 +635,33 @@ impl Harness {
             .map(|(_, h, _)| h.0)
     }
 
+    /// Load-blind: no task waits while an idle slot could run it. Swap-aware (invariant 3 as
+    /// the README restates it): no task waits while an idle slot could run it without a load,
+    /// and a task nobody holds waits only while every slot that could load it is held back by
+    /// the placement rule (checked in `placement`'s own tests and the load battery tests).
     fn assert_work_conserving(&self) {
         let held = self.state.held_for_drain(self.now);
         for (model, queue) in &self.state.queues {
-            if !queue.is_empty() {
+            if queue.is_empty() {
+                continue;
+            }
+            if self.state.limits.swap_aware {
+                // Judged at the state's last event: an untimely tick is the actor's job
+                // (`next_deadline` wakes it when a held-back task becomes overdue).
+                let seen = self.state.last_dispatch.unwrap_or(self.now);
+                let held = self.state.held_for_drain(seen);
+                let warm_idle = self.state.hosts.iter().enumerate().any(|(i, h)| {
+                    !held[i] && h.can_take(model) && h.resident.iter().any(|m| m == model)
+                });
+                assert!(
+                    !warm_idle,
+                    "a task of {model} waits while an idle slot holding it could run it"
+                );
+                assert!(
+                    self.state.choose_swap_aware(&held, seen).is_none(),
+                    "dispatch stopped while placement still had a pair to start"
+                );
+            } else {
                 assert!(
                     self.state.pick_host(model, &held).is_none(),
                     "a task of {model} waits while an idle slot could run it"
@@ -1163,6 +1192,7 @@ fn random_faults(seed: u64, log: &mut Vec<String>) {
         probe_interval: Duration::from_secs(1),
         breaker_threshold: 1 + rng.below(3) as u32,
         breaker_cooldown: Duration::from_millis(500 + rng.below(3500)),
+        swap_aware: rng.below(2) == 0,
     };
     log.push(format!("hosts (slots, models): {hosts:?}"));
     log.push(format!("{limits:?}"));

@@ -1,0 +1,260 @@
+//! The cost model placement decides with: how long a host takes to load a model, and how
+//! long a model's task runs on a host. Pure and explicit-time: fed by what finished tasks
+//! show, read by [`crate::scheduler::placement`].
+//!
+//! A load is learned from the first-token time of a task that needed one, against the warm
+//! first-token time of that model on that host (LM Studio, llama-server's router and Ollama
+//! all load inside the first request, so the difference is the load). Until a host has shown
+//! one, the fleet's median learned load stands in for it, and until any host has, the
+//! configured `load_seconds` (default 30 s, the middle of the 5–60 s real GPUs pay for 7–30B
+//! models: shared/reference/placement.md).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Weight of a new sample in the running averages: recent tasks count most, and one odd
+/// task does not swing a decision.
+const ALPHA: f64 = 0.3;
+
+/// A task's service time before any task of its model finished anywhere: long enough that a
+/// backlog of unknown tasks is not thought cheap to spread over cold hosts.
+pub const DEFAULT_SERVICE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy)]
+struct Ewma(f64);
+
+impl Ewma {
+    fn add(slot: &mut Option<Ewma>, sample: f64) {
+        *slot = Some(match *slot {
+            None => Ewma(sample),
+            Some(Ewma(v)) => Ewma(v + ALPHA * (sample - v)),
+        });
+    }
+}
+
+/// Per host and model: load time, warm first-token time, service time (all seconds).
+#[derive(Debug, Default, Clone)]
+struct Learned {
+    load: Option<Ewma>,
+    warm_ttft: Option<Ewma>,
+    service: Option<Ewma>,
+}
+
+/// What a finished task showed: needed a load or not, its first-token time, its whole time
+/// on the host (from sending to the last byte).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observed {
+    pub cold: bool,
+    pub ttft: Option<Duration>,
+    pub service: Duration,
+}
+
+/// Per-host settings and everything learned so far.
+#[derive(Debug, Clone)]
+pub struct CostModel {
+    /// Per host (by index), the configured load time.
+    configured_load: Vec<Duration>,
+    learned: HashMap<(usize, String), Learned>,
+}
+
+impl CostModel {
+    pub fn new(configured_load: Vec<Duration>) -> Self {
+        Self {
+            configured_load,
+            learned: HashMap::new(),
+        }
+    }
+
+    /// A host joined (reload): its configured load time.
+    pub fn add_host(&mut self, load: Duration) {
+        self.configured_load.push(load);
+    }
+
+    pub fn set_configured_load(&mut self, host: usize, load: Duration) {
+        if let Some(l) = self.configured_load.get_mut(host) {
+            *l = load;
+        }
+    }
+
+    /// Learns from a finished task of `model` on `host`.
+    pub fn observe(&mut self, host: usize, model: &str, seen: Observed) {
+        let warm_fleet = self.warm_ttft_any(model);
+        let entry = self.learned.entry((host, model.to_string())).or_default();
+        Ewma::add(&mut entry.service, seen.service.as_secs_f64());
+        let Some(ttft) = seen.ttft.map(|t| t.as_secs_f64()) else {
+            return;
+        };
+        if seen.cold {
+            // What the first token took beyond a warm one is the load.
+            let warm = entry.warm_ttft.map(|w| w.0).or(warm_fleet).unwrap_or(0.0);
+            Ewma::add(&mut entry.load, (ttft - warm).max(0.0));
+        } else {
+            Ewma::add(&mut entry.warm_ttft, ttft);
+        }
+    }
+
+    fn warm_ttft_any(&self, model: &str) -> Option<f64> {
+        let v: Vec<f64> = self
+            .learned
+            .iter()
+            .filter(|((_, m), _)| m == model)
+            .filter_map(|(_, l)| l.warm_ttft.map(|w| w.0))
+            .collect();
+        median(v)
+    }
+
+    /// Expected time for `host` to load `model` (seconds): learned for the pair, else the
+    /// median of this host's learned loads, else the fleet's, else configured.
+    pub fn load(&self, host: usize, model: &str) -> Duration {
+        if let Some(l) = self
+            .learned
+            .get(&(host, model.to_string()))
+            .and_then(|l| l.load)
+        {
+            return secs(l.0);
+        }
+        let of = |h: Option<usize>| {
+            median(
+                self.learned
+                    .iter()
+                    .filter(|((lh, _), _)| h.is_none_or(|h| *lh == h))
+                    .filter_map(|(_, l)| l.load.map(|e| e.0))
+                    .collect(),
+            )
+        };
+        of(Some(host))
+            .or_else(|| of(None))
+            .map(secs)
+            .unwrap_or_else(|| self.configured(host))
+    }
+
+    /// Whether any load time was learned on `host` or anywhere (else the configured one
+    /// stands).
+    pub fn configured(&self, host: usize) -> Duration {
+        self.configured_load
+            .get(host)
+            .copied()
+            .unwrap_or(Duration::from_secs(30))
+    }
+
+    /// Expected time of one task of `model` on `host`: learned for the pair, else for the
+    /// model on any host, else the fleet's median, else [`DEFAULT_SERVICE`].
+    pub fn service(&self, host: usize, model: &str) -> Duration {
+        if let Some(s) = self
+            .learned
+            .get(&(host, model.to_string()))
+            .and_then(|l| l.service)
+        {
+            return secs(s.0);
+        }
+        let of = |model: Option<&str>| {
+            median(
+                self.learned
+                    .iter()
+                    .filter(|((_, m), _)| model.is_none_or(|model| m == model))
+                    .filter_map(|(_, l)| l.service.map(|e| e.0))
+                    .collect(),
+            )
+        };
+        of(Some(model))
+            .or_else(|| of(None))
+            .map(secs)
+            .unwrap_or(DEFAULT_SERVICE)
+    }
+
+    /// Everything learned, for status pages, by host then model; `name` names a host index.
+    pub fn learned(&self, name: impl Fn(usize) -> String) -> Vec<LearnedCost> {
+        let mut rows: Vec<LearnedCost> = self
+            .learned
+            .iter()
+            .map(|((h, m), l)| LearnedCost {
+                host: name(*h),
+                model: m.clone(),
+                load_seconds: l.load.map(|e| e.0),
+                warm_ttft_seconds: l.warm_ttft.map(|e| e.0),
+                service_seconds: l.service.map(|e| e.0),
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.host, &a.model).cmp(&(&b.host, &b.model)));
+        rows
+    }
+}
+
+/// What the cost model learned for one model on one host (seconds; `None`: not seen yet).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, schemars::JsonSchema)]
+pub struct LearnedCost {
+    /// The host's name.
+    pub host: String,
+    pub model: String,
+    /// Time to load the model here: a cold first token beyond a warm one.
+    pub load_seconds: Option<f64>,
+    /// First-token time when the model was already loaded.
+    pub warm_ttft_seconds: Option<f64>,
+    /// One task's time on the host, from sending to the last byte.
+    pub service_seconds: Option<f64>,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 1e7))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_load_is_the_cold_first_token_beyond_the_warm_one() {
+        let mut c = CostModel::new(vec![Duration::from_secs(30); 2]);
+        assert_eq!(
+            c.load(0, "a"),
+            Duration::from_secs(30),
+            "configured at first"
+        );
+        c.observe(
+            0,
+            "a",
+            Observed {
+                cold: false,
+                ttft: Some(ms(200)),
+                service: ms(2000),
+            },
+        );
+        c.observe(
+            0,
+            "a",
+            Observed {
+                cold: true,
+                ttft: Some(ms(5200)),
+                service: ms(7000),
+            },
+        );
+        assert_eq!(c.load(0, "a"), ms(5000));
+        // Another model on that host, and another host: the learned figure stands in.
+        assert_eq!(c.load(0, "b"), ms(5000));
+        assert_eq!(c.load(1, "b"), ms(5000));
+        assert_eq!(c.service(0, "a"), Duration::from_secs_f64(2.0 + 0.3 * 5.0));
+        assert_eq!(
+            c.service(1, "a"),
+            c.service(0, "a"),
+            "the model's figure elsewhere"
+        );
+    }
+
+    #[test]
+    fn service_defaults_until_something_finished() {
+        let c = CostModel::new(vec![Duration::from_secs(30)]);
+        assert_eq!(c.service(0, "a"), DEFAULT_SERVICE);
+    }
+}

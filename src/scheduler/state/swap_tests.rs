@@ -1,0 +1,422 @@
+//! Swap-aware placement on hosts that pay for switching models: a small discrete-event run of
+//! the state machine where a host holds `max_loaded` models (LRU) and a task for any other
+//! model first pays the load. Loads are counted from the simulated hosts, not from the
+//! scheduler's belief.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::costs::Observed;
+use super::*;
+use crate::error::HostSignal;
+
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    model: String,
+    at: Instant,
+}
+
+impl Queueable for Job {
+    fn id(&self) -> TaskId {
+        TaskId(self.id)
+    }
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn enqueued_at(&self) -> Instant {
+        self.at
+    }
+    fn queue_deadline(&self) -> Option<Instant> {
+        None
+    }
+    fn attempts(&self) -> u32 {
+        0
+    }
+    fn abandoned(&self) -> bool {
+        false
+    }
+    fn notify_position(&self, _: usize) {}
+}
+
+/// A simulated GPU: what it really holds, and every load it made.
+struct Gpu {
+    models: Vec<String>,
+    resident: Vec<String>,
+    loads: usize,
+}
+
+struct Run {
+    state: DispatchState<Job>,
+    gpus: Vec<Gpu>,
+    t0: Instant,
+    now: Instant,
+    next: u64,
+    /// (finish time, host, task, model, cold, ttft)
+    running: Vec<(Instant, usize, u64, String, bool, Duration)>,
+    task: Duration,
+    load: Duration,
+    /// First bytes still to report: (time, host, task).
+    first_bytes: Vec<(Instant, usize, u64)>,
+    started_on: BTreeMap<u64, usize>,
+}
+
+impl Run {
+    /// One-slot hosts; `hosts[i]` lists those models and holds `resident[i]` at the start.
+    fn new(hosts: &[(&[&str], &[&str])], task: Duration, load: Duration, bypass: Duration) -> Run {
+        let t0 = Instant::now();
+        let mut state = DispatchState::new(
+            hosts.iter().enumerate().map(|(i, _)| (format!("h{i}"), 1)),
+            Limits {
+                max_bypass: bypass,
+                ..Limits::default()
+            },
+        );
+        state.start();
+        let reports = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (models, resident))| ManifestReport {
+                host: HostId(i),
+                models: Ok(models.iter().map(|m| m.to_string()).collect()),
+                loaded: Some(resident.iter().map(|m| m.to_string()).collect()),
+            })
+            .collect();
+        state.manifests_read(reports, t0);
+        let gpus = hosts
+            .iter()
+            .map(|(models, resident)| Gpu {
+                models: models.iter().map(|m| m.to_string()).collect(),
+                resident: resident.iter().map(|m| m.to_string()).collect(),
+                loads: 0,
+            })
+            .collect();
+        let mut run = Run {
+            state,
+            gpus,
+            t0,
+            now: t0,
+            next: 0,
+            running: Vec::new(),
+            task,
+            load,
+            first_bytes: Vec::new(),
+            started_on: BTreeMap::new(),
+        };
+        for i in 0..hosts.len() {
+            let d = run.state.worker_idle(HostId(i), t0);
+            run.apply(d);
+        }
+        run
+    }
+
+    fn submit(&mut self, model: &str) -> u64 {
+        self.next += 1;
+        let job = Job {
+            id: self.next,
+            model: model.into(),
+            at: self.now,
+        };
+        let d = self.state.submit(job, self.now);
+        self.apply(d);
+        self.next
+    }
+
+    fn apply(&mut self, decisions: Vec<Decision<Job>>) {
+        for d in decisions {
+            if let Decision::Start { task, host, .. } = d {
+                let gpu = &mut self.gpus[host.0];
+                assert!(gpu.models.contains(&task.model));
+                let cold = !gpu.resident.contains(&task.model);
+                if cold {
+                    gpu.loads += 1;
+                    gpu.resident = vec![task.model.clone()];
+                }
+                let ttft = if cold { self.load } else { Duration::ZERO };
+                self.first_bytes.push((self.now + ttft, host.0, task.id));
+                self.running.push((
+                    self.now + ttft + self.task,
+                    host.0,
+                    task.id,
+                    task.model.clone(),
+                    cold,
+                    ttft,
+                ));
+                self.started_on.insert(task.id, host.0);
+                assert!(
+                    self.running.iter().filter(|r| r.1 == host.0).count() <= 1,
+                    "slot bound broken on h{}",
+                    host.0
+                );
+            }
+        }
+    }
+
+    /// Runs until nothing runs and nothing waits; returns the makespan.
+    fn finish(&mut self) -> Duration {
+        loop {
+            let next_fb = self.first_bytes.iter().map(|f| f.0).min();
+            let next_end = self.running.iter().map(|r| r.0).min();
+            let next_tick = self.state.next_deadline();
+            let Some(at) = [next_fb, next_end, next_tick].into_iter().flatten().min() else {
+                break;
+            };
+            self.now = self.now.max(at);
+            if let Some(i) = self.first_bytes.iter().position(|f| f.0 <= self.now) {
+                let (_, host, id) = self.first_bytes.swap_remove(i);
+                let d = self.state.first_byte(HostId(host), TaskId(id), self.now);
+                self.apply(d);
+                continue;
+            }
+            if let Some(i) = self.running.iter().position(|r| r.0 <= self.now) {
+                let (_, host, _, model, cold, ttft) = self.running.swap_remove(i);
+                let d = self.state.released(
+                    HostId(host),
+                    Release {
+                        outcome: Outcome::Completed,
+                        signal: HostSignal::Healthy,
+                        retry: None,
+                        observed: Some((
+                            model,
+                            Observed {
+                                cold,
+                                ttft: Some(ttft + Duration::from_millis(1)),
+                                service: ttft + self.task,
+                            },
+                        )),
+                    },
+                    self.now,
+                );
+                self.apply(d);
+                let d = self.state.worker_idle(HostId(host), self.now);
+                self.apply(d);
+                continue;
+            }
+            let d = self.state.tick(self.now);
+            self.apply(d);
+            if self.running.is_empty() && self.state.waiting().next().is_none() {
+                break;
+            }
+        }
+        assert_eq!(self.state.waiting().count(), 0, "every task ran");
+        self.now - self.t0
+    }
+
+    fn loads(&self) -> usize {
+        self.gpus.iter().map(|g| g.loads).sum()
+    }
+}
+
+const S: Duration = Duration::from_secs(1);
+const LONG: Duration = Duration::from_secs(3600);
+
+#[test]
+fn an_interleaved_battery_on_hosts_that_hold_one_model_loads_each_model_about_once() {
+    // Two one-slot hosts listing four models, holding none; a load costs 5 tasks; the battery
+    // arrives test by test (A B C D A B C D …), 10 tests.
+    let all: &[&str] = &["a", "b", "c", "d"];
+    let mut run = Run::new(&[(all, &[]), (all, &[])], S, 5 * S, LONG);
+    for _ in 0..10 {
+        for m in all {
+            run.submit(m);
+        }
+    }
+    let makespan = run.finish();
+    // At least one load per model; the bound from shared/reference/placement.md: all work and
+    // all loads over two hosts.
+    let minimum = 4;
+    let bound = (40 * S + 4 * 5 * S) / 2;
+    assert!(
+        run.loads() * 2 <= minimum * 3,
+        "{} loads for a minimum of {minimum}",
+        run.loads()
+    );
+    assert!(
+        bound.as_secs_f64() / makespan.as_secs_f64() >= 0.85,
+        "makespan {makespan:?} against a lower bound of {bound:?}"
+    );
+}
+
+#[test]
+fn warm_hosts_keep_their_models_on_an_interleaved_battery() {
+    let ab: &[&str] = &["a", "b"];
+    let mut run = Run::new(&[(ab, &["a"]), (ab, &["b"])], S, 5 * S, LONG);
+    for _ in 0..6 {
+        run.submit("a");
+        run.submit("b");
+    }
+    run.finish();
+    assert_eq!(run.loads(), 0, "no host switched");
+}
+
+#[test]
+fn a_call_for_a_model_a_busy_host_holds_waits_for_it_instead_of_evicting_another() {
+    let ab: &[&str] = &["a", "b"];
+    let mut run = Run::new(&[(ab, &["a"]), (ab, &["b"])], S, 5 * S, LONG);
+    let first = run.submit("b");
+    assert_eq!(
+        run.started_on[&first], 1,
+        "b goes to the host that holds it"
+    );
+    let second = run.submit("b");
+    assert!(
+        !run.started_on.contains_key(&second),
+        "the idle host holding a does not evict it for one task"
+    );
+    run.finish();
+    assert_eq!(run.started_on[&second], 1);
+    assert_eq!(run.loads(), 0);
+}
+
+#[test]
+fn a_backlog_with_no_warm_host_is_loaded_beside_the_work_of_other_models() {
+    // Both hosts hold a; a has 20 tasks, b (which nobody holds) 10: one host switches to b
+    // early, instead of both finishing a first.
+    let ab: &[&str] = &["a", "b"];
+    let mut run = Run::new(&[(ab, &["a"]), (ab, &["a"])], S, 5 * S, LONG);
+    for _ in 0..20 {
+        run.submit("a");
+    }
+    for _ in 0..10 {
+        run.submit("b");
+    }
+    let makespan = run.finish();
+    // Lower bound: (30 tasks + one load of b) over two hosts.
+    assert!(makespan <= Duration::from_secs(20), "{makespan:?}");
+    assert!(run.loads() <= 2, "{} loads", run.loads());
+}
+
+#[test]
+fn a_model_no_warm_host_serves_starts_within_max_bypass() {
+    // One host holding a with a long backlog of a: b would strand a, so it waits — but not
+    // past max_bypass.
+    let ab: &[&str] = &["a", "b"];
+    let mut run = Run::new(&[(ab, &["a"])], S, 5 * S, 4 * S);
+    for _ in 0..30 {
+        run.submit("a");
+    }
+    let b = run.submit("b");
+    let t_b = run.now;
+    // Run until b has started.
+    while !run.started_on.contains_key(&b) {
+        let at = [
+            run.running.iter().map(|r| r.0).min(),
+            run.state.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("something is due");
+        run.now = at;
+        if let Some(i) = run.running.iter().position(|r| r.0 <= run.now) {
+            let (_, host, ..) = run.running.swap_remove(i);
+            run.first_bytes.clear();
+            let d = run.state.released(
+                HostId(host),
+                Release {
+                    outcome: Outcome::Completed,
+                    signal: HostSignal::Healthy,
+                    retry: None,
+                    observed: None,
+                },
+                run.now,
+            );
+            run.apply(d);
+            let d = run.state.worker_idle(HostId(host), run.now);
+            run.apply(d);
+        } else {
+            let d = run.state.tick(run.now);
+            run.apply(d);
+        }
+    }
+    let waited = run.now - t_b;
+    // Overdue after 4 s; the host frees at most one task (1 s) later.
+    assert!(waited <= 5 * S, "b waited {waited:?}");
+}
+
+#[test]
+fn the_first_request_for_a_cold_model_runs_alone_until_its_first_byte() {
+    let now = Instant::now();
+    let mut s: DispatchState<Job> = DispatchState::new([("gpu".to_string(), 2)], Limits::default());
+    s.start();
+    s.manifests_read(
+        vec![ManifestReport {
+            host: HostId(0),
+            models: Ok(vec!["a".into(), "b".into()]),
+            loaded: Some(vec![]),
+        }],
+        now,
+    );
+    s.worker_idle(HostId(0), now);
+    s.worker_idle(HostId(0), now);
+    let job = |id| Job {
+        id,
+        model: "a".into(),
+        at: now,
+    };
+    let starts = |d: &[Decision<Job>]| {
+        d.iter()
+            .filter(|d| matches!(d, Decision::Start { .. }))
+            .count()
+    };
+    let d = s.submit(job(1), now);
+    assert!(matches!(d[..], [Decision::Start { cold: true, .. }]));
+    assert_eq!(
+        starts(&s.submit(job(2), now)),
+        0,
+        "one request while it loads"
+    );
+    assert!(s.snapshot().hosts[0].loading);
+    assert_eq!(
+        starts(&s.first_byte(HostId(0), TaskId(2), now)),
+        0,
+        "not its load"
+    );
+    let d = s.first_byte(HostId(0), TaskId(1), now);
+    assert!(
+        matches!(d[..], [Decision::Start { cold: false, .. }]),
+        "then both slots"
+    );
+}
+
+#[test]
+fn the_belief_follows_a_host_that_says_someone_else_loaded_a_model() {
+    let abc: &[&str] = &["a", "b", "c"];
+    let mut run = Run::new(&[(abc, &["a"]), (abc, &["b"])], S, 5 * S, LONG);
+    assert_eq!(run.state.snapshot().hosts[0].resident_models, ["a"]);
+    // Someone loaded c on h0 by hand; the next read says so.
+    run.gpus[0].resident = vec!["c".into()];
+    let now = run.now;
+    let d = run.state.manifests_read(
+        vec![
+            ManifestReport {
+                host: HostId(0),
+                models: Ok(abc.iter().map(|m| m.to_string()).collect()),
+                loaded: Some(vec!["c".into()]),
+            },
+            ManifestReport {
+                host: HostId(1),
+                models: Ok(abc.iter().map(|m| m.to_string()).collect()),
+                loaded: Some(vec!["b".into()]),
+            },
+        ],
+        now,
+    );
+    run.apply(d);
+    assert_eq!(run.state.snapshot().hosts[0].resident_models, ["c"]);
+    let c = run.submit("c");
+    assert_eq!(run.started_on[&c], 0, "c goes where it is loaded");
+    run.finish();
+    assert_eq!(run.loads(), 0);
+}
+
+#[test]
+fn a_host_that_reports_two_resident_models_is_believed_to_hold_two() {
+    let abc: &[&str] = &["a", "b", "c"];
+    let run = Run::new(&[(abc, &["a", "b"])], S, 5 * S, LONG);
+    let host = &run.state.snapshot().hosts[0];
+    assert_eq!(host.max_loaded_models, 2);
+    assert_eq!(host.resident_models, ["a", "b"]);
+}
