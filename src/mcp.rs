@@ -41,7 +41,7 @@ pub struct ModelList {
     pub models: Vec<String>,
     /// Host URL to the models it lists (every configured host, possibly empty).
     pub servers: BTreeMap<String, Vec<String>>,
-    /// URLs of hosts whose manifest could not be read or was empty.
+    /// URLs of hosts whose manifest could not be read (out of rotation).
     pub unreachable: Vec<String>,
     pub hosts: Vec<HostStatus>,
 }
@@ -128,10 +128,11 @@ impl PrixServer {
                 .iter()
                 .map(|h| (h.url.clone(), h.state.models.clone()))
                 .collect(),
+            // A host that answers with an empty list (Ollama with nothing pulled) is up.
             unreachable: status
                 .hosts
                 .iter()
-                .filter(|h| h.state.models.is_empty())
+                .filter(|h| !h.reachable)
                 .map(|h| h.url.clone())
                 .collect(),
             hosts: status.hosts,
