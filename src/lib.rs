@@ -14,6 +14,7 @@ pub mod http;
 pub mod local;
 pub mod mcp;
 pub mod metrics;
+pub mod params;
 pub mod scheduler;
 pub mod sim;
 pub mod stdio;

@@ -7,12 +7,15 @@ use std::collections::BTreeMap;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::JsonObject;
 use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
+use crate::params;
 use crate::task::{CompletionRequest, TaskEvent};
 use std::sync::Arc;
 
@@ -80,10 +84,13 @@ impl PrixServer {
     )]
     async fn complete_stream(
         &self,
-        Parameters(request): Parameters<CompletionRequest>,
+        Parameters(args): Parameters<Args<CompletionRequest>>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        self.run_completion(request, ctx).await
+        match args.parse() {
+            Ok(request) => self.run_completion(request, ctx).await,
+            Err(e) => Ok(error_result(&e)),
+        }
     }
 
     #[tool(
@@ -93,10 +100,13 @@ impl PrixServer {
     )]
     async fn complete(
         &self,
-        Parameters(request): Parameters<CompletionRequest>,
+        Parameters(args): Parameters<Args<CompletionRequest>>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        self.run_completion(request, ctx).await
+        match args.parse() {
+            Ok(request) => self.run_completion(request, ctx).await,
+            Err(e) => Ok(error_result(&e)),
+        }
     }
 
     #[tool(
@@ -230,6 +240,46 @@ impl PrixServer {
             }
             Err(error) => error_result(&error),
         })
+    }
+}
+
+/// A tool's arguments as the client sent them, read by the tool itself rather than by rmcp:
+/// rmcp answers a value it cannot read with a protocol error (`failed to deserialize
+/// parameters: invalid type: string "50", expected i64`) that names no parameter and carries
+/// no `kind` or `retryable`. Read here, every argument error is a tool error that names the
+/// parameter and says what it should be. The advertised schema is `T`'s, with `null` taken
+/// out of optional parameters' types ([`params::strip_null`]).
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Args<T> {
+    raw: JsonObject,
+    #[serde(skip)]
+    _of: PhantomData<T>,
+}
+
+impl<T: DeserializeOwned> Args<T> {
+    /// The arguments as `T`, or an `invalid_request` error naming the parameter at fault.
+    pub fn parse(self) -> Result<T, DispatchError> {
+        serde_path_to_error::deserialize(Value::Object(self.raw)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                DispatchError::invalid(format!("invalid arguments: {inner}"))
+            } else {
+                DispatchError::invalid(format!("invalid parameter {path}: {inner}"))
+            }
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Args<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut schema = T::json_schema(generator);
+        params::strip_null(&mut schema);
+        schema
     }
 }
 
