@@ -25,7 +25,7 @@ use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
 use crate::params;
-use crate::task::{CompletionRequest, TaskEvent};
+use crate::task::{CompletionRequest, CompletionResult, TaskEvent};
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -235,7 +235,7 @@ impl PrixServer {
         };
         Ok(match outcome {
             Ok(result) => {
-                let text = result.text.clone();
+                let text = completion_text(&result);
                 structured(&result, Some(text))
             }
             Err(error) => error_result(&error),
@@ -300,6 +300,39 @@ impl Progress {
         if let Err(e) = self.peer.notify_progress(param).await {
             tracing::debug!(error = %e, "progress notification not delivered");
         }
+    }
+}
+
+/// The text content of a completion's result, never empty: clients that read only `content`
+/// (and some that reject an empty text block) must still see the answer. An answer that is
+/// only tool calls is the structured result's JSON (the MCP spec: a tool returning structured
+/// content SHOULD also return it serialised in a text block); one that is only reasoning says so.
+fn completion_text(result: &CompletionResult) -> String {
+    if !result.text.is_empty() {
+        return result.text.clone();
+    }
+    let finish = result.finish_reason.as_deref().unwrap_or("none");
+    if !result.tool_calls.is_empty() {
+        return serde_json::to_string(result).unwrap_or_else(|_| {
+            format!(
+                "The model answered with {} tool call(s)",
+                result.tool_calls.len()
+            )
+        });
+    }
+    match result.reasoning.as_deref().filter(|r| !r.is_empty()) {
+        Some(reasoning) => {
+            let hint = if finish == "length" {
+                "; it reached max_tokens while reasoning: raise max_tokens for an answer"
+            } else {
+                ""
+            };
+            format!(
+                "The model returned only reasoning, no answer text (finish_reason: {finish}{hint}). \
+                 Its reasoning:\n{reasoning}"
+            )
+        }
+        None => format!("The model returned an empty answer (finish_reason: {finish})."),
     }
 }
 
