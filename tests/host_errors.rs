@@ -17,7 +17,9 @@ fn vllm_context_error() -> Value {
 }
 
 fn replay(status: u16, content_type: &str, body: &str) -> String {
-    sim_directive(json!({"raw": {"status": status, "content_type": content_type, "chunks": [body]}}))
+    sim_directive(
+        json!({"raw": {"status": status, "content_type": content_type, "chunks": [body]}}),
+    )
 }
 
 async fn post(base: &str, content: &str, stream: bool) -> reqwest::Response {
@@ -62,15 +64,25 @@ async fn host_4xx_of_every_shape_passes_through_whole_and_not_retryable() {
             let e: Value = r.json().await.unwrap();
             assert_eq!(e["error"]["type"], "invalid_request_error");
             let text = e["error"]["message"].as_str().unwrap();
-            assert!(text.contains(message.as_str()) && text.contains("gpu0"), "{text}");
-            assert!(!text.contains("{\""), "the host's words, not its JSON: {text}");
+            assert!(
+                text.contains(message.as_str()) && text.contains("gpu0"),
+                "{text}"
+            );
+            assert!(
+                !text.contains("{\""),
+                "the host's words, not its JSON: {text}"
+            );
         }
     }
     // The typed (MCP) path: the same whole message, not retryable.
     let e = fleet
         .dispatcher
         .run(
-            spec("m", &replay(400, "application/json", &vllm.to_string()), json!({})),
+            spec(
+                "m",
+                &replay(400, "application/json", &vllm.to_string()),
+                json!({}),
+            ),
             |_| {},
         )
         .await
@@ -135,7 +147,10 @@ async fn lm_studio_200_json_error_on_a_stream_is_an_error_status() {
     }
     let e = fleet
         .dispatcher
-        .run(spec("m", &replay(200, "application/json", body), json!({})), |_| {})
+        .run(
+            spec("m", &replay(200, "application/json", body), json!({})),
+            |_| {},
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Protocol);
@@ -151,13 +166,18 @@ async fn an_error_event_never_lands_inside_a_host_line() {
     let fleet = Fleet::start(vec![host(&["m"])]).await;
     let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
     let first = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"},\"finish_reason\":null}]}\n\n";
-    let cut = sim_directive(json!({"raw": {"chunks": [first, "data: {\"choices\":[{\"in"], "abort": true}}));
+    let cut = sim_directive(
+        json!({"raw": {"chunks": [first, "data: {\"choices\":[{\"in"], "abort": true}}),
+    );
     let r = post(&front.base, &cut, true).await;
     assert_eq!(r.status(), 200);
     let body = r.text().await.unwrap();
     assert!(body.starts_with(first), "{body}");
     let rest = &body[first.len()..];
-    assert!(!rest.contains("choices"), "the cut line is held back: {body}");
+    assert!(
+        !rest.contains("choices"),
+        "the cut line is held back: {body}"
+    );
     let payload = rest.trim().strip_prefix("data: ").unwrap();
     let e: Value = serde_json::from_str(payload).unwrap();
     assert_eq!(e["error"]["code"], "stream_truncated", "{body}");
