@@ -74,6 +74,8 @@ pub struct ServerSettings {
     pub socket: Option<PathBuf>,
     /// A daemon started by a `stdio` launch exits after this long with no clients and no tasks.
     pub idle_exit: Duration,
+    /// An MCP-over-HTTP session with no call in flight for this long is closed.
+    pub session_idle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +129,7 @@ impl Default for ServerSettings {
             allowed_hosts: Vec::new(),
             socket: None,
             idle_exit: Duration::from_secs(600),
+            session_idle: crate::http::sessions::DEFAULT_SESSION_IDLE,
         }
     }
 }
@@ -190,6 +193,7 @@ struct FileServer {
     allowed_hosts: Option<Vec<String>>,
     socket: Option<PathBuf>,
     idle_exit_seconds: Option<f64>,
+    session_idle_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +303,10 @@ impl Config {
         server.socket = file.server.socket;
         if let Some(s) = file.server.idle_exit_seconds {
             server.idle_exit = seconds(s, "[server] idle_exit_seconds", false).map_err(&invalid)?;
+        }
+        if let Some(s) = file.server.session_idle_seconds {
+            server.session_idle =
+                seconds(s, "[server] session_idle_seconds", false).map_err(&invalid)?;
         }
         if !server.listen.ip().is_loopback() && server.allowed_hosts.is_empty() {
             return Err(invalid(format!(

@@ -185,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
                 auth_token,
                 max_request_bytes: config.server.max_request_bytes,
                 allowed_hosts: config.server.allowed_hosts.clone(),
+                session_idle: config.server.session_idle,
             };
             let stop = CancellationToken::new();
             let idle = idle_exit.then_some(config.server.idle_exit);
