@@ -39,7 +39,26 @@ pub struct SseDecoder {
     buf: Vec<u8>,
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
+    event: Pending,
+}
+
+/// The event being assembled.
+#[derive(Debug, Default)]
+struct Pending {
     data: Option<String>,
+    /// It was announced with `event: error` (the SSE way to type an event, which some servers
+    /// use for failures): its data is the error, even if it is not JSON.
+    error: bool,
+}
+
+impl Pending {
+    fn emit(&mut self, data: String, out: &mut Vec<SseEvent>) {
+        if std::mem::take(&mut self.error) {
+            out.push(SseEvent::Error(data));
+        } else {
+            out.push(SseEvent::Data(data));
+        }
+    }
 }
 
 impl SseDecoder {
@@ -58,7 +77,7 @@ impl SseDecoder {
             }
             // Borrowed unless the host sent invalid UTF-8: no copy of the line.
             let line = String::from_utf8_lossy(line);
-            take_line(&mut self.data, &line, out);
+            take_line(&mut self.event, &line, out);
             start = end + 1;
             self.scanned = start;
         }
@@ -77,21 +96,22 @@ impl SseDecoder {
             let line = String::from_utf8_lossy(&rest)
                 .trim_end_matches('\r')
                 .to_string();
-            take_line(&mut self.data, &line, out);
+            take_line(&mut self.event, &line, out);
         }
-        if let Some(data) = self.data.take() {
-            out.push(SseEvent::Data(data));
+        if let Some(data) = self.event.data.take() {
+            self.event.emit(data, out);
         }
     }
 }
 
-/// One line of the stream into the event being assembled (`data`); a complete event goes to `out`.
+/// One line of the stream into the event being assembled; a complete event goes to `out`.
 /// A free function over the one field it changes, so that `push` can pass a line still borrowed
 /// from the decoder's buffer.
-fn take_line(data: &mut Option<String>, line: &str, out: &mut Vec<SseEvent>) {
+fn take_line(event: &mut Pending, line: &str, out: &mut Vec<SseEvent>) {
     if line.is_empty() {
-        if let Some(data) = data.take() {
-            out.push(SseEvent::Data(data));
+        match event.data.take() {
+            Some(data) => event.emit(data, out),
+            None => event.error = false,
         }
         return;
     }
@@ -104,29 +124,31 @@ fn take_line(data: &mut Option<String>, line: &str, out: &mut Vec<SseEvent>) {
     };
     if field == "error" {
         // Reported at once: whatever the event also carries, the answer has failed.
-        if let Some(data) = data.take() {
-            out.push(SseEvent::Data(data));
+        if let Some(data) = event.data.take() {
+            event.emit(data, out);
         }
         out.push(SseEvent::Error(value.to_string()));
         return;
     }
-    if field != "data" {
-        return; // event:, id:, retry: carry nothing we use
+    if field == "event" {
+        event.error |= value == "error";
+        return;
     }
-    match data {
+    if field != "data" {
+        return; // id:, retry: carry nothing we use
+    }
+    match &mut event.data {
         // Some hosts omit the blank line between events; a complete JSON payload followed
         // by another data line is then two events, not one multi-line event.
         Some(pending) if is_complete_payload(pending) => {
-            out.push(SseEvent::Data(std::mem::replace(
-                pending,
-                value.to_string(),
-            )));
+            let complete = std::mem::replace(pending, value.to_string());
+            event.emit(complete, out);
         }
         Some(pending) => {
             pending.push('\n');
             pending.push_str(value);
         }
-        None => *data = Some(value.to_string()),
+        None => event.data = Some(value.to_string()),
     }
 }
 
@@ -612,6 +634,15 @@ mod tests {
             ]
         );
         assert_eq!(ChatStream::default().error_field("boom").0.message, "boom");
+        // `event: error` types the event: its data is the error, JSON or not.
+        let out = events(&[b"event: error\ndata: model crashed\n\nevent: ping\ndata: {}\n\n"]);
+        assert_eq!(
+            out,
+            vec![
+                SseEvent::Error("model crashed".into()),
+                SseEvent::Data("{}".into())
+            ]
+        );
     }
 
     /// Ollama's two parallel calls, each whole in its own chunk, both at index 0.
