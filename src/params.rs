@@ -184,8 +184,9 @@ impl<'de> Visitor<'de> for WholeNumber {
         i64::try_from(v).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
-        // 2^63 is exactly representable; anything at or beyond it does not fit.
-        if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.223_372_036_854_775_808e18 {
+        // -2^63 is exactly representable; from +2^63 up a value does not fit.
+        let min = i64::MIN as f64;
+        if v.fract() == 0.0 && v >= min && v < -min {
             Ok(v as i64)
         } else {
             Err(E::invalid_value(Unexpected::Float(v), &self))
