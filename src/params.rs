@@ -229,7 +229,7 @@ impl<'de> Visitor<'de> for Object {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
         match serde_json::from_str::<Value>(v) {
             Ok(value @ Value::Object(_)) => Ok(value),
-            _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+            _ => Err(E::invalid_type(Unexpected::Str(v), &self)),
         }
     }
 }
@@ -277,7 +277,7 @@ impl<'de> Visitor<'de> for Objects {
                 .enumerate()
                 .map(|(i, item)| object_item(item, i, &self))
                 .collect(),
-            _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+            _ => Err(E::invalid_type(Unexpected::Str(v), &self)),
         }
     }
 }
