@@ -352,7 +352,9 @@ pub enum TaskEvent {
     },
     Delta(String),
     ReasoningDelta(String),
-    /// Relay only: the host accepted the request and answers with this content type.
+    /// Relay only: the host's answer starts, with this content type. Sent together with the
+    /// first bytes relayed, so that a failure before them still reaches the client as an
+    /// error status.
     Answer {
         content_type: String,
     },
