@@ -251,6 +251,49 @@ async fn ollama_parallel_calls_at_one_index_are_two_calls() {
     fleet.shutdown().await;
 }
 
+/// An OpenAI client accumulates tool calls by index, so the relay renumbers the second call.
+#[tokio::test]
+async fn ollama_parallel_calls_reach_openai_clients_as_two_indices() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let r = openai_call(&front.base, &raw(&ollama_parallel_calls(), false), true).await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let mut calls: std::collections::BTreeMap<u64, (String, String)> = Default::default();
+    for payload in sse_payloads(&body) {
+        if payload == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&payload).unwrap();
+        for call in chunk["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let entry = calls.entry(call["index"].as_u64().unwrap()).or_default();
+            if let Some(id) = call["id"].as_str() {
+                entry.0 = id.to_string();
+            }
+            entry.1 += call["function"]["arguments"].as_str().unwrap_or("");
+        }
+    }
+    let calls: Vec<(u64, &str, &str)> = calls
+        .iter()
+        .map(|(i, (id, args))| (*i, id.as_str(), args.as_str()))
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            (0, "call_a1", r#"{"filePath":"hello.py"}"#),
+            (1, "call_b2", r#"{"filePath":"world.py"}"#),
+        ],
+        "{body}"
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    drop(front);
+    fleet.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_cut_stream_with_empty_finish_reasons_is_truncated() {
     for abort in [false, true] {

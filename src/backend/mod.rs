@@ -307,6 +307,7 @@ impl HostClient {
                 Ok(Ok(Some(bytes))) => bytes,
             };
             got_bytes = true;
+            let boundary_before = decoder.at_boundary();
             if decoder.push(&chunk, &mut events).is_err() {
                 return Err(DispatchError::new(
                     ErrorKind::Protocol,
@@ -318,8 +319,12 @@ impl HostClient {
                 )
                 .into());
             }
+            let mut payloads = Vec::new();
+            let mut reindexed = false;
             for event in events.drain(..) {
-                reader.event(event)?;
+                let payload = reader.event(event)?;
+                reindexed |= payload.reindexed;
+                payloads.push(payload.text);
                 if reader.stream.done {
                     break;
                 }
@@ -327,7 +332,19 @@ impl HostClient {
             // Parsed first (microseconds), so that an error in this chunk is not relayed as if
             // it were part of an answer; the client then sees the bytes as soon as we do.
             if let Some(out) = relay_out.as_mut() {
-                out.forward(task, &chunk);
+                if reindexed && boundary_before && decoder.at_boundary() {
+                    // Tool calls the host sent at one index go out renumbered: this chunk's
+                    // events, re-serialised (the only case the relay changes the host's bytes).
+                    let mut bytes = String::new();
+                    for payload in payloads {
+                        bytes.push_str("data: ");
+                        bytes.push_str(&payload);
+                        bytes.push_str("\n\n");
+                    }
+                    out.send(task, Bytes::from(bytes));
+                } else {
+                    out.forward(task, &chunk);
+                }
             }
         }
         if !reader.stream.done {
@@ -394,6 +411,13 @@ impl HostClient {
     }
 }
 
+/// One event's payload, as a relayed client should get it.
+struct Payload {
+    text: String,
+    /// `text` differs from the host's payload (renumbered tool calls).
+    reindexed: bool,
+}
+
 /// Folds one stream into a [`StreamOutput`], forwarding deltas as they come.
 struct StreamReader<'a> {
     host: &'a HostClient,
@@ -406,9 +430,19 @@ struct StreamReader<'a> {
 }
 
 impl StreamReader<'_> {
-    fn event(&mut self, event: SseEvent) -> Result<(), AttemptError> {
+    /// Folds one event in: the payload as a relayed client should get it.
+    fn event(&mut self, event: SseEvent) -> Result<Payload, AttemptError> {
         match event {
-            SseEvent::Data(payload) => self.apply(&payload),
+            SseEvent::Data(payload) => match self.apply(&payload)? {
+                Some(fixed) => Ok(Payload {
+                    text: fixed,
+                    reindexed: true,
+                }),
+                None => Ok(Payload {
+                    text: payload,
+                    reindexed: false,
+                }),
+            },
             SseEvent::Error(value) => Err(self.in_stream_error(self.stream.error_field(&value))),
         }
     }
@@ -444,7 +478,8 @@ impl StreamReader<'_> {
         }
     }
 
-    fn apply(&mut self, payload: &str) -> Result<(), AttemptError> {
+    /// Folds one payload in; returns it with corrected tool-call indices when it needs them.
+    fn apply(&mut self, payload: &str) -> Result<Option<String>, AttemptError> {
         let model = &self.task.spec.model;
         let applied = match self.stream.apply(payload) {
             Ok(applied) => applied,
@@ -477,7 +512,7 @@ impl StreamReader<'_> {
                 self.task.emit(TaskEvent::Delta(text));
             }
         }
-        Ok(())
+        Ok(applied.reindexed)
     }
 
     /// Tells a complete answer from an aborted or truncated stream.

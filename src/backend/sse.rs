@@ -89,6 +89,11 @@ impl SseDecoder {
         Ok(())
     }
 
+    /// Whether everything pushed so far ended an event: no line or event is half read.
+    pub fn at_boundary(&self) -> bool {
+        self.buf.is_empty() && self.event.data.is_none()
+    }
+
     /// The stream ended: a final event without its blank line still counts.
     pub fn finish(&mut self, out: &mut Vec<SseEvent>) {
         if !self.buf.is_empty() {
@@ -166,10 +171,17 @@ pub struct Applied {
     pub reasoning: Option<Range<usize>>,
     /// A tool-call fragment arrived (it counts as output for time-to-first-token).
     pub tool_call: bool,
+    /// The payload with its tool-call indices corrected, when a fragment belongs to a call
+    /// this stream gave another index (parallel calls a server sent at one index): what an
+    /// OpenAI client should receive instead, since it accumulates calls by index.
+    pub reindexed: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
 struct ToolCallParts {
+    /// The index this call has for clients: the host's, unless the host reused an index that
+    /// an earlier call holds (then the next free one).
+    index: u64,
     id: Option<String>,
     name: String,
     arguments: String,
@@ -226,6 +238,7 @@ impl ChatStream {
             self.usage = Some(usage);
         }
         let mut applied = Applied::default();
+        let mut renumbered = Vec::new();
         let Some(choice) = chunk
             .get("choices")
             .and_then(Value::as_array)
@@ -257,7 +270,9 @@ impl ChatStream {
             }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
                 for (position, call) in calls.iter().enumerate() {
-                    self.tool_call_delta(position as u64, call);
+                    if let Some(index) = self.tool_call_delta(position as u64, call) {
+                        renumbered.push((position, index));
+                    }
                     applied.tool_call = true;
                 }
             }
@@ -270,6 +285,16 @@ impl ChatStream {
             .filter(|r| !r.trim().is_empty())
         {
             self.finish_reason = Some(reason.to_string());
+        }
+        if !renumbered.is_empty() {
+            let mut fixed = chunk.clone();
+            for (position, index) in renumbered {
+                let call = &mut fixed["choices"][0]["delta"]["tool_calls"][position];
+                if call.is_object() {
+                    call["index"] = index.into();
+                }
+            }
+            applied.reindexed = Some(fixed.to_string());
         }
         Ok(applied)
     }
@@ -286,7 +311,9 @@ impl ChatStream {
         }))
     }
 
-    fn tool_call_delta(&mut self, position: u64, call: &Value) {
+    /// Folds one fragment in; returns the index clients should see for it when that is not
+    /// the host's.
+    fn tool_call_delta(&mut self, position: u64, call: &Value) -> Option<u64> {
         let index = call
             .get("index")
             .and_then(Value::as_u64)
@@ -306,11 +333,25 @@ impl ChatStream {
             }
         });
         let at = current.unwrap_or_else(|| {
-            self.tool_calls.push(ToolCallParts::default());
+            let taken = self.tool_calls.iter().any(|c| c.index == index);
+            let client_index = if taken {
+                self.tool_calls
+                    .iter()
+                    .map(|c| c.index + 1)
+                    .max()
+                    .unwrap_or(0)
+            } else {
+                index
+            };
+            self.tool_calls.push(ToolCallParts {
+                index: client_index,
+                ..ToolCallParts::default()
+            });
             self.call_at_index.insert(index, self.tool_calls.len() - 1);
             self.tool_calls.len() - 1
         });
         let parts = &mut self.tool_calls[at];
+        let reindexed = (parts.index != index).then_some(parts.index);
         if let Some(id) = id {
             parts.id.get_or_insert_with(|| id.to_string());
         }
@@ -328,6 +369,7 @@ impl ChatStream {
             Some(v @ Value::Object(_)) => parts.arguments.push_str(&v.to_string()),
             _ => {}
         }
+        reindexed
     }
 
     /// Tool calls in the order they started; fragments without a name are not calls.
@@ -662,6 +704,14 @@ mod tests {
         assert_eq!(calls[0].arguments, r#"{"filePath":"hello.py"}"#);
         assert_eq!(calls[1].id.as_deref(), Some("call_b2"));
         assert_eq!(calls[1].arguments, r#"{"filePath":"world.py"}"#);
+        // For relayed clients, which accumulate by index, the second call gets index 1.
+        let mut s = ChatStream::default();
+        let first = s.apply(r#"{"choices":[{"delta":{"tool_calls":[{"id":"a","index":0,"function":{"name":"f","arguments":"{}"}}]}}]}"#).unwrap();
+        assert_eq!(first.reindexed, None);
+        let second = s.apply(r#"{"choices":[{"delta":{"tool_calls":[{"id":"b","index":0,"function":{"name":"g","arguments":"{}"}}]}}]}"#).unwrap();
+        let fixed: Value = serde_json::from_str(&second.reindexed.unwrap()).unwrap();
+        assert_eq!(fixed["choices"][0]["delta"]["tool_calls"][0]["index"], 1);
+        assert_eq!(fixed["choices"][0]["delta"]["tool_calls"][0]["id"], "b");
         // The same id again, or no id, continues the current call.
         let mut s = ChatStream::default();
         for p in [

@@ -124,4 +124,23 @@ try:
 except openai.APIError as e:
     assert "Stream truncated" in e.message, e.message
 
+# Ollama's parallel tool calls, both at index 0: the SDK's chunks, accumulated by index as
+# prompt-prix does, give two calls with valid arguments.
+def whole_call(call_id, path):
+    return chunk({"role": "assistant", "content": "", "tool_calls": [{
+        "id": call_id, "index": 0, "type": "function",
+        "function": {"name": "read", "arguments": json.dumps({"filePath": path})}}]})
+
+
+calls = {}
+for c in ask(replay([whole_call("call_a1", "hello.py"), whole_call("call_b2", "world.py"),
+                     chunk({}, "tool_calls"), "data: [DONE]\n\n"]), True):
+    for call in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+        entry = calls.setdefault(call.index, {"id": None, "arguments": ""})
+        entry["id"] = call.id or entry["id"]
+        entry["arguments"] += call.function.arguments or ""
+assert sorted(calls) == [0, 1], calls
+assert [json.loads(calls[i]["arguments"])["filePath"] for i in (0, 1)] == ["hello.py", "world.py"], calls
+assert [calls[i]["id"] for i in (0, 1)] == ["call_a1", "call_b2"], calls
+
 print("openai client: ok")
