@@ -94,6 +94,36 @@ async fn host_4xx_of_every_shape_passes_through_whole_and_not_retryable() {
     fleet.shutdown().await;
 }
 
+/// Older llama.cpp builds answer a prompt over the context with HTTP 500 and
+/// `"type": "exceed_context_size_error"` (ggml-org/llama.cpp#15780): the request's fault.
+#[tokio::test]
+async fn llama_cpp_context_overflow_as_500_is_a_400() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let body = json!({"error": {"code": 500, "message": "the request exceeds the available context size. try increasing the context size or enable context shift", "type": "exceed_context_size_error", "n_prompt_tokens": 1407, "n_ctx": 256}}).to_string();
+    let r = post(&front.base, &replay(500, "application/json", &body), true).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let e = fleet
+        .dispatcher
+        .run(
+            spec("m", &replay(500, "application/json", &body), json!({})),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(!e.retryable, "{e}");
+    assert!(
+        e.message.contains("exceeds the available context size"),
+        "{e}"
+    );
+    // The host is not unhealthy for it: still up, no error recorded against it.
+    let status = fleet.status().await;
+    assert!(status.hosts[0].reachable, "{status:#?}");
+    drop(front);
+    fleet.shutdown().await;
+}
+
 #[tokio::test]
 async fn retryable_failures_say_so_and_permanent_ones_behind_5xx_say_not() {
     let fleet = Fleet::start(vec![host(&["m"])]).await;

@@ -41,7 +41,7 @@ fn tokens_then_llama_error() -> Vec<String> {
     ]
 }
 
-/// Ollama's two parallel calls (ollama/ollama#7881): whole, one per chunk, both at index 0.
+/// Ollama's two parallel calls (ollama/ollama#15457): whole, one per chunk, both at index 0.
 fn ollama_parallel_calls() -> Vec<String> {
     let call = |id: &str, file: &str| {
         chunk(

@@ -222,21 +222,26 @@ impl HostClient {
             .into());
         }
         if !status.is_success() {
-            let detail = match timeout(limits.inactivity, response.bytes()).await {
+            let (detail, said) = match timeout(limits.inactivity, response.bytes()).await {
                 Ok(Ok(bytes)) => error_detail(&bytes),
-                _ => String::from("(no body)"),
+                _ => (String::from("(no body)"), None),
             };
-            let code = status.as_u16();
+            let http = status.as_u16();
+            // A 5xx whose body says the request is at fault (llama.cpp's context overflow)
+            // is a refusal: retrying it, here or in the client, cannot help.
+            let code = said
+                .filter(|s| http >= 500 && (400..500).contains(s))
+                .unwrap_or(http);
             let error = DispatchError::new(
                 ErrorKind::HostError,
                 format!(
-                    "Inference error for {model} at {}: HTTP {code}: {detail}{}",
+                    "Inference error for {model} at {}: HTTP {http}: {detail}{}",
                     self.name,
                     refusal_hint(code)
                 ),
             )
             .with_host_status(code);
-            let signal = if status.is_server_error() {
+            let signal = if code >= 500 {
                 HostSignal::ServerError(format!("HTTP {}: {detail}", status.as_u16()))
             } else {
                 HostSignal::Neutral
@@ -665,17 +670,18 @@ pub fn describe(e: &reqwest::Error) -> String {
 }
 
 /// The host's own words for an HTTP error, whole, from any of the shapes servers use (see
-/// [`sse::host_message`]), or the start of a body that is not JSON.
-fn error_detail(body: &[u8]) -> String {
+/// [`sse::host_message`]), or the start of a body that is not JSON; and the status the body
+/// itself gives the error, if any.
+fn error_detail(body: &[u8]) -> (String, Option<u16>) {
     if let Ok(value) = serde_json::from_slice::<Value>(body)
         && let Some(error) = sse::host_message(&value)
     {
-        return error.message;
+        return (error.message, error.code);
     }
     let text = String::from_utf8_lossy(body);
     let mut end = text.len().min(ERROR_BODY_BYTES);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].trim().to_string()
+    (text[..end].trim().to_string(), None)
 }

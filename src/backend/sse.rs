@@ -324,7 +324,7 @@ impl ChatStream {
             .filter(|s| !s.is_empty());
         // A fragment at an index in use that names another call starts a new call: Ollama
         // streams parallel calls whole, each in its own chunk, all with `"index": 0`
-        // (ollama/ollama#7881, fixed in 0.5.x); gluing them would make one call with invalid
+        // (ollama/ollama#15457); gluing them would make one call with invalid
         // arguments and lose the others.
         let current = self.call_at_index.get(&index).copied().filter(|&at| {
             match (&self.tool_calls[at].id, id) {
@@ -426,7 +426,7 @@ pub fn host_message(body: &Value) -> Option<HostMessage> {
     if let Some(message) = object.get("message").and_then(Value::as_str) {
         return Some(HostMessage {
             message: message.to_string(),
-            code: status_code(object.get("code")),
+            code: status_code(object.get("code"), object.get("type")),
         });
     }
     match object.get("detail")? {
@@ -476,7 +476,7 @@ fn error_value(error: &Value) -> HostMessage {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| error.to_string()),
-            code: status_code(o.get("code")),
+            code: status_code(o.get("code"), o.get("type")),
         },
         other => HostMessage {
             message: other.to_string(),
@@ -485,12 +485,28 @@ fn error_value(error: &Value) -> HostMessage {
     }
 }
 
-/// An error `code` that is an HTTP status (llama.cpp and vLLM put one there; OpenAI puts a
-/// string such as `"context_length_exceeded"`, which is not one).
-fn status_code(code: Option<&Value>) -> Option<u16> {
-    code.and_then(Value::as_u64)
+/// The HTTP status an error stands for: its `code` when that is a status (llama.cpp and vLLM
+/// put one there; OpenAI puts a string such as `"context_length_exceeded"`, which is not one),
+/// corrected by its `type` where the two disagree: llama.cpp has reported a prompt over the
+/// context size as `"code": 500` with `"type": "exceed_context_size_error"`
+/// (ggml-org/llama.cpp#15780, #19774), which is the request's fault, not the server's.
+fn status_code(code: Option<&Value>, kind: Option<&Value>) -> Option<u16> {
+    let code = code
+        .and_then(Value::as_u64)
         .and_then(|c| u16::try_from(c).ok())
-        .filter(|c| (400..600).contains(c))
+        .filter(|c| (400..600).contains(c));
+    let by_kind = match kind.and_then(Value::as_str) {
+        Some("exceed_context_size_error" | "invalid_request_error" | "BadRequestError") => {
+            Some(400)
+        }
+        Some("not_found_error" | "NotFoundError") => Some(404),
+        _ => None,
+    };
+    match (code, by_kind) {
+        (Some(code), _) if code < 500 => Some(code),
+        (_, Some(status)) => Some(status),
+        (code, None) => code,
+    }
 }
 
 #[cfg(test)]
@@ -760,7 +776,7 @@ mod tests {
             (
                 json!({"error":{"message":"bad","type":"invalid_request_error","param":null,"code":"context_length_exceeded"}}),
                 "bad",
-                None,
+                Some(400),
             ),
             (
                 json!({"error":"Unexpected endpoint"}),
@@ -779,5 +795,15 @@ mod tests {
             assert_eq!((m.message.as_str(), m.code), (message, code), "{body}");
         }
         assert_eq!(host_message(&json!({"data": []})), None);
+        // llama.cpp's context overflow as a 500: the request's fault all the same.
+        let m = host_message(&json!({"error":{"code":500,"message":"the request exceeds the available context size","type":"exceed_context_size_error","n_prompt_tokens":1407,"n_ctx":256}})).unwrap();
+        assert_eq!(m.code, Some(400));
+        let m = host_message(&json!({"error":{"code":500,"message":"Context size has been exceeded.","type":"server_error"}})).unwrap();
+        assert_eq!(m.code, Some(500));
+        let m = host_message(
+            &json!({"error":{"message":"no such model","type":"invalid_request_error"}}),
+        )
+        .unwrap();
+        assert_eq!(m.code, Some(400));
     }
 }
