@@ -53,7 +53,8 @@ pub struct ModelList {
 #[tool_router]
 impl PrixServer {
     /// A Streamable HTTP session (or, in the stateless 2026-07-28 protocol, one request),
-    /// listed among the clients until rmcp drops it: at DELETE, or after its idle keep-alive.
+    /// listed among the clients until the session ends: at DELETE, or when it has been idle,
+    /// with no call in flight, for `[server] session_idle_seconds` (see `http::sessions`).
     /// Its calls are cancelled one by one, by rmcp, when their streams close.
     pub fn for_http(dispatcher: Dispatcher) -> Self {
         let client = dispatcher.clients().connect("http", None);
