@@ -214,3 +214,25 @@ async fn an_error_event_never_lands_inside_a_host_line() {
     drop(front);
     fleet.shutdown().await;
 }
+
+/// A 200 whose body is not an event stream (a proxy's error page): still a failure, and the
+/// message quotes what the host sent.
+#[tokio::test]
+async fn a_200_that_is_no_event_stream_is_quoted() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let page = "<html><body>502 Bad Gateway (upstream down)</body></html>";
+    let e = fleet
+        .dispatcher
+        .run(
+            spec("m", &replay(200, "text/html", page), json!({})),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::StreamAborted);
+    assert!(
+        e.message.contains("upstream down") && e.message.contains("not an event stream"),
+        "{e}"
+    );
+    fleet.shutdown().await;
+}

@@ -260,6 +260,8 @@ impl HostClient {
             sent,
             ttft: None,
             deltas: 0,
+            events: 0,
+            head: Vec::new(),
         };
         let content_type = response
             .headers()
@@ -312,6 +314,12 @@ impl HostClient {
                 Ok(Ok(Some(bytes))) => bytes,
             };
             got_bytes = true;
+            if reader.head.len() < ERROR_BODY_BYTES {
+                let room = ERROR_BODY_BYTES - reader.head.len();
+                reader
+                    .head
+                    .extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
             let boundary_before = decoder.at_boundary();
             if decoder.push(&chunk, &mut events).is_err() {
                 return Err(DispatchError::new(
@@ -430,6 +438,10 @@ struct StreamReader<'a> {
     stream: ChatStream,
     sent: Instant,
     ttft: Option<Duration>,
+    /// Events decoded: none at all means the body was not an event stream.
+    events: u64,
+    /// The first bytes of the body, quoted when it turns out not to be an event stream.
+    head: Vec<u8>,
     /// Output deltas seen: a host that streams far past `max_tokens` is broken.
     deltas: u64,
 }
@@ -437,6 +449,7 @@ struct StreamReader<'a> {
 impl StreamReader<'_> {
     /// Folds one event in: the payload as a relayed client should get it.
     fn event(&mut self, event: SseEvent) -> Result<Payload, AttemptError> {
+        self.events += 1;
         match event {
             SseEvent::Data(payload) => match self.apply(&payload)? {
                 Some(fixed) => Ok(Payload {
@@ -540,6 +553,19 @@ impl StreamReader<'_> {
                         "Stream truncated for {model} at {host}: it ended after {} chars without \
                          [DONE] or a finish_reason{cause}; the answer is incomplete, retry",
                         stream.text.len()
+                    ),
+                )
+            } else if self.events == 0 && !self.head.is_empty() {
+                // A 200 whose body is no event stream at all (a proxy's error page, a server
+                // that is not OpenAI-compatible): its own words say more than "no content".
+                let head = String::from_utf8_lossy(&self.head);
+                DispatchError::new(
+                    ErrorKind::StreamAborted,
+                    format!(
+                        "Stream aborted for {model} at {host} (no [DONE], no content){cause}: it \
+                         answered HTTP 200 with a body that is not an event stream, starting \
+                         {:?}; check that the host's url leads to an OpenAI-compatible server",
+                        head.trim()
                     ),
                 )
             } else {
