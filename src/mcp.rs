@@ -348,12 +348,17 @@ fn structured<T: Serialize>(value: &T, text: Option<String>) -> CallToolResult {
 }
 
 /// A tool error: `isError: true`, the message as text, `kind` and `retryable` as data.
+/// When the host gave the failure an HTTP status, `host_status` carries it too.
 pub fn error_result(error: &DispatchError) -> CallToolResult {
-    let mut result = CallToolResult::structured_error(json!({
+    let mut data = json!({
         "kind": error.kind,
         "retryable": error.retryable,
         "message": error.message,
-    }));
+    });
+    if let Some(status) = error.host_status {
+        data["host_status"] = status.into();
+    }
+    let mut result = CallToolResult::structured_error(data);
     result.content = vec![ContentBlock::text(error.message.clone())];
     result
 }

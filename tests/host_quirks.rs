@@ -163,6 +163,7 @@ async fn llama_cpp_error_field_over_mcp_is_a_tool_error() {
     let data = result.structured_content.unwrap();
     assert_eq!(data["kind"], "stream_error");
     assert_eq!(data["retryable"], false);
+    assert_eq!(data["host_status"], 400);
     let text = data["message"].as_str().unwrap();
     assert!(
         text.contains("gpu0") && text.contains("exceeds the available context size"),
