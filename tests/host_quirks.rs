@@ -344,6 +344,37 @@ async fn a_cut_stream_with_empty_finish_reasons_over_mcp_and_openai() {
     fleet.shutdown().await;
 }
 
+/// vLLM ends a request its engine aborted with `finish_reason: "abort"` and then `[DONE]`
+/// (vllm-project/vllm#57082): a cut answer, on both paths.
+#[tokio::test]
+async fn vllm_abort_finish_reason_is_a_truncated_stream() {
+    let aborted = vec![
+        chunk(json!({"role": "assistant", "content": "Hel"}), Value::Null),
+        chunk(json!({}), json!("abort")),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let (r, fleet) = typed(&raw(&aborted, false)).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::StreamTruncated, "{e}");
+    assert!(e.retryable);
+    assert!(
+        e.message.starts_with("Stream truncated for m at gpu0") && e.message.contains("\"abort\""),
+        "{e}"
+    );
+    fleet.shutdown().await;
+
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let r = openai_call(&front.base, &raw(&aborted, false), true).await;
+    let body = r.text().await.unwrap();
+    let payloads = sse_payloads(&body);
+    assert!(!payloads.iter().any(|p| p == "[DONE]"), "{body}");
+    let last: Value = serde_json::from_str(payloads.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "stream_truncated", "{body}");
+    drop(front);
+    fleet.shutdown().await;
+}
+
 #[tokio::test]
 async fn ollama_with_no_model_pulled_is_up_and_lists_nothing() {
     let fleet =

@@ -503,6 +503,10 @@ impl StreamReader<'_> {
             Ok(applied) => applied,
             Err(error) => return Err(self.in_stream_error(error)),
         };
+        // Failed at once: the chunk that says so, and the `[DONE]` after it, are not relayed.
+        if self.stream.aborted.is_some() {
+            return Err(self.incomplete(None));
+        }
         let output = applied.content.is_some() || applied.reasoning.is_some() || applied.tool_call;
         if output {
             self.ttft.get_or_insert_with(|| self.sent.elapsed());
@@ -535,58 +539,13 @@ impl StreamReader<'_> {
 
     /// Tells a complete answer from an aborted or truncated stream.
     fn finish(self, broken: Option<reqwest::Error>) -> Result<StreamOutput, AttemptError> {
-        let host = &self.host.name;
-        let model = &self.task.spec.model;
+        if self.stream.bad_payloads > 0 {
+            tracing::debug!(host = %self.host.name, count = self.stream.bad_payloads, "skipped stream lines that were not JSON");
+        }
+        if !self.stream.complete() {
+            return Err(self.incomplete(broken));
+        }
         let stream = self.stream;
-        if stream.bad_payloads > 0 {
-            tracing::debug!(%host, count = stream.bad_payloads, "skipped stream lines that were not JSON");
-        }
-        if !stream.complete() {
-            let cause = broken
-                .as_ref()
-                .map(|b| format!(": connection lost ({})", describe(b)))
-                .unwrap_or_default();
-            let error = if stream.has_output() {
-                DispatchError::new(
-                    ErrorKind::StreamTruncated,
-                    format!(
-                        "Stream truncated for {model} at {host}: it ended after {} chars without \
-                         [DONE] or a finish_reason{cause}; the answer is incomplete, retry",
-                        stream.text.len()
-                    ),
-                )
-            } else if self.events == 0 && !self.head.is_empty() {
-                // A 200 whose body is no event stream at all (a proxy's error page, a server
-                // that is not OpenAI-compatible): its own words say more than "no content".
-                let head = String::from_utf8_lossy(&self.head);
-                DispatchError::new(
-                    ErrorKind::StreamAborted,
-                    format!(
-                        "Stream aborted for {model} at {host} (no [DONE], no content){cause}: it \
-                         answered HTTP 200 with a body that is not an event stream, starting \
-                         {:?}; check that the host's url leads to an OpenAI-compatible server",
-                        head.trim()
-                    ),
-                )
-            } else {
-                DispatchError::new(
-                    ErrorKind::StreamAborted,
-                    format!(
-                        "Stream aborted for {model} at {host} (no [DONE], no content){cause}; \
-                         the host may have aborted a model load, retry"
-                    ),
-                )
-            };
-            // A broken connection may be a host that died: have it probed at once.
-            let signal = broken.as_ref().map_or(HostSignal::Neutral, |b| {
-                HostSignal::Unreachable(short_cause(b))
-            });
-            return Err(AttemptError {
-                error,
-                signal,
-                retry_elsewhere: false,
-            });
-        }
         let tool_calls = stream.tool_calls();
         Ok(StreamOutput {
             text: stream.text,
@@ -596,6 +555,69 @@ impl StreamReader<'_> {
             usage: stream.usage,
             ttft: self.ttft,
         })
+    }
+
+    /// The failure of an answer the host did not complete: cut off, given up on by the host
+    /// (`finish_reason: "abort"`), or no event stream at all.
+    fn incomplete(&self, broken: Option<reqwest::Error>) -> AttemptError {
+        let host = &self.host.name;
+        let model = &self.task.spec.model;
+        let stream = &self.stream;
+        let cause = match (&broken, &stream.aborted) {
+            (Some(b), _) => format!(": connection lost ({})", describe(b)),
+            (None, Some(reason)) => format!(
+                ": the host ended it with finish_reason \"{reason}\", which says it gave up on \
+                 the request (vLLM does when its engine pauses, shuts down or aborts it)"
+            ),
+            (None, None) => String::new(),
+        };
+        let (missing, nothing) = match stream.aborted {
+            Some(_) => ("", "no content"),
+            None => (
+                " without [DONE] or a finish_reason",
+                "no [DONE], no content",
+            ),
+        };
+        let error = if stream.has_output() {
+            DispatchError::new(
+                ErrorKind::StreamTruncated,
+                format!(
+                    "Stream truncated for {model} at {host}: it ended after {} chars{missing}\
+                     {cause}; the answer is incomplete, retry",
+                    stream.text.len()
+                ),
+            )
+        } else if self.events == 0 && !self.head.is_empty() {
+            // A 200 whose body is no event stream at all (a proxy's error page, a server
+            // that is not OpenAI-compatible): its own words say more than "no content".
+            let head = String::from_utf8_lossy(&self.head);
+            DispatchError::new(
+                ErrorKind::StreamAborted,
+                format!(
+                    "Stream aborted for {model} at {host} ({nothing}){cause}: it answered \
+                     HTTP 200 with a body that is not an event stream, starting {:?}; check \
+                     that the host's url leads to an OpenAI-compatible server",
+                    head.trim()
+                ),
+            )
+        } else {
+            DispatchError::new(
+                ErrorKind::StreamAborted,
+                format!(
+                    "Stream aborted for {model} at {host} ({nothing}){cause}; the host may have \
+                     aborted a model load, retry"
+                ),
+            )
+        };
+        // A broken connection may be a host that died: have it probed at once.
+        let signal = broken.as_ref().map_or(HostSignal::Neutral, |b| {
+            HostSignal::Unreachable(short_cause(b))
+        });
+        AttemptError {
+            error,
+            signal,
+            retry_elsewhere: false,
+        }
     }
 }
 

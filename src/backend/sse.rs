@@ -203,6 +203,9 @@ pub struct ChatStream {
     pub done: bool,
     /// Payloads that were not JSON; skipped, counted for the log.
     pub bad_payloads: usize,
+    /// The host ended the answer with a finish reason that says it did not finish it
+    /// (`"abort"`, `"error"`): a cut answer, whatever follows.
+    pub aborted: Option<String>,
 }
 
 /// An error the host reported inside its answer (an `{"error": ...}` chunk, an `error:` field,
@@ -279,12 +282,17 @@ impl ChatStream {
         }
         // Some servers put `"finish_reason": ""` on every intermediate chunk: only a real
         // reason says the answer is complete, or a cut stream would pass for a whole one.
-        if let Some(reason) = choice
+        // vLLM ends a request its engine aborted (a pause, a shutdown, an abort request) with
+        // `"finish_reason": "abort"` and then `[DONE]` (vllm-project/vllm#57082): not a finish.
+        match choice
             .get("finish_reason")
             .and_then(Value::as_str)
-            .filter(|r| !r.trim().is_empty())
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
         {
-            self.finish_reason = Some(reason.to_string());
+            Some(reason @ ("abort" | "error")) => self.aborted = Some(reason.to_string()),
+            Some(reason) => self.finish_reason = Some(reason.to_string()),
+            None => {}
         }
         if !renumbered.is_empty() {
             let mut fixed = chunk.clone();
@@ -392,7 +400,7 @@ impl ChatStream {
 
     /// The host said the answer is complete.
     pub fn complete(&self) -> bool {
-        self.done || self.finish_reason.is_some()
+        (self.done || self.finish_reason.is_some()) && self.aborted.is_none()
     }
 }
 
@@ -755,6 +763,17 @@ mod tests {
             !s.complete(),
             "a cut stream with empty reasons is not complete"
         );
+        // vLLM's engine-side abort: a reason that says the answer was not finished.
+        let mut aborted = ChatStream::default();
+        for p in [
+            r#"{"choices":[{"delta":{"content":"Hel"},"finish_reason":null}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"abort"}]}"#,
+            "[DONE]",
+        ] {
+            aborted.apply(p).unwrap();
+        }
+        assert_eq!(aborted.aborted.as_deref(), Some("abort"));
+        assert!(!aborted.complete(), "[DONE] after an abort is no finish");
         s.apply(r#"{"choices":[{"delta":{},"finish_reason":"stop"}]}"#)
             .unwrap();
         assert!(s.complete());

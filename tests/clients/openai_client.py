@@ -124,6 +124,14 @@ try:
 except openai.APIError as e:
     assert "Stream truncated" in e.message, e.message
 
+# vLLM's engine-side abort: finish_reason "abort" then [DONE] is not an answer.
+try:
+    for c in ask(replay([chunk({"content": "Hel"}), chunk({}, "abort"), "data: [DONE]\n\n"]), True):
+        pass
+    raise AssertionError("expected the stream to raise")
+except openai.APIError as e:
+    assert "Stream truncated" in e.message and "abort" in e.message, e.message
+
 # Ollama's parallel tool calls, both at index 0: the SDK's chunks, accumulated by index as
 # prompt-prix does, give two calls with valid arguments.
 def whole_call(call_id, path):
