@@ -997,7 +997,7 @@ async fn front(
         HttpOptions {
             auth_token: None,
             max_request_bytes: 1 << 20,
-            allowed_hosts: vec![],
+            ..Default::default()
         },
         stop.clone().cancelled_owned(),
     ));

@@ -77,6 +77,8 @@ pub struct ServerSettings {
     /// `stdio` joins the daemon at this URL (on another machine) instead of one of its own,
     /// like `--connect`; such a configuration needs no hosts.
     pub connect: Option<String>,
+    /// An MCP-over-HTTP session with no call in flight for this long is closed.
+    pub session_idle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -149,6 +151,7 @@ impl Default for ServerSettings {
             socket: None,
             idle_exit: Duration::from_secs(600),
             connect: None,
+            session_idle: crate::http::sessions::DEFAULT_SESSION_IDLE,
         }
     }
 }
@@ -213,6 +216,7 @@ struct FileServer {
     socket: Option<PathBuf>,
     idle_exit_seconds: Option<f64>,
     connect: Option<String>,
+    session_idle_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -324,6 +328,10 @@ impl Config {
         server.socket = file.server.socket;
         if let Some(s) = file.server.idle_exit_seconds {
             server.idle_exit = seconds(s, "[server] idle_exit_seconds", false).map_err(&invalid)?;
+        }
+        if let Some(s) = file.server.session_idle_seconds {
+            server.session_idle =
+                seconds(s, "[server] session_idle_seconds", false).map_err(&invalid)?;
         }
         if !server.listen.ip().is_loopback() && server.allowed_hosts.is_empty() {
             return Err(invalid(format!(

@@ -128,6 +128,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         auth_token,
         max_request_bytes: config.server.max_request_bytes,
         allowed_hosts: config.server.allowed_hosts.clone(),
+        session_idle: config.server.session_idle,
     };
     let stop = CancellationToken::new();
     let stop_requested = CancellationToken::new();

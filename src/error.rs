@@ -55,6 +55,11 @@ pub struct DispatchError {
     /// True when sending the same request again may succeed.
     pub retryable: bool,
     pub message: String,
+    /// The HTTP status the host gave this failure (its response status, or the `code` of an
+    /// error it reported inside a 200), when it did. The OpenAI front door answers a host's
+    /// 4xx with that 4xx, so clients do not retry a request the host will always refuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_status: Option<u16>,
 }
 
 impl DispatchError {
@@ -63,7 +68,16 @@ impl DispatchError {
             kind,
             retryable: kind.retryable_by_default(),
             message: message.into(),
+            host_status: None,
         }
+    }
+
+    /// This error as the answer to a host status: a 4xx other than 408 and 429 means the host
+    /// will refuse the same request again (not retryable); 408, 429 and 5xx may pass.
+    pub fn with_host_status(mut self, status: u16) -> Self {
+        self.host_status = Some(status);
+        self.retryable = status >= 500 || status == 408 || status == 429;
+        self
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {

@@ -18,6 +18,7 @@ pub mod local;
 pub mod mcp;
 pub mod metrics;
 pub mod ownership;
+pub mod params;
 pub mod reload;
 pub mod remote;
 pub mod scheduler;

@@ -7,12 +7,15 @@ use std::collections::BTreeMap;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::JsonObject;
 use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam, ProgressToken};
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
-use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
@@ -21,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
-use crate::task::{CompletionRequest, TaskEvent};
+use crate::params;
+use crate::task::{CompletionRequest, CompletionResult, TaskEvent};
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -41,7 +45,7 @@ pub struct ModelList {
     pub models: Vec<String>,
     /// Host URL to the models it lists (every configured host, possibly empty).
     pub servers: BTreeMap<String, Vec<String>>,
-    /// URLs of hosts whose manifest could not be read or was empty.
+    /// URLs of hosts whose manifest could not be read (out of rotation).
     pub unreachable: Vec<String>,
     pub hosts: Vec<HostStatus>,
 }
@@ -49,7 +53,8 @@ pub struct ModelList {
 #[tool_router]
 impl PrixServer {
     /// A Streamable HTTP session (or, in the stateless 2026-07-28 protocol, one request),
-    /// listed among the clients until rmcp drops it: at DELETE, or after its idle keep-alive.
+    /// listed among the clients until the session ends: at DELETE, or when it has been idle,
+    /// with no call in flight, for `[server] session_idle_seconds` (see `http::sessions`).
     /// Its calls are cancelled one by one, by rmcp, when their streams close.
     pub fn for_http(dispatcher: Dispatcher) -> Self {
         let client = dispatcher.clients().connect("http", None);
@@ -80,10 +85,13 @@ impl PrixServer {
     )]
     async fn complete_stream(
         &self,
-        Parameters(request): Parameters<CompletionRequest>,
+        Parameters(args): Parameters<Args<CompletionRequest>>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        self.run_completion(request, ctx).await
+        match args.parse() {
+            Ok(request) => self.run_completion(request, ctx).await,
+            Err(e) => Ok(error_result(&e)),
+        }
     }
 
     #[tool(
@@ -93,10 +101,13 @@ impl PrixServer {
     )]
     async fn complete(
         &self,
-        Parameters(request): Parameters<CompletionRequest>,
+        Parameters(args): Parameters<Args<CompletionRequest>>,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        self.run_completion(request, ctx).await
+        match args.parse() {
+            Ok(request) => self.run_completion(request, ctx).await,
+            Err(e) => Ok(error_result(&e)),
+        }
     }
 
     #[tool(
@@ -128,10 +139,11 @@ impl PrixServer {
                 .iter()
                 .map(|h| (h.url.clone(), h.state.models.clone()))
                 .collect(),
+            // A host that answers with an empty list (Ollama with nothing pulled) is up.
             unreachable: status
                 .hosts
                 .iter()
-                .filter(|h| h.state.models.is_empty())
+                .filter(|h| !h.reachable)
                 .map(|h| h.url.clone())
                 .collect(),
             hosts: status.hosts,
@@ -224,11 +236,51 @@ impl PrixServer {
         };
         Ok(match outcome {
             Ok(result) => {
-                let text = result.text.clone();
+                let text = completion_text(&result);
                 structured(&result, Some(text))
             }
             Err(error) => error_result(&error),
         })
+    }
+}
+
+/// A tool's arguments as the client sent them, read by the tool itself rather than by rmcp:
+/// rmcp answers a value it cannot read with a protocol error (`failed to deserialize
+/// parameters: invalid type: string "50", expected i64`) that names no parameter and carries
+/// no `kind` or `retryable`. Read here, every argument error is a tool error that names the
+/// parameter and says what it should be. The advertised schema is `T`'s, with `null` taken
+/// out of optional parameters' types ([`params::strip_null`]).
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct Args<T> {
+    raw: JsonObject,
+    #[serde(skip)]
+    _of: PhantomData<T>,
+}
+
+impl<T: DeserializeOwned> Args<T> {
+    /// The arguments as `T`, or an `invalid_request` error naming the parameter at fault.
+    pub fn parse(self) -> Result<T, DispatchError> {
+        serde_path_to_error::deserialize(Value::Object(self.raw)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                DispatchError::invalid(format!("invalid arguments: {inner}"))
+            } else {
+                DispatchError::invalid(format!("invalid parameter {path}: {inner}"))
+            }
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Args<T> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut schema = T::json_schema(generator);
+        params::strip_null(&mut schema);
+        schema
     }
 }
 
@@ -252,6 +304,39 @@ impl Progress {
     }
 }
 
+/// The text content of a completion's result, never empty: clients that read only `content`
+/// (and some that reject an empty text block) must still see the answer. An answer that is
+/// only tool calls is the structured result's JSON (the MCP spec: a tool returning structured
+/// content SHOULD also return it serialised in a text block); one that is only reasoning says so.
+fn completion_text(result: &CompletionResult) -> String {
+    if !result.text.is_empty() {
+        return result.text.clone();
+    }
+    let finish = result.finish_reason.as_deref().unwrap_or("none");
+    if !result.tool_calls.is_empty() {
+        return serde_json::to_string(result).unwrap_or_else(|_| {
+            format!(
+                "The model answered with {} tool call(s)",
+                result.tool_calls.len()
+            )
+        });
+    }
+    match result.reasoning.as_deref().filter(|r| !r.is_empty()) {
+        Some(reasoning) => {
+            let hint = if finish == "length" {
+                "; it reached max_tokens while reasoning: raise max_tokens for an answer"
+            } else {
+                ""
+            };
+            format!(
+                "The model returned only reasoning, no answer text (finish_reason: {finish}{hint}). \
+                 Its reasoning:\n{reasoning}"
+            )
+        }
+        None => format!("The model returned an empty answer (finish_reason: {finish})."),
+    }
+}
+
 /// A successful result: readable text (the completion text, or the JSON) plus structured data.
 fn structured<T: Serialize>(value: &T, text: Option<String>) -> CallToolResult {
     let data = serde_json::to_value(value).unwrap_or(Value::Null);
@@ -263,12 +348,17 @@ fn structured<T: Serialize>(value: &T, text: Option<String>) -> CallToolResult {
 }
 
 /// A tool error: `isError: true`, the message as text, `kind` and `retryable` as data.
+/// When the host gave the failure an HTTP status, `host_status` carries it too.
 pub fn error_result(error: &DispatchError) -> CallToolResult {
-    let mut result = CallToolResult::structured_error(json!({
+    let mut data = json!({
         "kind": error.kind,
         "retryable": error.retryable,
         "message": error.message,
-    }));
+    });
+    if let Some(status) = error.host_status {
+        data["host_status"] = status.into();
+    }
+    let mut result = CallToolResult::structured_error(data);
     result.content = vec![ContentBlock::text(error.message.clone())];
     result
 }

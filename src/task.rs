@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::DispatchError;
+use crate::params;
 
 /// Identifies one task for the life of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -51,6 +52,9 @@ impl JsonSchema for ApiKey {
     fn schema_name() -> std::borrow::Cow<'static, str> {
         "ApiKey".into()
     }
+    fn inline_schema() -> bool {
+        true
+    }
     fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
         String::json_schema(generator)
     }
@@ -67,46 +71,62 @@ fn default_max_tokens() -> i64 {
 }
 
 /// One chat completion, as a client asks for it (the parameters of `complete_stream`).
+///
+/// Every parameter declares its type, and each is read the way real clients send it (see
+/// [`crate::params`]): integers may come as whole-number floats, object and array parameters
+/// as strings holding their JSON; anything else is refused with the parameter's name.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct CompletionRequest {
     /// Model id as the hosts list it in `/v1/models`.
     pub model_id: String,
-    /// OpenAI chat messages, passed to the host verbatim (multimodal parts included).
+    /// OpenAI chat messages (objects with a `role`), passed to the host verbatim
+    /// (multimodal parts included).
+    #[serde(deserialize_with = "params::objects")]
+    #[schemars(with = "params::ObjectsSchema")]
     pub messages: Vec<Value>,
     /// Sampling temperature, 0 to 2.
-    #[serde(default = "default_temperature")]
+    #[serde(default = "default_temperature", deserialize_with = "params::number")]
     pub temperature: f64,
     /// Most tokens to generate (at least 1).
-    #[serde(default = "default_max_tokens")]
+    #[serde(
+        default = "default_max_tokens",
+        deserialize_with = "params::whole_number"
+    )]
     pub max_tokens: i64,
     /// Longest silence from the host between bytes once it has started answering, in
     /// seconds (default 300, or the daemon's [timeouts] timeout_seconds). Queue wait never counts.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "params::optional_number")]
     #[schemars(extend("default" = 300))]
     pub timeout_seconds: Option<f64>,
     /// Longest wait from sending the request to the host's first byte, in seconds; covers a
     /// cold model load (default 600, or the daemon's [timeouts] first_token_timeout_seconds).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "params::optional_number")]
     #[schemars(extend("default" = 600))]
     pub first_token_timeout_seconds: Option<f64>,
     /// Longest wait in the queue for a free slot, in seconds; 0 = no limit (default: the
     /// daemon's [queue] wait_timeout_seconds, 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "params::optional_number")]
     pub queue_timeout_seconds: Option<f64>,
-    /// Tool definitions; flat `{name, description, parameters}` ones are wrapped as OpenAI functions.
-    #[serde(default)]
+    /// Tool definitions (objects); flat `{name, description, parameters}` ones are wrapped as
+    /// OpenAI functions.
+    #[serde(default, deserialize_with = "params::optional_objects")]
+    #[schemars(with = "Option<params::ObjectsSchema>")]
     pub tools: Option<Vec<Value>>,
-    /// OpenAI `tool_choice`, passed through.
-    #[serde(default)]
+    /// OpenAI `tool_choice`: `"auto"`, `"none"`, `"required"` or an object naming a function;
+    /// passed through.
+    #[serde(default, deserialize_with = "params::optional_string_or_object")]
+    #[schemars(with = "Option<params::StringOrObjectSchema>")]
     pub tool_choice: Option<Value>,
     /// Sampling seed, passed through.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "params::optional_whole_number")]
     pub seed: Option<i64>,
     /// llama.cpp / LM Studio repetition penalty; sent only when it is not 1.0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "params::optional_number")]
     pub repeat_penalty: Option<f64>,
-    /// OpenAI `response_format` (e.g. a JSON schema), passed through.
-    #[serde(default)]
+    /// OpenAI `response_format`, an object (e.g. `{"type": "json_object"}` or a JSON schema),
+    /// passed through.
+    #[serde(default, deserialize_with = "params::optional_object")]
+    #[schemars(with = "Option<params::ObjectSchema>")]
     pub response_format: Option<Value>,
     /// Key for this request only; overrides the host's configured key.
     #[serde(default)]
@@ -342,7 +362,9 @@ pub enum TaskEvent {
     },
     Delta(String),
     ReasoningDelta(String),
-    /// Relay only: the host accepted the request and answers with this content type.
+    /// Relay only: the host's answer starts, with this content type. Sent together with the
+    /// first bytes relayed, so that a failure before them still reaches the client as an
+    /// error status.
     Answer {
         content_type: String,
     },

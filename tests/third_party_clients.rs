@@ -70,6 +70,13 @@ async fn openai_python_package_streams_text_and_tool_calls() {
     let base = front.base.clone();
     run(vec![script("openai_client.py").display().to_string(), base]).await;
     assert_eq!(fleet.sims[0].stats().peak_in_flight, 1);
+    // The SDK did not retry the host's 400 (two calls, stream and not): one request each.
+    let vllm_400 = fleet
+        .chat_records(0)
+        .iter()
+        .filter(|r| r.body.to_string().contains("BadRequestError"))
+        .count();
+    assert_eq!(vllm_400, 2, "the openai SDK retried a permanent error");
     drop(front);
     fleet.shutdown().await;
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU8;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 use tokio::time::{Instant, timeout, timeout_at};
 
@@ -18,14 +19,15 @@ use crate::config::HostConfig;
 pub use crate::error::ManifestFailure;
 use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
 use crate::task::{ApiKey, InferenceTask, TaskBody, TaskEvent, ToolCall, Usage};
-use sse::{ChatStream, InStreamError, SseDecoder};
+use sse::{ChatStream, HostMessage, InStreamError, SseDecoder, SseEvent};
 
 /// How long a manifest read may take, as upstream had it.
 pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the optional loaded-state read may take.
 const LOADED_STATE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most bytes of an error body kept for the message.
-const ERROR_BODY_BYTES: usize = 200;
+/// Most bytes of an error body kept for the message when it is not JSON (an HTML error page);
+/// a JSON error's message is kept whole.
+const ERROR_BODY_BYTES: usize = 1000;
 
 /// The model's answer, as the host streamed it.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,22 +121,24 @@ impl HostClient {
             .json()
             .await
             .map_err(|e| answered(format!("bad /v1/models body: {}", describe(&e))))?;
-        let Some(data) = body.get("data").and_then(Value::as_array) else {
-            // LM Studio answers unknown paths with 200 and {"error": ...}.
-            let why = body
-                .get("error")
-                .map(sse::error_message)
-                .unwrap_or_else(|| {
-                    "/v1/models answered without a \"data\" list: not an OpenAI-compatible server?"
-                        .into()
-                });
-            return Err(answered(why));
-        };
-        Ok(data
-            .iter()
-            .filter_map(|m| m.get("id").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect())
+        // LM Studio answers unknown paths with 200 and {"error": ...}.
+        if let Some(error) = sse::error_payload(&body) {
+            return Err(answered(error.message));
+        }
+        match body.get("data") {
+            Some(Value::Array(data)) => Ok(data
+                .iter()
+                .filter_map(|m| m.get("id").and_then(Value::as_str))
+                .map(str::to_string)
+                .collect()),
+            // Ollama answers `{"object":"list","data":null}` when no model is pulled (a Go nil
+            // slice marshals as null): a server that is up and lists nothing.
+            Some(Value::Null) => Ok(Vec::new()),
+            _ => Err(answered(
+                "/v1/models answered without a \"data\" list: not an OpenAI-compatible server?"
+                    .into(),
+            )),
+        }
     }
 
     /// Models loaded in memory, from LM Studio's `/api/v1/models` (falling back to
@@ -230,20 +234,26 @@ impl HostClient {
             .into());
         }
         if !status.is_success() {
-            let detail = match timeout(limits.inactivity, response.bytes()).await {
+            let (detail, said) = match timeout(limits.inactivity, response.bytes()).await {
                 Ok(Ok(bytes)) => error_detail(&bytes),
-                _ => String::from("(no body)"),
+                _ => (String::from("(no body)"), None),
             };
-            let mut error = DispatchError::new(
+            let http = status.as_u16();
+            // A 5xx whose body says the request is at fault (llama.cpp's context overflow)
+            // is a refusal: retrying it, here or in the client, cannot help.
+            let code = said
+                .filter(|s| http >= 500 && (400..500).contains(s))
+                .unwrap_or(http);
+            let error = DispatchError::new(
                 ErrorKind::HostError,
                 format!(
-                    "Inference error for {model} at {}: HTTP {}: {detail}",
+                    "Inference error for {model} at {}: HTTP {http}: {detail}{}",
                     self.name,
-                    status.as_u16()
+                    refusal_hint(code)
                 ),
-            );
-            error.retryable = status.is_server_error() || status.as_u16() == 429;
-            let signal = if status.is_server_error() {
+            )
+            .with_host_status(code);
+            let signal = if code >= 500 {
                 HostSignal::ServerError(format!("HTTP {}: {detail}", status.as_u16()))
             } else {
                 HostSignal::Neutral
@@ -262,6 +272,8 @@ impl HostClient {
             sent,
             ttft: None,
             deltas: 0,
+            events: 0,
+            head: Vec::new(),
         };
         let content_type = response
             .headers()
@@ -269,34 +281,33 @@ impl HostClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("text/event-stream")
             .to_string();
-        if relay {
-            task.emit(TaskEvent::Answer {
-                content_type: content_type.clone(),
-            });
-        }
+        let mut relay_out = relay.then(|| RelayOut::new(content_type.clone()));
         if content_type.starts_with("application/json") {
             // A server that ignores `stream: true` (or LM Studio's 200-with-error on unknown
-            // paths) answers with one JSON document; read it as a single chunk.
+            // paths) answers with one JSON document; read it as a single chunk. It is read
+            // whole before a byte is relayed, so an error in it reaches the client as an error
+            // status, never as a 200 whose body is the host's error.
             let bytes = match timeout_at(first_byte_by, response.bytes()).await {
                 Err(_) => return Err(self.first_token_timeout(model, limits.first_token).into()),
                 Ok(Err(e)) => return Err(self.lost_mid_answer(&e)),
                 Ok(Ok(bytes)) => bytes,
             };
-            if relay {
-                task.emit(TaskEvent::Bytes(bytes.clone()));
-            }
             reader.apply(&String::from_utf8_lossy(&bytes))?;
             reader.stream.done =
                 reader.stream.finish_reason.is_some() || reader.stream.has_output();
-            return reader.finish(None);
+            let output = reader.finish(None)?;
+            if let Some(mut out) = relay_out {
+                out.send(task, bytes);
+            }
+            return Ok(output);
         }
 
         let mut response = response;
         let mut decoder = SseDecoder::default();
-        let mut payloads = Vec::new();
+        let mut events = Vec::new();
         let mut got_bytes = false;
         let mut broken: Option<reqwest::Error> = None;
-        'read: while !reader.stream.done {
+        while !reader.stream.done {
             let next = if got_bytes {
                 timeout(limits.inactivity, response.chunk()).await
             } else {
@@ -315,11 +326,14 @@ impl HostClient {
                 Ok(Ok(Some(bytes))) => bytes,
             };
             got_bytes = true;
-            if relay {
-                // Forwarded before parsing: the client sees bytes as soon as we do.
-                task.emit(TaskEvent::Bytes(chunk.clone()));
+            if reader.head.len() < ERROR_BODY_BYTES {
+                let room = ERROR_BODY_BYTES - reader.head.len();
+                reader
+                    .head
+                    .extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
-            if decoder.push(&chunk, &mut payloads).is_err() {
+            let boundary_before = decoder.at_boundary();
+            if decoder.push(&chunk, &mut events).is_err() {
                 return Err(DispatchError::new(
                     ErrorKind::Protocol,
                     format!(
@@ -330,20 +344,45 @@ impl HostClient {
                 )
                 .into());
             }
-            for payload in payloads.drain(..) {
-                reader.apply(&payload)?;
+            let mut payloads = Vec::new();
+            let mut reindexed = false;
+            for event in events.drain(..) {
+                let payload = reader.event(event)?;
+                reindexed |= payload.reindexed;
+                payloads.push(payload.text);
                 if reader.stream.done {
-                    break 'read;
+                    break;
+                }
+            }
+            // Parsed first (microseconds), so that an error in this chunk is not relayed as if
+            // it were part of an answer; the client then sees the bytes as soon as we do.
+            if let Some(out) = relay_out.as_mut() {
+                if reindexed && boundary_before && decoder.at_boundary() {
+                    // Tool calls the host sent at one index go out renumbered: this chunk's
+                    // events, re-serialised (the only case the relay changes the host's bytes).
+                    let mut bytes = String::new();
+                    for payload in payloads {
+                        bytes.push_str("data: ");
+                        bytes.push_str(&payload);
+                        bytes.push_str("\n\n");
+                    }
+                    out.send(task, Bytes::from(bytes));
+                } else {
+                    out.forward(task, &chunk);
                 }
             }
         }
         if !reader.stream.done {
-            decoder.finish(&mut payloads);
-            for payload in payloads.drain(..) {
-                reader.apply(&payload)?;
+            decoder.finish(&mut events);
+            for event in events.drain(..) {
+                reader.event(event)?;
             }
         }
-        reader.finish(broken)
+        let output = reader.finish(broken)?;
+        if let Some(mut out) = relay_out {
+            out.flush(task);
+        }
+        Ok(output)
     }
 
     fn first_token_timeout(&self, model: &str, limit: Duration) -> DispatchError {
@@ -397,6 +436,13 @@ impl HostClient {
     }
 }
 
+/// One event's payload, as a relayed client should get it.
+struct Payload {
+    text: String,
+    /// `text` differs from the host's payload (renumbered tool calls).
+    reindexed: bool,
+}
+
 /// Folds one stream into a [`StreamOutput`], forwarding deltas as they come.
 struct StreamReader<'a> {
     host: &'a HostClient,
@@ -404,25 +450,75 @@ struct StreamReader<'a> {
     stream: ChatStream,
     sent: Instant,
     ttft: Option<Duration>,
+    /// Events decoded: none at all means the body was not an event stream.
+    events: u64,
+    /// The first bytes of the body, quoted when it turns out not to be an event stream.
+    head: Vec<u8>,
     /// Output deltas seen: a host that streams far past `max_tokens` is broken.
     deltas: u64,
 }
 
 impl StreamReader<'_> {
-    fn apply(&mut self, payload: &str) -> Result<(), AttemptError> {
+    /// Folds one event in: the payload as a relayed client should get it.
+    fn event(&mut self, event: SseEvent) -> Result<Payload, AttemptError> {
+        self.events += 1;
+        match event {
+            SseEvent::Data(payload) => match self.apply(&payload)? {
+                Some(fixed) => Ok(Payload {
+                    text: fixed,
+                    reindexed: true,
+                }),
+                None => Ok(Payload {
+                    text: payload,
+                    reindexed: false,
+                }),
+            },
+            SseEvent::Error(value) => Err(self.in_stream_error(self.stream.error_field(&value))),
+        }
+    }
+
+    /// An error the host reported inside a 200 answer.
+    fn in_stream_error(&self, InStreamError(error): InStreamError) -> AttemptError {
         let model = &self.task.spec.model;
-        let applied = self
-            .stream
-            .apply(payload)
-            .map_err(|InStreamError(message)| {
-                DispatchError::new(
-                    ErrorKind::StreamError,
-                    format!(
-                        "Inference error for {model} at {} (in the stream): {message}",
-                        self.host.name
-                    ),
-                )
-            })?;
+        let host = &self.host.name;
+        let HostMessage { message, code } = error;
+        // LM Studio's answer to a path it does not serve: the configured URL is wrong, and no
+        // retry can fix that.
+        if message.starts_with("Unexpected endpoint or method") {
+            return DispatchError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "{host} does not serve chat completions at {}: it answered \"{message}\"; \
+                     check the host's url in the configuration",
+                    self.host.base_url
+                ),
+            )
+            .into();
+        }
+        let error = DispatchError::new(
+            ErrorKind::StreamError,
+            format!(
+                "Inference error for {model} at {host} (in the stream): {message}{}",
+                code.map(refusal_hint).unwrap_or_default()
+            ),
+        );
+        match code {
+            Some(code) => error.with_host_status(code).into(),
+            None => error.into(),
+        }
+    }
+
+    /// Folds one payload in; returns it with corrected tool-call indices when it needs them.
+    fn apply(&mut self, payload: &str) -> Result<Option<String>, AttemptError> {
+        let model = &self.task.spec.model;
+        let applied = match self.stream.apply(payload) {
+            Ok(applied) => applied,
+            Err(error) => return Err(self.in_stream_error(error)),
+        };
+        // Failed at once: the chunk that says so, and the `[DONE]` after it, are not relayed.
+        if self.stream.aborted.is_some() {
+            return Err(self.incomplete(None));
+        }
         let output = applied.content.is_some() || applied.reasoning.is_some() || applied.tool_call;
         if output {
             self.ttft.get_or_insert_with(|| self.sent.elapsed());
@@ -450,50 +546,18 @@ impl StreamReader<'_> {
                 self.task.emit(TaskEvent::Delta(text));
             }
         }
-        Ok(())
+        Ok(applied.reindexed)
     }
 
     /// Tells a complete answer from an aborted or truncated stream.
     fn finish(self, broken: Option<reqwest::Error>) -> Result<StreamOutput, AttemptError> {
-        let host = &self.host.name;
-        let model = &self.task.spec.model;
+        if self.stream.bad_payloads > 0 {
+            tracing::debug!(host = %self.host.name, count = self.stream.bad_payloads, "skipped stream lines that were not JSON");
+        }
+        if !self.stream.complete() {
+            return Err(self.incomplete(broken));
+        }
         let stream = self.stream;
-        if stream.bad_payloads > 0 {
-            tracing::debug!(%host, count = stream.bad_payloads, "skipped stream lines that were not JSON");
-        }
-        if !stream.complete() {
-            let cause = broken
-                .as_ref()
-                .map(|b| format!(": connection lost ({})", describe(b)))
-                .unwrap_or_default();
-            let error = if stream.has_output() {
-                DispatchError::new(
-                    ErrorKind::StreamTruncated,
-                    format!(
-                        "Stream truncated for {model} at {host}: it ended after {} chars without \
-                         [DONE] or a finish_reason{cause}; the answer is incomplete, retry",
-                        stream.text.len()
-                    ),
-                )
-            } else {
-                DispatchError::new(
-                    ErrorKind::StreamAborted,
-                    format!(
-                        "Stream aborted for {model} at {host} (no [DONE], no content){cause}; \
-                         the host may have aborted a model load, retry"
-                    ),
-                )
-            };
-            // A broken connection may be a host that died: have it probed at once.
-            let signal = broken.as_ref().map_or(HostSignal::Neutral, |b| {
-                HostSignal::Unreachable(short_cause(b))
-            });
-            return Err(AttemptError {
-                error,
-                signal,
-                retry_elsewhere: false,
-            });
-        }
         let tool_calls = stream.tool_calls();
         Ok(StreamOutput {
             text: stream.text,
@@ -503,6 +567,137 @@ impl StreamReader<'_> {
             usage: stream.usage,
             ttft: self.ttft,
         })
+    }
+
+    /// The failure of an answer the host did not complete: cut off, given up on by the host
+    /// (`finish_reason: "abort"`), or no event stream at all.
+    fn incomplete(&self, broken: Option<reqwest::Error>) -> AttemptError {
+        let host = &self.host.name;
+        let model = &self.task.spec.model;
+        let stream = &self.stream;
+        let cause = match (&broken, &stream.aborted) {
+            (Some(b), _) => format!(": connection lost ({})", describe(b)),
+            (None, Some(reason)) => format!(
+                ": the host ended it with finish_reason \"{reason}\", which says it gave up on \
+                 the request (vLLM does when its engine pauses, shuts down or aborts it)"
+            ),
+            (None, None) => String::new(),
+        };
+        let (missing, nothing) = match stream.aborted {
+            Some(_) => ("", "no content"),
+            None => (
+                " without [DONE] or a finish_reason",
+                "no [DONE], no content",
+            ),
+        };
+        let error = if stream.has_output() {
+            DispatchError::new(
+                ErrorKind::StreamTruncated,
+                format!(
+                    "Stream truncated for {model} at {host}: it ended after {} chars{missing}\
+                     {cause}; the answer is incomplete, retry",
+                    stream.text.len()
+                ),
+            )
+        } else if self.events == 0 && !self.head.is_empty() {
+            // A 200 whose body is no event stream at all (a proxy's error page, a server
+            // that is not OpenAI-compatible): its own words say more than "no content".
+            let head = String::from_utf8_lossy(&self.head);
+            DispatchError::new(
+                ErrorKind::StreamAborted,
+                format!(
+                    "Stream aborted for {model} at {host} ({nothing}){cause}: it answered \
+                     HTTP 200 with a body that is not an event stream, starting {:?}; check \
+                     that the host's url leads to an OpenAI-compatible server",
+                    head.trim()
+                ),
+            )
+        } else {
+            DispatchError::new(
+                ErrorKind::StreamAborted,
+                format!(
+                    "Stream aborted for {model} at {host} ({nothing}){cause}; the host may have \
+                     aborted a model load, retry"
+                ),
+            )
+        };
+        // A broken connection may be a host that died: have it probed at once.
+        let signal = broken.as_ref().map_or(HostSignal::Neutral, |b| {
+            HostSignal::Unreachable(short_cause(b))
+        });
+        AttemptError {
+            error,
+            signal,
+            retry_elsewhere: false,
+        }
+    }
+}
+
+/// What a relayed task's client is sent of the host's answer: whole lines, each only after it
+/// was parsed. A line cut by a failure is never sent, so an error event the front door appends
+/// starts on a line of its own instead of being glued onto half a chunk; and the client's
+/// response starts ([`TaskEvent::Answer`]) only with the first line, so a host that fails
+/// before its first line (llama.cpp's context-size error, a first-token timeout) reaches the
+/// client as an error status.
+struct RelayOut {
+    content_type: String,
+    answered: bool,
+    /// Bytes after the last newline relayed, held until their line is complete.
+    tail: BytesMut,
+}
+
+impl RelayOut {
+    fn new(content_type: String) -> Self {
+        Self {
+            content_type,
+            answered: false,
+            tail: BytesMut::new(),
+        }
+    }
+
+    /// Relays the complete lines `chunk` ends, holding back a line it leaves open.
+    fn forward(&mut self, task: &InferenceTask, chunk: &Bytes) {
+        let Some(newline) = chunk.iter().rposition(|b| *b == b'\n') else {
+            self.tail.extend_from_slice(chunk);
+            return;
+        };
+        let lines = if self.tail.is_empty() {
+            chunk.slice(..=newline) // the usual case: no copy
+        } else {
+            self.tail.extend_from_slice(&chunk[..=newline]);
+            self.tail.split().freeze()
+        };
+        self.send(task, lines);
+        self.tail.extend_from_slice(&chunk[newline + 1..]);
+    }
+
+    /// The answer is complete: whatever is held back goes out too.
+    fn flush(&mut self, task: &InferenceTask) {
+        let rest = self.tail.split().freeze();
+        self.send(task, rest);
+    }
+
+    fn send(&mut self, task: &InferenceTask, bytes: Bytes) {
+        if !self.answered {
+            self.answered = true;
+            task.emit(TaskEvent::Answer {
+                content_type: std::mem::take(&mut self.content_type),
+            });
+        }
+        if !bytes.is_empty() {
+            task.emit(TaskEvent::Bytes(bytes));
+        }
+    }
+}
+
+/// What a host's 4xx means for the caller, appended to the host's message.
+fn refusal_hint(status: u16) -> &'static str {
+    match status {
+        408 | 429 => " (the host is busy; retry later)",
+        400..=499 => {
+            " (the host refuses this request as it is; retrying the same request will not help)"
+        }
+        _ => "",
     }
 }
 
@@ -534,17 +729,19 @@ pub fn describe(e: &reqwest::Error) -> String {
     text
 }
 
-/// The host's own words for an HTTP error: `error.message`, a string `error`, or the start of the body.
-fn error_detail(body: &[u8]) -> String {
+/// The host's own words for an HTTP error, whole, from any of the shapes servers use (see
+/// [`sse::host_message`]), or the start of a body that is not JSON; and the status the body
+/// itself gives the error, if any.
+fn error_detail(body: &[u8]) -> (String, Option<u16>) {
     if let Ok(value) = serde_json::from_slice::<Value>(body)
-        && let Some(error) = value.get("error")
+        && let Some(error) = sse::host_message(&value)
     {
-        return sse::error_message(error);
+        return (error.message, error.code);
     }
     let text = String::from_utf8_lossy(body);
     let mut end = text.len().min(ERROR_BODY_BYTES);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    text[..end].trim().to_string()
+    (text[..end].trim().to_string(), None)
 }

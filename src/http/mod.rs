@@ -5,6 +5,7 @@
 mod auth;
 mod openai;
 mod page;
+pub mod sessions;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::ListenerExt;
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,13 +24,27 @@ use crate::dispatcher::Dispatcher;
 use crate::mcp::PrixServer;
 
 /// What the HTTP front end needs beyond the dispatcher.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpOptions {
     /// Bearer token every route but `/healthz` requires; `None` = open (loopback default).
     pub auth_token: Option<String>,
     pub max_request_bytes: usize,
     /// `Host` values `/mcp` accepts besides the loopback names.
     pub allowed_hosts: Vec<String>,
+    /// An MCP session with no call in flight for this long is closed (`[server]
+    /// session_idle_seconds`); its next request gets 404 and the client starts a new one.
+    pub session_idle: std::time::Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self {
+            auth_token: None,
+            max_request_bytes: 0,
+            allowed_hosts: Vec::new(),
+            session_idle: sessions::DEFAULT_SESSION_IDLE,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -53,7 +67,7 @@ pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationTo
     allowed.extend(options.allowed_hosts.iter().cloned());
     let mcp = StreamableHttpService::new(
         move || Ok(PrixServer::for_http(dispatcher.clone())),
-        LocalSessionManager::default().into(),
+        Arc::new(sessions::Sessions::new(options.session_idle)),
         StreamableHttpServerConfig::default()
             .with_cancellation_token(stop)
             .with_allowed_hosts(allowed)

@@ -120,6 +120,11 @@ pub(super) async fn chat_completions(State(app): State<App>, body: Bytes) -> Res
 
 /// The host's bytes as they come; a failure after the first byte becomes an SSE error event.
 /// The handle lives in the stream: a client that disconnects drops it, which cancels the task.
+///
+/// The host's bytes arrive in whole lines (the backend holds back a line cut short), and the
+/// error event starts with a blank line, which ends any event the host left open without
+/// adding one: so the event is always read on its own, and the `openai` SDK raises it
+/// (`APIError` for a `data:` payload with an `error` key).
 fn relay(
     handle: TaskHandle,
 ) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
@@ -129,7 +134,7 @@ fn relay(
             match handle.next().await {
                 Some(TaskEvent::Bytes(bytes)) => return Some((Ok(bytes), Some(handle))),
                 Some(TaskEvent::Failed(e)) => {
-                    let event = format!("data: {}\n\n", error_json(&e));
+                    let event = format!("\ndata: {}\n\n", error_json(&e));
                     return Some((Ok(Bytes::from(event)), None));
                 }
                 Some(TaskEvent::Finished(_)) | None => return None,
@@ -190,8 +195,18 @@ fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
     })
 }
 
-/// The HTTP status a failure maps to.
+/// The HTTP status a failure maps to. A host's own 4xx (a prompt over the context size, a
+/// bad parameter) passes through as that 4xx, whether the host sent it as its status or
+/// inside a 200 stream: a client treats it as its own mistake and does not retry it.
 fn status_for(error: &DispatchError) -> StatusCode {
+    if matches!(error.kind, ErrorKind::HostError | ErrorKind::StreamError)
+        && let Some(status) = error
+            .host_status
+            .filter(|s| (400..500).contains(s))
+            .and_then(|s| StatusCode::from_u16(s).ok())
+    {
+        return status;
+    }
     match error.kind {
         ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
         // Known to no host at all: the client asked for something that does not exist.
@@ -215,9 +230,10 @@ fn status_for(error: &DispatchError) -> StatusCode {
 
 fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 404 => "invalid_request_error",
         401 => "authentication_error",
+        403 => "permission_error",
         429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
         _ => "server_error",
     }
 }
@@ -232,9 +248,19 @@ fn error_json(error: &DispatchError) -> Value {
     }})
 }
 
-/// A failure in OpenAI's `{"error": {"message", "type", "code"}}` shape with a fitting status.
+/// A failure in OpenAI's `{"error": {"message", "type", "code"}}` shape with a fitting status,
+/// and `x-should-retry` saying whether the same request may succeed. The `openai` SDKs obey
+/// that header before their status rules (openai-python `_should_retry`, openai-node
+/// `shouldRetry`), so a permanent failure behind a 5xx status is not sent three times, and a
+/// retryable one behind a 4xx is retried.
 pub(super) fn error_response(error: &DispatchError) -> Response {
-    (status_for(error), axum::Json(error_json(error))).into_response()
+    let retry = HeaderValue::from_static(if error.retryable { "true" } else { "false" });
+    (
+        status_for(error),
+        [("x-should-retry", retry)],
+        axum::Json(error_json(error)),
+    )
+        .into_response()
 }
 
 pub(super) fn error_body(status: StatusCode, code: &str, kind: &str, message: &str) -> Response {

@@ -3,15 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tokio::sync::watch;
 
 use super::completion;
-use super::config::Behaviour;
+use super::config::{Behaviour, RawReply};
 use super::record::{Outcome, now_us};
-use super::reply::{aborted, error_body, error_kind, finish_json, status_code};
+use super::reply::{abort_frame, aborted, error_body, error_kind, finish_json, status_code};
 use super::request::ChatRequest;
 use super::script::Script;
 use super::server::Inbound;
@@ -51,6 +53,10 @@ pub(crate) async fn completions(inbound: Inbound) -> Response {
         let body = error_body(&behaviour.fail_message, error_kind(status), None);
         return finish_json(guard, status, body);
     }
+    if let Some(raw) = behaviour.raw.clone() {
+        tokio::time::sleep(Duration::from_millis(behaviour.ttft_ms)).await;
+        return replay(guard, raw);
+    }
     let script = Script::plan(&behaviour, &request, guard.seq(), now_us() / 1_000_000);
     answer(guard, &behaviour, request.stream, &script, evicted).await
 }
@@ -79,6 +85,48 @@ async fn answer(
     } else {
         completion::respond(guard, script, evicted).await
     }
+}
+
+/// Sends a recorded answer byte for byte. The guard lives in the body, so a client leaving
+/// early is recorded as such.
+fn replay(guard: RecordGuard, raw: RawReply) -> Response {
+    guard.first_byte();
+    let status = status_code(raw.status);
+    let interval = Duration::from_millis(raw.interval_ms);
+    let pieces = raw.chunks.into_iter().enumerate();
+    let abort = raw.abort;
+    let body = futures::stream::unfold(
+        (pieces, Some(guard)),
+        move |(mut pieces, guard)| async move {
+            let mut guard = guard?;
+            match pieces.next() {
+                Some((i, piece)) => {
+                    if i > 0 && !interval.is_zero() {
+                        tokio::time::sleep(interval).await;
+                    }
+                    Some((Ok(piece), (pieces, Some(guard))))
+                }
+                None if abort => {
+                    guard.finish(Outcome::Dropped);
+                    Some((abort_frame().await, (pieces, None)))
+                }
+                None => {
+                    guard.finish(if status.is_success() {
+                        Outcome::Completed
+                    } else {
+                        Outcome::FailedStatus(status.as_u16())
+                    });
+                    None
+                }
+            }
+        },
+    );
+    (
+        status,
+        [(CONTENT_TYPE, raw.content_type)],
+        Body::from_stream(body),
+    )
+        .into_response()
 }
 
 fn bad_request(guard: RecordGuard, message: &str) -> Response {

@@ -26,6 +26,9 @@ pub struct SimConfig {
     pub manifest_sequence: Option<Vec<Vec<String>>>,
     /// Answer `GET /v1/models` with this status and an error body.
     pub manifest_status: Option<u16>,
+    /// Answer `GET /v1/models` with 200 and exactly this JSON body (e.g. Ollama's
+    /// `{"object":"list","data":null}` when no model is pulled).
+    pub manifest_body: Option<Value>,
     /// When set, `/v1/*` and `/api/*` need `Authorization: Bearer <key>`.
     pub required_key: Option<String>,
     /// Model reported as loaded before any chat request arrives.
@@ -47,6 +50,7 @@ impl Default for SimConfig {
             models: vec!["sim-model".to_owned()],
             manifest_sequence: None,
             manifest_status: None,
+            manifest_body: None,
             required_key: None,
             initially_loaded: None,
             auto_evict: false,
@@ -156,6 +160,9 @@ pub struct Behaviour {
     pub ignore_max_tokens: bool,
     /// After the generated pieces, send an error event instead of finishing.
     pub in_stream_error: Option<String>,
+    /// Answer with exactly these bytes instead of a generated answer: replays what a real
+    /// server sent, byte for byte (after `ttft_ms`).
+    pub raw: Option<RawReply>,
 }
 
 impl Default for Behaviour {
@@ -179,6 +186,7 @@ impl Default for Behaviour {
             garbage_line_bytes: 0,
             ignore_max_tokens: false,
             in_stream_error: None,
+            raw: None,
         }
     }
 }
@@ -194,6 +202,35 @@ impl Behaviour {
             }
         }
         serde_json::from_value(merged)
+    }
+}
+
+/// A recorded answer of a real server, replayed as it was.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawReply {
+    /// The response status.
+    pub status: u16,
+    /// The `Content-Type` header.
+    pub content_type: String,
+    /// The body, written piece by piece (each piece its own write, `interval_ms` apart), so
+    /// a test can put a read boundary anywhere.
+    pub chunks: Vec<String>,
+    /// Wait before each piece after the first.
+    pub interval_ms: u64,
+    /// After the last piece, break the connection off instead of ending the body cleanly.
+    pub abort: bool,
+}
+
+impl Default for RawReply {
+    fn default() -> Self {
+        Self {
+            status: 200,
+            content_type: "text/event-stream".to_owned(),
+            chunks: Vec::new(),
+            interval_ms: 0,
+            abort: false,
+        }
     }
 }
 

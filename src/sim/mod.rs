@@ -39,7 +39,7 @@ mod state;
 mod tests;
 
 pub use config::{
-    Behaviour, ConfigError, DIRECTIVE_PREFIX, SimConfig, ToolCallSpec, sim_directive,
+    Behaviour, ConfigError, DIRECTIVE_PREFIX, RawReply, SimConfig, ToolCallSpec, sim_directive,
 };
 pub use host::SimHost;
 pub use record::{Outcome, RequestRecord, SimStats};

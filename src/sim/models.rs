@@ -13,7 +13,11 @@ const MAX_CONTEXT_LENGTH: u32 = 4096;
 
 pub(crate) async fn openai(inbound: Inbound) -> Response {
     let guard = inbound.guard;
-    match guard.shared().manifest_call() {
+    let listed = guard.shared().manifest_call();
+    if let Some(body) = guard.shared().config().manifest_body {
+        return finish_json(guard, StatusCode::OK, body);
+    }
+    match listed {
         Ok(models) => {
             let data: Vec<Value> = models
                 .iter()

@@ -730,3 +730,61 @@ async fn sim_endpoints_steer_and_report() {
     assert!(host.records().is_empty());
     assert_eq!(host.stats(), SimStats::default());
 }
+
+#[tokio::test]
+async fn raw_replies_are_sent_byte_for_byte() {
+    let host = SimHost::start(SimConfig::default()).await.unwrap();
+    let chunks = ["error: {\"code\":400}\n\n", "data: [DONE]\n\n"];
+    let body = directed("sim-model", true, json!({"raw": {"chunks": chunks}}));
+    let response = post(&host, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.text().await.unwrap(), chunks.concat());
+    assert_eq!(host.chat_records()[0].outcome, Outcome::Completed);
+
+    let json_error = "{\"error\":\"Unexpected endpoint or method. (POST /chat/completions)\"}";
+    let body = directed(
+        "sim-model",
+        true,
+        json!({"raw": {"status": 400, "content_type": "application/json", "chunks": [json_error]}}),
+    );
+    let response = post(&host, "/v1/chat/completions", &body).await;
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.text().await.unwrap(), json_error);
+    let record = record_when(&host, 2, RequestRecord::is_finished).await;
+    assert_eq!(record.outcome, Outcome::FailedStatus(400));
+
+    let body = directed(
+        "sim-model",
+        true,
+        json!({"raw": {"chunks": ["data: {\"x\":1}\n\n"], "abort": true}}),
+    );
+    let response = post(&host, "/v1/chat/completions", &body).await;
+    let mut stream = response.bytes_stream();
+    let mut received = String::new();
+    let error = loop {
+        match stream.next().await {
+            Some(Ok(bytes)) => received.push_str(&String::from_utf8_lossy(&bytes)),
+            Some(Err(err)) => break err,
+            None => panic!("body ended cleanly: {received}"),
+        }
+    };
+    assert!(error.is_body() || error.is_decode(), "{error:?}");
+    assert_eq!(received, "data: {\"x\":1}\n\n");
+    let record = record_when(&host, 3, RequestRecord::is_finished).await;
+    assert_eq!(record.outcome, Outcome::Dropped);
+}
+
+#[tokio::test]
+async fn a_raw_manifest_body_is_served_as_given() {
+    let host = SimHost::start(SimConfig {
+        manifest_body: Some(json!({"object": "list", "data": null})),
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let (status, body) = get_json(&host, "/v1/models").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, json!({"object": "list", "data": null}));
+}

@@ -3,6 +3,7 @@ progress callback, cancel a long one mid-stream, and an error result.
 
 usage: mcp_client.py <http URL | stdio> <mode: auto | legacy | 2026-07-28> [binary config]
 """
+import json
 import sys
 
 import anyio
@@ -54,6 +55,31 @@ async def main():
                 status = await client.call_tool("dispatch_status", {})
                 cancelled = status.structured_content["counters"]["cancelled"]
                 await anyio.sleep(0.05)
+
+        # Arguments as real clients send them (see src/params.rs).
+        tools = (await client.list_tools()).tools
+        schema = next(t for t in tools if t.name == "complete").input_schema
+        for name, prop in schema["properties"].items():
+            assert "type" in prop and "null" not in json.dumps(prop), (name, prop)
+        hi = [{"role": "user", "content": "hi"}]
+        ok = await client.call_tool(
+            "complete",
+            {"model_id": "chat-model", "messages": hi, "max_tokens": 50.0, "seed": 42.0,
+             "response_format": '{"type":"json_object"}'},
+        )
+        assert not ok.is_error, ok
+        for args, param in [({"max_tokens": "50"}, "max_tokens"), ({"max_tokens": 50.5}, "max_tokens"),
+                            ({"response_format": "json_object"}, "response_format")]:
+            refused = await client.call_tool("complete", {"model_id": "chat-model", "messages": hi, **args})
+            assert refused.is_error, refused
+            assert refused.structured_content["kind"] == "invalid_request", refused.structured_content
+            assert refused.structured_content["retryable"] is False, refused.structured_content
+            assert param in refused.content[0].text, refused.content
+
+        # An answer that is only a tool call still has text content: the structured result's JSON.
+        tool = await client.call_tool("complete", {"model_id": "tool-model", "messages": hi})
+        assert not tool.is_error, tool
+        assert json.loads(tool.content[0].text)["tool_calls"][0]["name"] == "get_weather", tool.content
 
         bad = await client.call_tool(
             "complete", {"model_id": "nope", "messages": [{"role": "user", "content": "hi"}]}

@@ -222,14 +222,22 @@ impl HttpFront {
         token: Option<&str>,
         max_request_bytes: usize,
     ) -> HttpFront {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let stop = tokio_util::sync::CancellationToken::new();
         let options = prix_dispatch::http::HttpOptions {
             auth_token: token.map(str::to_string),
             max_request_bytes,
-            allowed_hosts: vec![],
+            ..Default::default()
         };
+        Self::start_with(dispatcher, options).await
+    }
+
+    /// `serve` with the given options.
+    pub async fn start_with(
+        dispatcher: &Dispatcher,
+        options: prix_dispatch::http::HttpOptions,
+    ) -> HttpFront {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = tokio_util::sync::CancellationToken::new();
         tokio::spawn(prix_dispatch::http::serve(
             listener,
             dispatcher.clone(),
