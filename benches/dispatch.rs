@@ -34,6 +34,7 @@ use prix_dispatch::Dispatcher;
 use prix_dispatch::config::{Config, ConfigSource, HostConfig};
 use prix_dispatch::demo::makespan_lower_bound;
 use prix_dispatch::http::{HttpOptions, serve};
+use prix_dispatch::scheduler::costs::Observed;
 use prix_dispatch::scheduler::state::{
     Decision, DispatchState, HostId, HostSignal, Limits, ManifestReport, Outcome, Queueable,
     Release,
@@ -41,6 +42,9 @@ use prix_dispatch::scheduler::state::{
 use prix_dispatch::sim::{Behaviour, SimConfig, SimHost};
 use prix_dispatch::task::TaskId;
 use tokio::time::Instant;
+
+#[path = "dispatch/swap.rs"]
+mod swap;
 
 /// The recorded seed of the efficiency batteries (override with `DISPATCH_BENCH_SEED`).
 const BASE_SEED: u64 = 0x0d15_9a7c_4be1_2025;
@@ -417,6 +421,7 @@ fn simulate(fleet: &Fleet, jobs: &[Spec], max_bypass: Duration) -> SimResult {
         events: BinaryHeap::new(),
         seq: 0,
         running: vec![Vec::new(); fleet.hosts.len()],
+        observed: std::collections::HashMap::new(),
         slots: fleet.hosts.iter().map(|(s, _)| *s).collect(),
         lists: fleet
             .hosts
@@ -472,7 +477,21 @@ fn simulate(fleet: &Fleet, jobs: &[Spec], max_bypass: Duration) -> SimResult {
                 des.result.model_done[kind] = des.result.model_done[kind].max(at_s);
             }
             des.result.completed += 1;
-            let d = des.state.released(HostId(host), completed(), at);
+            let release = match des.observed.remove(&id) {
+                Some((cold, work, kind)) => Release {
+                    observed: Some((
+                        names[kind].to_string(),
+                        Observed {
+                            cold,
+                            ttft: Some(Duration::from_millis(1)),
+                            service: work,
+                        },
+                    )),
+                    ..completed()
+                },
+                None => completed(),
+            };
+            let d = des.state.released(HostId(host), release, at);
             des.apply(d);
             let d = des.state.worker_idle(HostId(host), at);
             des.apply(d);
@@ -490,6 +509,9 @@ struct Des {
     seq: u64,
     /// Per host: (task id, model) running, from the `Start` decisions.
     running: Vec<Vec<(u64, usize)>>,
+    /// Per running task: whether it started cold, and its work (for the cost model: these
+    /// hosts pay nothing for a switch, and the scheduler learns so from their first tokens).
+    observed: std::collections::HashMap<u64, (bool, Duration, usize)>,
     slots: Vec<usize>,
     lists: Vec<Vec<bool>>,
     /// Per model: tasks submitted and not started.
@@ -501,8 +523,9 @@ impl Des {
     fn apply(&mut self, decisions: Vec<Decision<Job>>) {
         for d in decisions {
             match d {
-                Decision::Start { task, host, .. } => {
+                Decision::Start { task, host, cold } => {
                     let h = host.0;
+                    self.observed.insert(task.id, (cold, task.work, task.kind));
                     if self.running[h].len() >= self.slots[h] {
                         self.result.slot_violations += 1;
                     }
@@ -1624,7 +1647,7 @@ fn main() {
                 .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>()),
         )
         .collect();
-    let known = ["efficiency", "overhead", "scale"];
+    let known = ["efficiency", "swap", "overhead", "scale"];
     for n in &names {
         assert!(
             known.contains(&n.as_str()),
@@ -1640,6 +1663,7 @@ fn main() {
         assert!(ok, "the scheduler broke an invariant in the smoke run");
         let r = scale_run(16, 100, Duration::from_secs(30), 100);
         assert!(!r.next.is_empty() && !r.submit.is_empty());
+        swap::smoke();
         println!("smoke check passed; run `cargo bench --bench dispatch` for the figures");
         return;
     }
@@ -1650,6 +1674,11 @@ fn main() {
     if want("efficiency") {
         section_header("Scheduling efficiency");
         ok &= efficiency(&[200, 1000, 5000], EFFICIENCY_SEEDS, &fleets());
+        println!("\nload average at end: {}", loadavg());
+    }
+    if want("swap") {
+        section_header("Hosts that pay for switching models");
+        ok &= swap::swap(3);
         println!("\nload average at end: {}", loadavg());
     }
     if want("overhead") {
