@@ -13,11 +13,12 @@
 //! - **gated**: prompt-prix's own workaround, client-side — one model's tasks at a time with a
 //!   barrier between models (each batch on the load-blind placement).
 //!
-//! Lower bound (shared/reference/placement.md): every model must be loaded at least once, on
-//! some host, and all work and loads share the hosts, so with `H` hosts, `M` models not loaded
-//! at the start, total work `W` and load time `L`: `makespan ≥ max((W + M·L) / H, max_t p_t + L)`.
-//! It ignores that using a host at all costs it a load (so it is loose when `H > M`).
-//! Minimum loads: `M`.
+//! Lower bound (after shared/reference/placement.md): every model must be loaded at least once,
+//! on some host, and every host that runs anything loads at least once (all start empty); all
+//! work and loads share the hosts that are used, and using fewer hosts only raises the bound,
+//! so with `H` hosts, `M` models, total work `W` and load time `L`:
+//! `makespan ≥ max((W + max(M, H)·L) / H, max_t p_t + L)`.
+//! Minimum loads: `M` (each model once); using every host needs `max(M, H)`.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -97,13 +98,16 @@ pub struct SwapResult {
     pub completed: usize,
 }
 
+/// (when, sequence, kind: 0 first byte / 1 completion, host, task id).
+type Event = (Instant, u64, u8, usize, u64);
+
 struct Sim {
     state: DispatchState<Job>,
     now: Instant,
     load: Duration,
     resident: Vec<Option<usize>>,
     /// (when, seq, kind, host, task id): kind 0 = first byte, 1 = completion.
-    events: BinaryHeap<Reverse<(Instant, u64, u8, usize, u64)>>,
+    events: BinaryHeap<Reverse<Event>>,
     seq: u64,
     running: Vec<Vec<(u64, usize, bool, Duration)>>,
     names: Vec<Arc<str>>,
@@ -284,7 +288,7 @@ fn lower_bound(
 ) -> Duration {
     let work: Duration = jobs.iter().map(|j| j.1).sum();
     let longest = jobs.iter().map(|j| j.1).max().unwrap_or_default();
-    ((work + load * models as u32) / hosts as u32).max(longest + load)
+    ((work + load * models.max(hosts) as u32) / hosts as u32).max(longest + load)
 }
 
 /// Prints the section; returns false when an invariant broke or a target was missed.
@@ -300,7 +304,7 @@ pub fn swap(seeds: u64) -> bool {
         mean.as_secs()
     );
     println!(
-        "| hosts | models × tests | load / task | order | swap-aware: of bound | loads (min) | load-blind: of bound | loads | gated: of bound | loads | swap-aware vs gated |"
+        "| hosts | models × tests | load / task | order | swap-aware: of bound | loads (min; all hosts) | load-blind: of bound | loads | gated: of bound | loads | swap-aware vs gated |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &(hosts, models, tests) in &fleets {
@@ -336,9 +340,10 @@ pub fn swap(seeds: u64) -> bool {
                     speedup.push(makespans[2] / makespans[0]);
                 }
                 println!(
-                    "| {hosts} | {models} × {tests} | {factor}× | {order:?} | {} | {} ({models}) | {} | {} | {} | {} | {}× |",
+                    "| {hosts} | {models} × {tests} | {factor}× | {order:?} | {} | {} ({models}; {}) | {} | {} | {} | {} | {}× |",
                     fmt_spread(&eff[0], 2),
                     fmt_spread(&loads[0], 0),
+                    models.max(hosts),
                     fmt_spread(&eff[1], 2),
                     fmt_spread(&loads[1], 0),
                     fmt_spread(&eff[2], 2),

@@ -80,16 +80,23 @@ impl CostModel {
     pub fn observe(&mut self, host: usize, model: &str, seen: Observed) {
         let warm_fleet = self.warm_ttft_any(model);
         let entry = self.learned.entry((host, model.to_string())).or_default();
-        Ewma::add(&mut entry.service, seen.service.as_secs_f64());
-        let Some(ttft) = seen.ttft.map(|t| t.as_secs_f64()) else {
-            return;
-        };
-        if seen.cold {
-            // What the first token took beyond a warm one is the load.
-            let warm = entry.warm_ttft.map(|w| w.0).or(warm_fleet).unwrap_or(0.0);
-            Ewma::add(&mut entry.load, (ttft - warm).max(0.0));
-        } else {
-            Ewma::add(&mut entry.warm_ttft, ttft);
+        let total = seen.service.as_secs_f64();
+        match seen.ttft.map(|t| t.as_secs_f64()) {
+            Some(ttft) if seen.cold => {
+                // What the first token took beyond a warm one is the load; the rest of the
+                // task is its service, as it would be warm.
+                let warm = entry.warm_ttft.map(|w| w.0).or(warm_fleet).unwrap_or(0.0);
+                let load = (ttft - warm).max(0.0);
+                Ewma::add(&mut entry.load, load);
+                Ewma::add(&mut entry.service, (total - load).max(0.0));
+            }
+            Some(ttft) => {
+                Ewma::add(&mut entry.warm_ttft, ttft);
+                Ewma::add(&mut entry.service, total);
+            }
+            // No first token seen (an empty answer): its time is still its service.
+            None if !seen.cold => Ewma::add(&mut entry.service, total),
+            None => {}
         }
     }
 
@@ -244,7 +251,8 @@ mod tests {
         // Another model on that host, and another host: the learned figure stands in.
         assert_eq!(c.load(0, "b"), ms(5000));
         assert_eq!(c.load(1, "b"), ms(5000));
-        assert_eq!(c.service(0, "a"), Duration::from_secs_f64(2.0 + 0.3 * 5.0));
+        // The cold task's 7 s were 5 s of load and 2 s of service.
+        assert_eq!(c.service(0, "a"), Duration::from_secs(2));
         assert_eq!(
             c.service(1, "a"),
             c.service(0, "a"),

@@ -184,6 +184,9 @@ struct Host {
     resident: Vec<String>,
     /// Most models it holds at once (LM Studio's auto-evict: 1); learned upward from reports.
     max_loaded: usize,
+    /// Until when the model it loaded last is kept even for overdue tasks of other models
+    /// (see [`placement::QUANTUM_LOADS`]).
+    protected_until: Option<Instant>,
     /// A request loading a model here that has not sent its first byte: nothing else starts
     /// here until it does (the cold-load gate; LM Studio loads a copy per concurrent request,
     /// its bug tracker #1751).
@@ -215,6 +218,7 @@ impl Host {
             resident: Vec::new(),
             max_loaded: 1,
             loading: None,
+            protected_until: None,
         }
     }
 
@@ -668,6 +672,12 @@ impl<T: Queueable> DispatchState<T> {
             Some(self.host_wait_deadline(head, *since))
         });
         let cooling = self.hosts.iter().filter_map(|h| h.cooling_until);
+        // A protected host may take an overdue task once its quantum ends.
+        let protection = self
+            .hosts
+            .iter()
+            .filter_map(|h| h.protected_until)
+            .filter(|t| self.waiting > 0 && self.last_dispatch.is_none_or(|seen| *t > seen));
         // Swap-aware placement may hold a task back rather than load its model; once it is
         // overdue, any host that can switch takes it: wake up then.
         let overdue = self
@@ -690,6 +700,7 @@ impl<T: Queueable> DispatchState<T> {
             .chain(host_wait)
             .chain(cooling)
             .chain(overdue)
+            .chain(protection)
             .min()
     }
 
@@ -962,6 +973,8 @@ impl<T: Queueable> DispatchState<T> {
             h.touch(&model);
             if cold && self.limits.swap_aware {
                 h.loading = Some(id);
+                h.protected_until =
+                    Some(now + self.costs.load(host.0, &model) * placement::QUANTUM_LOADS);
             }
             match self.last_started.get_mut(&model) {
                 Some(at) => *at = now,
@@ -1020,6 +1033,10 @@ impl<T: Queueable> DispatchState<T> {
                 }
                 let warm = h.resident.iter().any(|m| m == model);
                 let load = self.costs.load(i, model);
+                let evicted = (!warm && h.resident.len() >= h.max_loaded)
+                    .then(|| h.resident.first())
+                    .flatten()
+                    .map(String::as_str);
                 let facts = placement::PairFacts {
                     overdue,
                     warm,
@@ -1027,6 +1044,11 @@ impl<T: Queueable> DispatchState<T> {
                     backlog: self.costs.service(i, model) * (queue.len() as u32),
                     load,
                     strands: !warm && self.strands(i),
+                    protected: !warm && self.protected(i, now),
+                    evicted_backlog: evicted
+                        .and_then(|e| self.queues.get(e).map(|q| (e, q.len())))
+                        .map_or(Duration::ZERO, |(e, n)| self.costs.service(i, e) * n as u32),
+                    evicted_holders: evicted.map_or(0, |e| 1 + self.holders(e, Some(i))),
                 };
                 if !placement::allowed(&facts) {
                     continue;
@@ -1078,6 +1100,16 @@ impl<T: Queueable> DispatchState<T> {
                     && !(h.loading.is_some() && h.current_model.as_deref() == Some(model))
             })
             .count()
+    }
+
+    /// Whether `host` keeps the model it loaded last: within its quantum, with tasks of it
+    /// still waiting.
+    fn protected(&self, host: usize, now: Instant) -> bool {
+        let h = &self.hosts[host];
+        h.protected_until.is_some_and(|t| now < t)
+            && h.resident
+                .last()
+                .is_some_and(|m| self.queues.get(m).is_some_and(|q| !q.is_empty()))
     }
 
     /// Whether loading a model on `host` evicts one whose waiting tasks no other host holds.
