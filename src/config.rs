@@ -596,30 +596,79 @@ pub fn normalise_base_url(raw: &str) -> Result<String, String> {
 
 /// The identity of the server behind a base URL: what must have exactly one scheduler.
 ///
-/// Shape: `scheme://host:port/path`, lower-case scheme and host, the port always written
-/// (80/443 when the URL has none), no trailing `/` or `/v1`. `localhost`, `127.0.0.1` and
-/// `[::1]` are one host (a server bound to loopback answers on each), written `127.0.0.1`.
-/// Input is an already normalised base URL ([`normalise_base_url`]); one that does not parse
-/// is its own identity.
+/// Shape: `scheme://address:port/path`, the port always written (80/443 when the URL has
+/// none), no trailing `/` or `/v1`. The host part is the server's address, so every name of
+/// one server is one identity: a host name is resolved (once per process, cached), and an
+/// address of this machine — loopback, `0.0.0.0`, `localhost`, `[::1]`, the machine's own LAN
+/// address or a name for it (`gpu-box.lan` on gpu-box itself) — is written `127.0.0.1`. Of
+/// several addresses the lowest is used. A name that does not resolve is its own identity
+/// (lower-cased). Input is an already normalised base URL ([`normalise_base_url`]); one that
+/// does not parse is its own identity.
 pub fn host_identity(base_url: &str) -> String {
     let Ok(url) = url::Url::parse(base_url) else {
         return base_url.to_string();
     };
+    let port = url.port_or_known_default().unwrap_or(0);
     let host = match url.host() {
-        Some(url::Host::Domain(d)) if d.eq_ignore_ascii_case("localhost") => {
-            "127.0.0.1".to_string()
-        }
-        Some(url::Host::Ipv6(ip)) if ip.is_loopback() => "127.0.0.1".to_string(),
-        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
-        Some(host) => host.to_string().to_ascii_lowercase(),
+        Some(url::Host::Ipv4(ip)) => address_identity(std::net::IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => address_identity(std::net::IpAddr::V6(ip)),
+        Some(url::Host::Domain(name)) => resolved_identity(&name.to_ascii_lowercase(), port),
         None => String::new(),
     };
-    let port = url.port_or_known_default().unwrap_or(0);
     let mut path = url.path().trim_end_matches('/').to_string();
     if let Some(stripped) = path.strip_suffix("/v1") {
         path = stripped.trim_end_matches('/').to_string();
     }
     format!("{}://{host}:{port}{path}", url.scheme())
+}
+
+/// An address as identity: this machine's addresses are all `127.0.0.1`.
+fn address_identity(ip: std::net::IpAddr) -> String {
+    let local = ip.is_loopback()
+        || ip.is_unspecified()
+        // Binding succeeds only for an address of one of this machine's interfaces.
+        || std::net::UdpSocket::bind(std::net::SocketAddr::new(ip, 0)).is_ok();
+    match (local, ip) {
+        (true, _) => "127.0.0.1".to_string(),
+        (false, std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+        (false, v4) => v4.to_string(),
+    }
+}
+
+/// A host name's identity: its lowest address's identity, or the name if it does not resolve.
+/// Cached, so that every use in a process agrees and only the first pays for the lookup.
+fn resolved_identity(name: &str, port: u16) -> String {
+    use std::collections::HashMap;
+    use std::net::ToSocketAddrs;
+    use std::sync::{Mutex, OnceLock, PoisonError};
+    static CACHE: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    if let Some(hit) = cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(name)
+    {
+        return hit.clone();
+    }
+    let identity = if name == "localhost" {
+        "127.0.0.1".to_string()
+    } else {
+        let mut addresses: Vec<String> = (name, port)
+            .to_socket_addrs()
+            .map(|addrs| addrs.map(|a| address_identity(a.ip())).collect())
+            .unwrap_or_default();
+        addresses.sort();
+        addresses.dedup();
+        addresses
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| name.to_string())
+    };
+    cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(name.to_string(), identity.clone());
+    identity
 }
 
 impl HostConfig {
@@ -646,10 +695,28 @@ mod tests {
             assert_eq!(host_identity(&base), "http://127.0.0.1:1234", "{raw}");
         }
         assert_eq!(
-            host_identity("http://GPU-Box.lan"),
-            "http://gpu-box.lan:80",
-            "default port written out, host lower-cased"
+            host_identity("http://GPU-Box.invalid"),
+            "http://gpu-box.invalid:80",
+            "default port written out; a name that does not resolve is itself, lower-cased"
         );
+        assert_eq!(
+            host_identity("http://0.0.0.0:1234"),
+            "http://127.0.0.1:1234",
+            "0.0.0.0 reaches this machine"
+        );
+        // This machine's own name (and its LAN address) is this machine.
+        if let Ok(name) = std::fs::read_to_string("/etc/hostname") {
+            let name = name.trim();
+            let resolves = std::net::ToSocketAddrs::to_socket_addrs(&(name, 1234))
+                .is_ok_and(|mut a| a.next().is_some());
+            if !name.is_empty() && resolves {
+                assert_eq!(
+                    host_identity(&format!("http://{name}:1234")),
+                    "http://127.0.0.1:1234",
+                    "{name} is this machine"
+                );
+            }
+        }
         assert_eq!(
             host_identity("https://gpu:443/proxy/v1"),
             "https://gpu:443/proxy"

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use tokio::time::Instant;
 
+use crate::backend::slots::SlotsBusy;
 use crate::backend::{HostClient, StreamOutput};
 use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
 use crate::metrics::Metrics;
@@ -25,12 +26,13 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
         lease,
         client,
         running_here,
+        silent_others,
         slots,
         cold,
     }) = scheduler.next_task(host).await
     {
         if !task.abandoned()
-            && let Some(busy) = busy_elsewhere(&client, running_here, slots).await
+            && let Some(busy) = busy_elsewhere(&client, running_here, silent_others, slots).await
         {
             // Not sent, so not an attempt: the task goes back to its place in the queue and
             // the slots held from elsewhere count as taken until they are free.
@@ -52,9 +54,10 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
             task.emit(TaskEvent::Started {
                 host: client.name.clone(),
             });
-            if cold {
-                // The cold-load gate: the scheduler opens this host's other slots at the
-                // first byte, when the model is loaded.
+            if cold || client.may_show_slots() {
+                // The scheduler hears of the first byte: for a cold load it opens the host's
+                // other slots (the model is loaded), and it marks the request as surely
+                // counted by the host's `/slots`.
                 let first = tokio_util::sync::CancellationToken::new();
                 task.first_output = Some(first.clone());
                 let run = attempt(&client, &task);
@@ -120,18 +123,61 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
     }
 }
 
-/// Slots of a llama.cpp host busy with requests this daemon did not send, when they leave
-/// this task no slot (`None`: send it). `running_here` counts this task; our other requests may
-/// not show as processing yet, so they are subtracted as if they did.
-async fn busy_elsewhere(client: &HostClient, running_here: usize, slots: usize) -> Option<usize> {
+/// Reads a llama.cpp host's `/slots` before sending (see [`hold_back`]).
+async fn busy_elsewhere(
+    client: &HostClient,
+    running_here: usize,
+    silent: usize,
+    slots: usize,
+) -> Option<usize> {
     if !client.may_show_slots() {
         return None;
     }
-    let seen = client.read_slots().await?;
+    hold_back(client.read_slots().await?, running_here, silent, slots)
+}
+
+/// Whether a task must not be sent to a host whose `/slots` shows `seen`, and if so how many
+/// slots to count as busy from elsewhere. `running_here` counts this task. Our other requests
+/// that the host already answered surely show as processing; those it has not (`silent`) may
+/// or may not, so the check assumes the worst both ways: the processing slots it cannot account
+/// for may be someone else's, and our silent requests may not be counted yet.
+fn hold_back(seen: SlotsBusy, running_here: usize, silent: usize, slots: usize) -> Option<usize> {
     let ours = running_here.saturating_sub(1);
-    let elsewhere = seen.processing.saturating_sub(ours);
-    let full = ours + elsewhere >= slots || seen.processing >= seen.total;
-    (elsewhere > 0 && full).then_some(elsewhere)
+    let answering = ours.saturating_sub(silent);
+    let maybe_elsewhere = seen.processing.saturating_sub(answering);
+    let full = seen.processing + silent + 1 > slots.min(seen.total);
+    (maybe_elsewhere > 0 && full).then(|| seen.processing.saturating_sub(ours).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(processing: usize, total: usize) -> SlotsBusy {
+        SlotsBusy { processing, total }
+    }
+
+    #[test]
+    fn a_one_slot_host_busy_from_elsewhere_gets_nothing() {
+        assert_eq!(hold_back(seen(1, 1), 1, 0, 1), Some(1));
+        assert_eq!(
+            hold_back(seen(1, 4), 1, 0, 1),
+            Some(1),
+            "config says one slot"
+        );
+        assert_eq!(hold_back(seen(0, 1), 1, 0, 1), None);
+    }
+
+    #[test]
+    fn a_two_slot_host_with_one_foreign_request_takes_one_of_ours_not_two() {
+        // The first of ours: one slot left.
+        assert_eq!(hold_back(seen(1, 2), 1, 0, 2), None);
+        // The second, while the first has not answered (it may not show yet): held.
+        assert_eq!(hold_back(seen(1, 2), 2, 1, 2), Some(1));
+        assert_eq!(hold_back(seen(2, 2), 2, 1, 2), Some(1));
+        // Our own answering request is no reason to hold the next.
+        assert_eq!(hold_back(seen(1, 2), 2, 0, 2), None);
+    }
 }
 
 /// One attempt on the host, stopped at once when the client goes away. A panic in it fails

@@ -102,6 +102,9 @@ pub struct Assignment {
     /// The host's tasks in flight from this daemon when this one started, itself included,
     /// and its slots: what a `/slots` read before sending is compared against.
     pub running_here: usize,
+    /// Of the other tasks in flight here, those the host has not answered yet: a `/slots`
+    /// read may or may not count them as processing.
+    pub silent_others: usize,
     pub slots: usize,
     /// The host does not hold the model: the request loads it, and the worker tells the
     /// scheduler at its first byte ([`Scheduler::first_byte`]).
@@ -347,7 +350,8 @@ impl Scheduler {
         })
     }
 
-    /// The cold request `task` on `host` sent its first byte (the cold-load gate opens).
+    /// The request `task` on `host` sent its first byte (a cold load is done: the gate
+    /// opens; and the host surely counts it as processing).
     pub fn first_byte(&self, host: HostId, task: TaskId) {
         let _ = self.tx.send(Command::FirstByte { host, task });
     }
@@ -417,6 +421,8 @@ struct RunningEntry {
     model: String,
     client: Option<u64>,
     since: Instant,
+    /// The host sent its first byte: it is surely processing it (for `/slots` counts).
+    answering: bool,
 }
 
 struct Actor {
@@ -503,7 +509,12 @@ impl Actor {
                     self.state.manifests_read(reports, now)
                 }
                 Some(Command::ProbeResult(report)) => self.state.probe_result(report, now),
-                Some(Command::FirstByte { host, task }) => self.state.first_byte(host, task, now),
+                Some(Command::FirstByte { host, task }) => {
+                    if let Some(r) = self.running[host.0].iter_mut().find(|r| r.id == task) {
+                        r.answering = true;
+                    }
+                    self.state.first_byte(host, task, now)
+                }
                 Some(Command::SlotsRead { host, processing }) => {
                     self.state.slots_read(host, processing, now)
                 }
@@ -553,12 +564,16 @@ impl Actor {
                         model: task.spec.model.clone(),
                         client: task.spec.client,
                         since: Instant::now(),
+                        answering: false,
                     });
+                    let silent_others =
+                        self.running[host.0].iter().filter(|r| !r.answering).count() - 1;
                     let assignment = Assignment {
                         task,
                         lease,
                         client: self.hosts[host.0].clone(),
                         running_here: self.running[host.0].len(),
+                        silent_others,
                         slots: self.state.slots(host),
                         cold,
                     };
