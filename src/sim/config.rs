@@ -30,9 +30,23 @@ pub struct SimConfig {
     pub required_key: Option<String>,
     /// Model reported as loaded before any chat request arrives.
     pub initially_loaded: Option<String>,
-    /// Like LM Studio's JIT loader with auto-evict: a chat request for one
-    /// model aborts in-flight streams of every other model.
+    /// Like LM Studio's JIT loader with auto-evict: a chat request for a model
+    /// that is not resident aborts the in-flight streams of the model it
+    /// evicts (LM Studio docs, ttl-and-auto-evict; lmstudio-bug-tracker #671,
+    /// #1796). With `max_loaded_models: None` that is every other model's
+    /// streams, as before. Without it, and with `max_loaded_models` set, a
+    /// request that needs a busy model's room waits for it to go idle
+    /// instead, as llama-server's router does (reference/real-backend.md §4).
     pub auto_evict: bool,
+    /// How many models the host holds at once, least recently used evicted
+    /// first (idle models before busy ones). `None` keeps the original
+    /// behaviour: the most recently requested model is the one resident, and
+    /// a request never waits for room (streams of the model it displaced go
+    /// on unless `auto_evict`). `Some(0)` counts as `Some(1)`.
+    pub max_loaded_models: Option<usize>,
+    /// Which server's loaded-state listings the host imitates (see
+    /// [`ResidencyApi`]).
+    pub residency_api: ResidencyApi,
     /// Accept every connection and close it at once, before reading a byte: a host that
     /// crashes as requests arrive ("connection reset" / "closed before message completed").
     pub reset_connections: bool,
@@ -50,6 +64,8 @@ impl Default for SimConfig {
             required_key: None,
             initially_loaded: None,
             auto_evict: false,
+            max_loaded_models: None,
+            residency_api: ResidencyApi::default(),
             reset_connections: false,
             default: Behaviour::default(),
             per_model: HashMap::new(),
@@ -100,6 +116,34 @@ impl SimConfig {
     }
 }
 
+/// The listings through which a simulated host tells which models are
+/// resident. Every variant serves `GET /v1/models`; the others answer as the
+/// imitated server answers a path it does not have.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResidencyApi {
+    /// LM Studio ≥ 0.4: `GET /api/v1/models` (`models[].loaded_instances[]`)
+    /// and `GET /api/v0/models` (`data[].state` = `loaded` | `not-loaded`);
+    /// other paths get LM Studio's 200 with an `error` string.
+    #[default]
+    LmStudio,
+    /// LM Studio 0.3.x: only `/api/v0/models`; `/api/v1/models` gets the
+    /// 200-with-`error` answer of an unknown path (lmstudio-bug-tracker #1323).
+    LmStudioV0,
+    /// llama-server in router mode (`--models-dir`): every `/v1/models` entry
+    /// carries `status: {"value": "loaded" | "loading" | "unloaded", "args": []}`
+    /// (llama.cpp tools/server README, router mode; reference/real-backend.md
+    /// §5.1); `/api/*` gets llama-server's 404 `File Not Found`.
+    LlamaRouter,
+    /// Ollama: `GET /api/ps` lists the loaded models as
+    /// `{"models": [{"name", "model", "size", "size_vram", "context_length", ...}]}`
+    /// (docs.ollama.com/api/ps); other `/api/*` paths get a plain-text 404.
+    Ollama,
+    /// No loaded-state listing at all (vLLM, single-model llama-server):
+    /// `/api/*` gets a 404.
+    None,
+}
+
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -121,6 +165,13 @@ pub enum ConfigError {
 pub struct Behaviour {
     /// Delay before the status line and headers are sent.
     pub ttft_ms: u64,
+    /// Milliseconds a request for a model that is not resident waits for the
+    /// model to load, before its `ttft_ms`; once loaded the model is resident
+    /// (most recently used) and later requests do not pay it. A request for a
+    /// model whose load is still under way starts another load of its own (a
+    /// second instance), as LM Studio's JIT loader does
+    /// (lmstudio-bug-tracker #1751).
+    pub load_ms: u64,
     /// Content tokens; token i reads `"{token_text}{i} "`.
     pub tokens: usize,
     /// Delay before every generated piece (reasoning, content, tool-call
@@ -162,6 +213,7 @@ impl Default for Behaviour {
     fn default() -> Self {
         Self {
             ttft_ms: 0,
+            load_ms: 0,
             tokens: 5,
             token_interval_ms: 0,
             token_text: "tok".to_owned(),
