@@ -144,6 +144,19 @@ pub enum ResidencyApi {
     None,
 }
 
+impl std::str::FromStr for ResidencyApi {
+    type Err = String;
+
+    /// The JSON names: `lm_studio`, `lm_studio_v0`, `llama_router`, `ollama`, `none`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        serde_json::from_value(Value::String(name.to_owned())).map_err(|_| {
+            format!(
+                "unknown residency API {name:?}: expected lm_studio, lm_studio_v0, llama_router, ollama or none"
+            )
+        })
+    }
+}
+
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -335,6 +348,20 @@ mod tests {
         assert_eq!(config.models_for_manifest_call(99), ["m"]);
         let plain = SimConfig::with_models(["a"]);
         assert_eq!(plain.models_for_manifest_call(5), ["a"]);
+    }
+
+    #[test]
+    fn residency_api_names_parse_like_the_json() {
+        assert_eq!("llama_router".parse(), Ok(ResidencyApi::LlamaRouter));
+        assert_eq!("lm_studio_v0".parse(), Ok(ResidencyApi::LmStudioV0));
+        assert!("router".parse::<ResidencyApi>().is_err());
+        let config: SimConfig = serde_json::from_value(
+            json!({"residency_api": "ollama", "max_loaded_models": 2, "default": {"load_ms": 7}}),
+        )
+        .unwrap();
+        assert_eq!(config.residency_api, ResidencyApi::Ollama);
+        assert_eq!(config.max_loaded_models, Some(2));
+        assert_eq!(config.default.load_ms, 7);
     }
 
     #[test]

@@ -46,6 +46,8 @@ mod sse;
 mod state;
 
 #[cfg(test)]
+mod swap_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{
