@@ -3,6 +3,7 @@
 //! `{base_url}/v1/...` is built here and nowhere else. A host's key is sent only to that host.
 
 pub mod request;
+pub mod residency;
 pub mod slots;
 pub mod sse;
 

@@ -136,7 +136,9 @@ pub(crate) async fn api_v1(inbound: Inbound) -> Response {
         .iter()
         .map(|key| {
             let loaded = resident(&held, key).map_or(0, |r| r.loaded_instances);
-            // LM Studio names a second instance of a model `key:2` (#1751).
+            // Instances of one model need distinct ids; the simulator names
+            // the second `key:2` (LM Studio's own naming of the duplicates of
+            // #1751 is not checked).
             let instances: Vec<Value> = (1..=loaded)
                 .map(|n| match n {
                     1 => json!({"id": key}),
