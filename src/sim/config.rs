@@ -183,7 +183,9 @@ pub struct Behaviour {
     /// (most recently used) and later requests do not pay it. A request for a
     /// model whose load is still under way starts another load of its own (a
     /// second instance), as LM Studio's JIT loader does
-    /// (lmstudio-bug-tracker #1751).
+    /// (lmstudio-bug-tracker #1751). A `fail_status` request never waits
+    /// for a load: it answers at once, having started the load only if its
+    /// model's room was free on arrival.
     pub load_ms: u64,
     /// Content tokens; token i reads `"{token_text}{i} "`.
     pub tokens: usize,

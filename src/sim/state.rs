@@ -170,6 +170,9 @@ impl Shared {
 
     pub(crate) fn update_config(&self, f: impl FnOnce(&mut SimConfig)) {
         f(&mut self.lock().config);
+        // A larger `max_loaded_models` or `auto_evict` may let a waiting
+        // request in.
+        self.room.notify_waiters();
     }
 
     pub(crate) fn records(&self) -> Vec<RequestRecord> {

@@ -402,3 +402,28 @@ async fn hosts_answer_listings_they_lack_as_the_real_servers_do() {
     let plain = get_json(&host, "/v1/models").await;
     assert!(plain["data"][0].get("status").is_none());
 }
+
+#[tokio::test]
+async fn a_waiting_switch_goes_ahead_when_room_is_made() {
+    let host = SimHost::start(swapping(1, &["a", "b"])).await.unwrap();
+    let stuck = spawn_ask(
+        &host,
+        streamed("a", json!({"load_ms": 0, "hang_after_tokens": 1})),
+    );
+    until(&host, |r| r.first().is_some_and(|r| r.tokens_sent == 1)).await;
+    let waiting = spawn_ask(&host, chat("b", Some(json!({"load_ms": 0}))));
+    until(&host, |r| r.len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let records = host.chat_records();
+    assert_eq!(
+        records[1].first_byte_us, None,
+        "b waits while a holds the only place"
+    );
+    assert_eq!(held(&host), ["a"]);
+
+    host.update_config(|c| c.max_loaded_models = Some(2));
+    assert_eq!(waiting.await.unwrap(), 200);
+    assert_eq!(held(&host), ["a", "b"]);
+    assert_eq!(events(&host), [ev("load", "a"), ev("load", "b")]);
+    stuck.abort();
+}
