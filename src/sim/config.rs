@@ -118,7 +118,9 @@ impl SimConfig {
 
 /// The listings through which a simulated host tells which models are
 /// resident. Every variant serves `GET /v1/models`; the others answer as the
-/// imitated server answers a path it does not have.
+/// imitated server answers a path it does not have. It also decides what a
+/// request for a model still loading does: LM Studio loads another instance
+/// (#1751), the router and Ollama make it wait for the load under way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ResidencyApi {
@@ -182,8 +184,9 @@ pub struct Behaviour {
     /// model to load, before its `ttft_ms`; once loaded the model is resident
     /// (most recently used) and later requests do not pay it. A request for a
     /// model whose load is still under way starts another load of its own (a
-    /// second instance), as LM Studio's JIT loader does
-    /// (lmstudio-bug-tracker #1751). A `fail_status` request never waits
+    /// second instance) when the host imitates LM Studio, whose JIT loader
+    /// does that (lmstudio-bug-tracker #1751); with the router or Ollama
+    /// `residency_api` it waits for the load under way instead. A `fail_status` request never waits
     /// for a load: it answers at once, having started the load only if its
     /// model's room was free on arrival.
     pub load_ms: u64,

@@ -95,18 +95,14 @@ impl Residency {
         self.entries.iter().map(|e| e.model.as_str())
     }
 
-    pub(crate) fn holds(&self, model: &str) -> bool {
-        self.entries.iter().any(|e| e.model == model)
-    }
-
-    /// Marks `model` (held) most recently used, and tells when a request may
-    /// use it: at `now_us` if an instance is loaded, otherwise `None`.
-    pub(crate) fn touch(&mut self, model: &str, now_us: u64) -> Option<u64> {
+    /// Marks `model` most recently used and returns when its first instance
+    /// is (or was) ready, µs since the epoch; `None` if it is not held.
+    pub(crate) fn touch(&mut self, model: &str) -> Option<u64> {
         let index = self.entries.iter().position(|e| e.model == model)?;
         let entry = self.entries.remove(index);
-        let loaded = entry.ready_at_us.iter().any(|&ready| ready <= now_us);
+        let ready = entry.ready_at_us.iter().copied().min();
         self.entries.push(entry);
-        loaded.then_some(now_us)
+        ready
     }
 
     /// Starts loading an instance of `model` for request `seq` (a new most
@@ -184,12 +180,13 @@ mod tests {
     #[test]
     fn load_touch_and_evict_keep_lru_order_and_log() {
         let mut held = Residency::new(Some("a"));
-        assert_eq!(held.touch("a", 10), Some(10), "initially loaded is ready");
+        assert_eq!(held.touch("a"), Some(0), "initially loaded is ready");
         let ready = held.load("b", 1, 5, 1_000);
         assert_eq!(ready, 6_000);
         assert_eq!(held.models().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(held.touch("b", 5_999), None, "still loading");
-        assert_eq!(held.touch("a", 6_000), Some(6_000));
+        assert_eq!(held.touch("b"), Some(6_000));
+        assert_eq!(held.touch("a"), Some(0));
+        assert_eq!(held.touch("c"), None);
         assert_eq!(held.models().collect::<Vec<_>>(), ["b", "a"]);
         // A second load of a loading model is another instance, not another entry.
         held.load("b", 2, 5, 2_000);

@@ -74,12 +74,21 @@ impl State {
     /// wait, as llama-server's router queues it.
     fn try_acquire(&mut self, seq: u64, model: &str, load_ms: u64) -> Option<u64> {
         let now = now_us();
-        let ready = if self.residency.holds(model) {
-            match self.residency.touch(model, now) {
-                Some(ready) => ready,
+        let ready = if let Some(first_ready) = self.residency.touch(model) {
+            let lm_studio = matches!(
+                self.config.residency_api,
+                ResidencyApi::LmStudio | ResidencyApi::LmStudioV0
+            );
+            if first_ready <= now {
+                now
+            } else if lm_studio {
                 // Its load is still under way: LM Studio's JIT loader starts
                 // another instance rather than waiting for it (#1751).
-                None => self.residency.load(model, seq, load_ms, now),
+                self.residency.load(model, seq, load_ms, now)
+            } else {
+                // llama-server's router has one child process per model and
+                // Ollama one runner: a request joins the load under way.
+                first_ready
             }
         } else {
             let room = self.config.max_loaded_models.map_or(1, |max| max.max(1));

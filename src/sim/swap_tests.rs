@@ -290,6 +290,24 @@ async fn concurrent_cold_requests_load_the_model_twice() {
     assert_eq!(host.stats().loads, 2);
 }
 
+#[tokio::test]
+async fn a_router_or_ollama_host_loads_once_for_concurrent_cold_requests() {
+    for api in [ResidencyApi::LlamaRouter, ResidencyApi::Ollama] {
+        let config = SimConfig {
+            residency_api: api,
+            ..swapping(1, &["a"])
+        };
+        let host = SimHost::start(config).await.unwrap();
+        let (first, second) =
+            tokio::join!(ask(&host, chat("a", None)), ask(&host, chat("a", None)));
+        assert_eq!((first, second), (200, 200));
+        assert_eq!(events(&host), [ev("load", "a")], "{api:?}");
+        // Both waited for the one load.
+        assert!(ttfb_ms(&host, 0) >= LOAD_MS && ttfb_ms(&host, 1) >= LOAD_MS / 2);
+        assert_eq!(host.resident_models()[0].loaded_instances, 1);
+    }
+}
+
 /// The state of `model` in each listing, in the order LM Studio v1, LM Studio
 /// v0, router, Ollama; switching `residency_api` on the fly between reads.
 async fn views(host: &SimHost, model: &str) -> [String; 4] {
