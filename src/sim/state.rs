@@ -6,7 +6,7 @@
 //!
 //! Residency: a chat request takes its model's room when it is admitted if
 //! it can (see [`State::try_acquire`]), otherwise it waits, woken whenever a
-//! request settles. It holds the model until it settles or the model is
+//! request settles, the configuration changes or the host is reset. It holds the model until it settles or the model is
 //! evicted; a held model is busy, and busy models are evicted last.
 
 use std::collections::{BTreeMap, BTreeSet};
