@@ -149,37 +149,6 @@ fn hold_back(seen: SlotsBusy, running_here: usize, silent: usize, slots: usize) 
     (maybe_elsewhere > 0 && full).then(|| seen.processing.saturating_sub(ours).max(1))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn seen(processing: usize, total: usize) -> SlotsBusy {
-        SlotsBusy { processing, total }
-    }
-
-    #[test]
-    fn a_one_slot_host_busy_from_elsewhere_gets_nothing() {
-        assert_eq!(hold_back(seen(1, 1), 1, 0, 1), Some(1));
-        assert_eq!(
-            hold_back(seen(1, 4), 1, 0, 1),
-            Some(1),
-            "config says one slot"
-        );
-        assert_eq!(hold_back(seen(0, 1), 1, 0, 1), None);
-    }
-
-    #[test]
-    fn a_two_slot_host_with_one_foreign_request_takes_one_of_ours_not_two() {
-        // The first of ours: one slot left.
-        assert_eq!(hold_back(seen(1, 2), 1, 0, 2), None);
-        // The second, while the first has not answered (it may not show yet): held.
-        assert_eq!(hold_back(seen(1, 2), 2, 1, 2), Some(1));
-        assert_eq!(hold_back(seen(2, 2), 2, 1, 2), Some(1));
-        // Our own answering request is no reason to hold the next.
-        assert_eq!(hold_back(seen(1, 2), 2, 0, 2), None);
-    }
-}
-
 /// One attempt on the host, stopped at once when the client goes away. A panic in it fails
 /// the task, not the worker: the slot must keep serving.
 async fn attempt(client: &HostClient, task: &InferenceTask) -> Result<StreamOutput, AttemptError> {
@@ -229,4 +198,35 @@ fn completion(
 
 fn millis(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(processing: usize, total: usize) -> SlotsBusy {
+        SlotsBusy { processing, total }
+    }
+
+    #[test]
+    fn a_one_slot_host_busy_from_elsewhere_gets_nothing() {
+        assert_eq!(hold_back(seen(1, 1), 1, 0, 1), Some(1));
+        assert_eq!(
+            hold_back(seen(1, 4), 1, 0, 1),
+            Some(1),
+            "config says one slot"
+        );
+        assert_eq!(hold_back(seen(0, 1), 1, 0, 1), None);
+    }
+
+    #[test]
+    fn a_two_slot_host_with_one_foreign_request_takes_one_of_ours_not_two() {
+        // The first of ours: one slot left.
+        assert_eq!(hold_back(seen(1, 2), 1, 0, 2), None);
+        // The second, while the first has not answered (it may not show yet): held.
+        assert_eq!(hold_back(seen(1, 2), 2, 1, 2), Some(1));
+        assert_eq!(hold_back(seen(2, 2), 2, 1, 2), Some(1));
+        // Our own answering request is no reason to hold the next.
+        assert_eq!(hold_back(seen(1, 2), 2, 0, 2), None);
+    }
 }

@@ -3,6 +3,7 @@
 //! `{base_url}/v1/...` is built here and nowhere else. A host's key is sent only to that host.
 
 pub mod request;
+pub mod residency;
 pub mod slots;
 pub mod sse;
 
@@ -23,8 +24,6 @@ use sse::{ChatStream, HostMessage, InStreamError, SseDecoder, SseEvent};
 
 /// How long a manifest read may take, as upstream had it.
 pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the optional loaded-state read may take.
-const LOADED_STATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes of an error body kept for the message when it is not JSON (an HTML error page);
 /// a JSON error's message is kept whole.
 const ERROR_BODY_BYTES: usize = 1000;
@@ -53,6 +52,8 @@ pub struct HostClient {
     chat_url: Option<reqwest::Url>,
     /// Whether the host has llama.cpp's `/slots` (see [`slots`]); learnt at the first read.
     slots_support: Arc<AtomicU8>,
+    /// Which residency listing the host has (see [`residency`]); learnt as it answers.
+    residency: Arc<residency::ResidencyProbe>,
 }
 
 /// One HTTP client for all hosts: connection pooling, and an idle timeout shorter than the
@@ -86,6 +87,7 @@ impl HostClient {
             http,
             chat_url: reqwest::Url::parse(&chat_url(&config.base_url)).ok(),
             slots_support: Arc::default(),
+            residency: Arc::default(),
         }
     }
 
@@ -141,45 +143,23 @@ impl HostClient {
         }
     }
 
-    /// Models loaded in memory, from LM Studio's `/api/v1/models` (falling back to
-    /// `/api/v0/models`); `None` when the host does not say (llama-server, older servers).
+    /// Models resident in memory (loaded or loading), from whichever listing the host has:
+    /// LM Studio's `/api/v1/models` or `/api/v0/models`, llama-server's router `/v1/models`
+    /// `status`, Ollama's `/api/ps` (see [`residency`]). `None` when the host tells none of
+    /// these (a single-model llama-server, vLLM, other servers) or the read failed.
     pub async fn read_loaded_models(&self) -> Option<Vec<String>> {
-        if let Some(body) = self.get_json("/api/v1/models").await
-            && let Some(models) = body.get("models").and_then(Value::as_array)
-        {
-            return Some(
-                models
-                    .iter()
-                    .filter(|m| {
-                        m.get("loaded_instances")
-                            .and_then(Value::as_array)
-                            .is_some_and(|i| !i.is_empty())
-                    })
-                    .filter_map(|m| m.get("key").and_then(Value::as_str).map(str::to_string))
-                    .collect(),
-            );
+        match self.read_residency(&self.residency).await {
+            Ok(Some(r)) => {
+                let mut models = r.loaded;
+                models.extend(r.loading);
+                Some(models)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(host = %self.name, error = %e, "residency read failed");
+                None
+            }
         }
-        let body = self.get_json("/api/v0/models").await?;
-        let data = body.get("data").and_then(Value::as_array)?;
-        Some(
-            data.iter()
-                .filter(|m| m.get("state").and_then(Value::as_str) == Some("loaded"))
-                .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_string))
-                .collect(),
-        )
-    }
-
-    async fn get_json(&self, path: &str) -> Option<Value> {
-        let response = self
-            .get(path)
-            .timeout(LOADED_STATE_TIMEOUT)
-            .send()
-            .await
-            .ok()?;
-        if !response.status().is_success() {
-            return None;
-        }
-        response.json().await.ok()
     }
 
     /// Runs one chat completion, forwarding deltas to the task's client as they arrive.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use prix_dispatch::sim::{SimConfig, SimHost};
+use prix_dispatch::sim::{ResidencyApi, SimConfig, SimHost};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -32,6 +32,18 @@ struct Args {
     /// Default behaviour: delay before each token.
     #[arg(long)]
     token_interval_ms: Option<u64>,
+    /// Default behaviour: milliseconds to load a model that is not resident.
+    #[arg(long)]
+    load_ms: Option<u64>,
+    /// Models held at once, least recently used evicted first.
+    #[arg(long)]
+    max_loaded_models: Option<usize>,
+    /// Whose loaded-state listing to serve: lm_studio, lm_studio_v0, llama_router, ollama, none.
+    #[arg(long)]
+    residency_api: Option<ResidencyApi>,
+    /// Abort the streams of a model evicted for another one (LM Studio's JIT auto-evict).
+    #[arg(long)]
+    auto_evict: bool,
 }
 
 #[tokio::main]
@@ -49,7 +61,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(models) = args.models {
         config.models = models;
     }
+    if args.max_loaded_models.is_some() {
+        config.max_loaded_models = args.max_loaded_models;
+    }
+    if let Some(api) = args.residency_api {
+        config.residency_api = api;
+    }
+    config.auto_evict |= args.auto_evict;
     let default = &mut config.default;
+    default.load_ms = args.load_ms.unwrap_or(default.load_ms);
     default.ttft_ms = args.ttft_ms.unwrap_or(default.ttft_ms);
     default.tokens = args.tokens.unwrap_or(default.tokens);
     default.token_interval_ms = args.token_interval_ms.unwrap_or(default.token_interval_ms);

@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
-use tokio::sync::watch;
 
 use super::completion;
 use super::config::{Behaviour, RawReply};
@@ -18,7 +17,7 @@ use super::request::ChatRequest;
 use super::script::Script;
 use super::server::Inbound;
 use super::sse;
-use super::state::{RecordGuard, wait_evicted};
+use super::state::{Admission, RecordGuard, wait_evicted};
 
 pub(crate) async fn completions(inbound: Inbound) -> Response {
     let Inbound { guard, body, .. } = inbound;
@@ -43,11 +42,13 @@ pub(crate) async fn completions(inbound: Inbound) -> Response {
             Err(err) => return bad_request(guard, &format!("invalid #sim directive: {err}")),
         },
     };
-    let Some(evicted) = shared.admit_chat(guard.seq(), &request.model) else {
+    let Some(admission) = shared.admit_chat(guard.seq(), &request.model, behaviour.load_ms) else {
         let message = format!("Model '{}' not found", request.model);
         let body = error_body(&message, "invalid_request_error", Some("model_not_found"));
         return finish_json(guard, StatusCode::NOT_FOUND, body);
     };
+    // A failing request answers at once: it loads its model only if it got
+    // the room on arrival, and never waits for the load.
     if let Some(code) = behaviour.fail_status {
         let status = status_code(code);
         let body = error_body(&behaviour.fail_message, error_kind(status), None);
@@ -58,19 +59,37 @@ pub(crate) async fn completions(inbound: Inbound) -> Response {
         return replay(guard, raw);
     }
     let script = Script::plan(&behaviour, &request, guard.seq(), now_us() / 1_000_000);
-    answer(guard, &behaviour, request.stream, &script, evicted).await
+    answer(guard, &behaviour, &request, &script, admission).await
 }
 
 async fn answer(
     guard: RecordGuard,
     behaviour: &Behaviour,
-    stream: bool,
+    request: &ChatRequest,
     script: &Script,
-    mut evicted: watch::Receiver<bool>,
+    admission: Admission,
 ) -> Response {
+    let Admission {
+        mut evicted,
+        ready_at_us,
+    } = admission;
+    let shared = Arc::clone(guard.shared());
     // The guard is owned by this future, so a client leaving now (hyper drops
     // the future) is recorded by the guard's Drop.
     let before_first_byte = async {
+        let ready_at_us = match ready_at_us {
+            Some(ready) => ready,
+            None => {
+                shared
+                    .acquire(guard.seq(), &request.model, behaviour.load_ms)
+                    .await
+            }
+        };
+        // The load is part of the time to first token, as on a real host.
+        let load = ready_at_us.saturating_sub(now_us());
+        if load > 0 {
+            tokio::time::sleep(Duration::from_micros(load)).await;
+        }
         if behaviour.hang_before_first_byte {
             std::future::pending::<()>().await;
         }
@@ -80,7 +99,7 @@ async fn answer(
         () = before_first_byte => {}
         () = wait_evicted(&mut evicted) => return aborted(guard, Outcome::Evicted),
     }
-    if stream {
+    if request.stream {
         sse::respond(guard, script, evicted)
     } else {
         completion::respond(guard, script, evicted).await

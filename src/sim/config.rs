@@ -33,9 +33,23 @@ pub struct SimConfig {
     pub required_key: Option<String>,
     /// Model reported as loaded before any chat request arrives.
     pub initially_loaded: Option<String>,
-    /// Like LM Studio's JIT loader with auto-evict: a chat request for one
-    /// model aborts in-flight streams of every other model.
+    /// Like LM Studio's JIT loader with auto-evict: a chat request for a model
+    /// that is not resident aborts the in-flight streams of the model it
+    /// evicts (LM Studio docs, ttl-and-auto-evict; lmstudio-bug-tracker #671,
+    /// #1796). With `max_loaded_models: None` that is every other model's
+    /// streams, as before. Without it, and with `max_loaded_models` set, a
+    /// request that needs a busy model's room waits for it to go idle
+    /// instead, as llama-server's router does (reference/real-backend.md §4).
     pub auto_evict: bool,
+    /// How many models the host holds at once, least recently used evicted
+    /// first (idle models before busy ones). `None` keeps the original
+    /// behaviour: the most recently requested model is the one resident, and
+    /// a request never waits for room (streams of the model it displaced go
+    /// on unless `auto_evict`). `Some(0)` counts as `Some(1)`.
+    pub max_loaded_models: Option<usize>,
+    /// Which server's loaded-state listings the host imitates (see
+    /// [`ResidencyApi`]).
+    pub residency_api: ResidencyApi,
     /// Accept every connection and close it at once, before reading a byte: a host that
     /// crashes as requests arrive ("connection reset" / "closed before message completed").
     pub reset_connections: bool,
@@ -54,6 +68,8 @@ impl Default for SimConfig {
             required_key: None,
             initially_loaded: None,
             auto_evict: false,
+            max_loaded_models: None,
+            residency_api: ResidencyApi::default(),
             reset_connections: false,
             default: Behaviour::default(),
             per_model: HashMap::new(),
@@ -104,6 +120,49 @@ impl SimConfig {
     }
 }
 
+/// The listings through which a simulated host tells which models are
+/// resident. Every variant serves `GET /v1/models`; the others answer as the
+/// imitated server answers a path it does not have. It also decides what a
+/// request for a model still loading does: LM Studio loads another instance
+/// (#1751), the router and Ollama make it wait for the load under way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResidencyApi {
+    /// LM Studio ≥ 0.4: `GET /api/v1/models` (`models[].loaded_instances[]`)
+    /// and `GET /api/v0/models` (`data[].state` = `loaded` | `not-loaded`);
+    /// other paths get LM Studio's 200 with an `error` string.
+    #[default]
+    LmStudio,
+    /// LM Studio 0.3.x: only `/api/v0/models`; `/api/v1/models` gets the
+    /// 200-with-`error` answer of an unknown path (lmstudio-bug-tracker #1323).
+    LmStudioV0,
+    /// llama-server in router mode (`--models-dir`): every `/v1/models` entry
+    /// carries `status: {"value": "loaded" | "loading" | "unloaded", "args": []}`
+    /// (llama.cpp tools/server README, router mode; reference/real-backend.md
+    /// §5.1); `/api/*` gets llama-server's 404 `File Not Found`.
+    LlamaRouter,
+    /// Ollama: `GET /api/ps` lists the loaded models as
+    /// `{"models": [{"name", "model", "size", "size_vram", "context_length", ...}]}`
+    /// (docs.ollama.com/api/ps); other `/api/*` paths get a plain-text 404.
+    Ollama,
+    /// No loaded-state listing at all (vLLM, single-model llama-server):
+    /// `/api/*` gets a 404.
+    None,
+}
+
+impl std::str::FromStr for ResidencyApi {
+    type Err = String;
+
+    /// The JSON names: `lm_studio`, `lm_studio_v0`, `llama_router`, `ollama`, `none`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        serde_json::from_value(Value::String(name.to_owned())).map_err(|_| {
+            format!(
+                "unknown residency API {name:?}: expected lm_studio, lm_studio_v0, llama_router, ollama or none"
+            )
+        })
+    }
+}
+
 /// Why a config file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -125,6 +184,16 @@ pub enum ConfigError {
 pub struct Behaviour {
     /// Delay before the status line and headers are sent.
     pub ttft_ms: u64,
+    /// Milliseconds a request for a model that is not resident waits for the
+    /// model to load, before its `ttft_ms`; once loaded the model is resident
+    /// (most recently used) and later requests do not pay it. A request for a
+    /// model whose load is still under way starts another load of its own (a
+    /// second instance) when the host imitates LM Studio, whose JIT loader
+    /// does that (lmstudio-bug-tracker #1751); with the router or Ollama
+    /// `residency_api` it waits for the load under way instead. A `fail_status` request never waits
+    /// for a load: it answers at once, having started the load only if its
+    /// model's room was free on arrival.
+    pub load_ms: u64,
     /// Content tokens; token i reads `"{token_text}{i} "`.
     pub tokens: usize,
     /// Delay before every generated piece (reasoning, content, tool-call
@@ -169,6 +238,7 @@ impl Default for Behaviour {
     fn default() -> Self {
         Self {
             ttft_ms: 0,
+            load_ms: 0,
             tokens: 5,
             token_interval_ms: 0,
             token_text: "tok".to_owned(),
@@ -320,6 +390,20 @@ mod tests {
         assert_eq!(config.models_for_manifest_call(99), ["m"]);
         let plain = SimConfig::with_models(["a"]);
         assert_eq!(plain.models_for_manifest_call(5), ["a"]);
+    }
+
+    #[test]
+    fn residency_api_names_parse_like_the_json() {
+        assert_eq!("llama_router".parse(), Ok(ResidencyApi::LlamaRouter));
+        assert_eq!("lm_studio_v0".parse(), Ok(ResidencyApi::LmStudioV0));
+        assert!("router".parse::<ResidencyApi>().is_err());
+        let config: SimConfig = serde_json::from_value(
+            json!({"residency_api": "ollama", "max_loaded_models": 2, "default": {"load_ms": 7}}),
+        )
+        .unwrap();
+        assert_eq!(config.residency_api, ResidencyApi::Ollama);
+        assert_eq!(config.max_loaded_models, Some(2));
+        assert_eq!(config.default.load_ms, 7);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use super::config::SimConfig;
 use super::conn::{Connections, TrackedListener};
 use super::record::{RequestRecord, SimStats};
+use super::residency::{ResidencyEvent, ResidentModel};
 use super::server;
 use super::state::Shared;
 
@@ -76,6 +77,18 @@ impl SimHost {
         self.shared.stats()
     }
 
+    /// Every model load and eviction since start (or the last reset), in
+    /// order.
+    pub fn residency_events(&self) -> Vec<ResidencyEvent> {
+        self.shared.residency_events()
+    }
+
+    /// The models held now, least recently used first, with how many
+    /// instances of each are loaded and still loading.
+    pub fn resident_models(&self) -> Vec<ResidentModel> {
+        self.shared.resident_models()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> SimConfig {
         self.shared.config()
@@ -97,7 +110,8 @@ impl SimHost {
         self.connections.cut_open();
     }
 
-    /// Forgets records and counters, and reloads `initially_loaded`.
+    /// Forgets records, counters and residency events, and holds only
+    /// `initially_loaded` again.
     pub fn reset(&self) {
         self.shared.reset();
     }

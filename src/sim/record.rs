@@ -80,6 +80,10 @@ pub struct SimStats {
     pub model_overlaps: u64,
     /// Connections closed unread because `reset_connections` was set.
     pub connections_reset: u64,
+    /// Model loads, duplicate instances included (see `ResidencyEvent`).
+    pub loads: u64,
+    /// Model evictions.
+    pub evictions: u64,
 }
 
 /// Wall-clock microseconds since the UNIX epoch.

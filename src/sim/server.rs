@@ -25,9 +25,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models::openai))
         .route("/api/v0/models", get(models::api_v0))
         .route("/api/v1/models", get(models::api_v1))
+        .route("/api/ps", get(models::ollama_ps))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/sim/records", get(records))
         .route("/sim/config", get(config).post(set_config))
+        .route("/sim/residency", get(residency))
         .route("/sim/reset", post(reset))
         .fallback(unexpected)
         .method_not_allowed_fallback(unexpected)
@@ -108,7 +110,7 @@ fn key_matches(required: Option<&str>, auth: Option<&str>) -> bool {
 
 /// Real LM Studio answers unknown endpoints with 200 and an error string;
 /// clients must not take that for success.
-async fn unexpected(inbound: Inbound) -> Response {
+pub(crate) async fn unexpected(inbound: Inbound) -> Response {
     let Inbound {
         guard,
         method,
@@ -121,6 +123,16 @@ async fn unexpected(inbound: Inbound) -> Response {
 
 async fn records(State(shared): State<Arc<Shared>>) -> Response {
     Json(json!({"records": shared.records(), "stats": shared.stats()})).into_response()
+}
+
+/// `{"resident": [ResidentModel...], "events": [ResidencyEvent...], "stats": SimStats}`.
+async fn residency(State(shared): State<Arc<Shared>>) -> Response {
+    Json(json!({
+        "resident": shared.resident_models(),
+        "events": shared.residency_events(),
+        "stats": shared.stats(),
+    }))
+    .into_response()
 }
 
 async fn config(State(shared): State<Arc<Shared>>) -> Json<SimConfig> {
