@@ -91,6 +91,9 @@ pub struct QueueSettings {
     pub max_attempts: u32,
     /// How long a task waits for a host of its model to come back.
     pub host_wait: Duration,
+    /// Placement counts model loads (default). `false` (`[queue] swap_aware = false`) is the
+    /// placement before it, for comparisons (the demo, benchmarks).
+    pub swap_aware: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +187,7 @@ impl Default for QueueSettings {
             max_bypass: Duration::from_secs(30),
             max_attempts: 2,
             host_wait: Duration::from_secs(30),
+            swap_aware: true,
         }
     }
 }
@@ -227,6 +231,7 @@ struct FileQueue {
     max_bypass_seconds: Option<f64>,
     max_attempts: Option<i64>,
     host_wait_seconds: Option<f64>,
+    swap_aware: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -377,6 +382,9 @@ impl Config {
         }
         if let Some(n) = file.queue.max_attempts {
             queue.max_attempts = at_least_one(n, "[queue] max_attempts").map_err(&invalid)?;
+        }
+        if let Some(b) = file.queue.swap_aware {
+            queue.swap_aware = b;
         }
         if let Some(s) = file.queue.host_wait_seconds {
             queue.host_wait = seconds(s, "[queue] host_wait_seconds", true).map_err(&invalid)?;

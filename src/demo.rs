@@ -115,7 +115,146 @@ pub async fn run(plan: DemoPlan) -> anyhow::Result<String> {
         out,
         "peak requests in flight on any one GPU: {peak} (never two on one GPU)"
     );
+    swapping(&mut out, &plan).await?;
     Ok(out)
+}
+
+/// Models of the switching battery.
+const SWAP_MODELS: [&str; 4] = [
+    "qwen2.5-7b-instruct",
+    "llama-3.1-8b-instruct",
+    "gemma-2-9b-it",
+    "mistral-7b-instruct",
+];
+
+/// The second battery: GPUs that hold one model at a time and pay for every switch.
+async fn swapping(out: &mut String, plan: &DemoPlan) -> anyhow::Result<()> {
+    const TESTS: usize = 6;
+    let load_ms = plan.task_ms * 5;
+    let _ = writeln!(
+        out,
+        "\nGPUs that hold one model at a time (LM Studio's JIT auto-evict): two simulated GPUs, \
+         each listing {} models and holding none;\nloading a model takes {load_ms} ms, a task \
+         {} ms; {TESTS} tests x {} models sent test by test (A B C D A B C D ...)\n",
+        SWAP_MODELS.len(),
+        plan.task_ms,
+        SWAP_MODELS.len()
+    );
+    let _ = writeln!(
+        out,
+        "placement                      makespan  loads per GPU  of bound"
+    );
+    let work = plan.task_ms as f64 * (TESTS * SWAP_MODELS.len()) as f64;
+    // Every model loads once somewhere; both GPUs load at least once: (work + 4 loads) / 2.
+    let bound = (work + (SWAP_MODELS.len() * load_ms as usize) as f64) / 2.0;
+    for (label, strategy) in [
+        ("swap-aware (prix-dispatch)", Strategy::SwapAware),
+        ("load-blind (before)", Strategy::LoadBlind),
+        ("model by model (prompt-prix)", Strategy::Gated),
+    ] {
+        let (makespan, loads, peak) =
+            switching_battery(plan.task_ms, load_ms, TESTS, strategy).await?;
+        let ms = makespan.as_secs_f64() * 1e3;
+        let _ = writeln!(
+            out,
+            "{label:<30} {ms:>6.0} ms  {:<13}  {:.2}{}",
+            loads
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            bound / ms,
+            if peak > 1 { "  (TWO AT ONCE?)" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(loads counted by the simulated GPUs; bound: all work plus one load per model, over two GPUs)"
+    );
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Strategy {
+    SwapAware,
+    LoadBlind,
+    /// The client sends one model's tasks at a time and waits for them (prompt-prix's gate).
+    Gated,
+}
+
+/// Runs the switching battery; returns (makespan, loads per GPU, peak requests on a GPU).
+async fn switching_battery(
+    task_ms: u64,
+    load_ms: u64,
+    tests: usize,
+    strategy: Strategy,
+) -> anyhow::Result<(Duration, Vec<u64>, usize)> {
+    let behaviour = Behaviour {
+        tokens: TOKENS,
+        token_interval_ms: task_ms / TOKENS as u64,
+        load_ms,
+        ..Behaviour::default()
+    };
+    let mut sims = Vec::new();
+    for _ in 0..2 {
+        sims.push(
+            SimHost::start(SimConfig {
+                models: SWAP_MODELS.iter().map(|m| m.to_string()).collect(),
+                max_loaded_models: Some(1),
+                default: behaviour.clone(),
+                ..SimConfig::default()
+            })
+            .await?,
+        );
+    }
+    let mut config = Config::with_hosts(
+        ConfigSource::Environment,
+        sims.iter()
+            .enumerate()
+            .map(|(i, sim)| HostConfig {
+                name: format!("gpu{i}"),
+                base_url: sim.url(),
+                ..HostConfig::default()
+            })
+            .collect(),
+    );
+    config.queue.swap_aware = strategy == Strategy::SwapAware;
+    let dispatcher = Dispatcher::start(&config);
+    let send = |model: &'static str| {
+        let dispatcher = dispatcher.clone();
+        async move {
+            let request: CompletionRequest = serde_json::from_value(json!({
+                "model_id": model,
+                "messages": [{"role": "user", "content": "Say hello."}],
+            }))?;
+            let spec = request.into_spec()?;
+            anyhow::Ok(dispatcher.run(spec, |_| {}).await?)
+        }
+    };
+    let started = Instant::now();
+    if strategy == Strategy::Gated {
+        for model in SWAP_MODELS {
+            for r in futures::future::join_all((0..tests).map(|_| send(model))).await {
+                r?;
+            }
+        }
+    } else {
+        let order = (0..tests).flat_map(|_| SWAP_MODELS);
+        for r in futures::future::join_all(order.map(send)).await {
+            r?;
+        }
+    }
+    let makespan = started.elapsed();
+    dispatcher.shutdown();
+    let mut loads = Vec::new();
+    let mut peak = 0;
+    for sim in sims {
+        let stats = sim.stats();
+        loads.push(stats.loads);
+        peak = peak.max(stats.peak_in_flight);
+        sim.shutdown().await;
+    }
+    Ok((makespan, loads, peak))
 }
 
 async fn battery(
@@ -154,6 +293,8 @@ async fn battery(
             .collect(),
     );
     config.queue.max_bypass = max_bypass;
+    // Upstream's dispatcher knew nothing of loads either.
+    config.queue.swap_aware = !max_bypass.is_zero();
     let dispatcher = Dispatcher::start(&config);
     let started = Instant::now();
     let models = std::iter::repeat_n(MODEL_A, plan.a_tasks)

@@ -94,7 +94,7 @@ impl Dispatcher {
                 probe_interval: config.health.probe_interval,
                 breaker_threshold: config.health.failure_threshold,
                 breaker_cooldown: config.health.cooldown,
-                swap_aware: true,
+                swap_aware: config.queue.swap_aware,
             },
             defaults: TaskDefaults {
                 timeouts: Timeouts {

@@ -46,7 +46,8 @@ pub struct PairFacts {
 }
 
 /// A host that loaded a model keeps it for at least this many load times of work (while that
-/// model has waiting tasks), even when another model's task becomes overdue. Without it, a
+/// model has waiting tasks), even when another model's backlog becomes overdue (a single
+/// overdue call is not held: it takes the next host that can switch). Without it, a
 /// battery of more models than hosts rotates every `max_bypass_seconds` and pays a load each
 /// time (measured: 200 loads for 200 tasks on two hosts); with it a load is at most about
 /// 1/(1 + QUANTUM_LOADS) of a host's time.
@@ -57,10 +58,11 @@ pub const QUANTUM_LOADS: u32 = 8;
 ///
 /// A switch moves this host from the model it evicts (`r`, backlog `Wr` over `kr` hosts) to
 /// the new one (`m`, `Wm` over `km` warm hosts). Each model's time to clear its backlog is
-/// about `W / k`; the switch is worth it when it lowers the later of the two, the load
-/// included: `max(Wr / (kr - 1), L + Wm / (km + 1)) < max(Wr / kr, Wm / km)`. With nothing of
-/// `r` waiting this is `Wm / (km (km + 1)) > L`: another copy only while the backlog per warm
-/// host is worth the load. A model no host holds (`km = 0`) is loaded unless that strands `r`.
+/// about `W / k`; the switch is worth it when it lowers the later of the two by more than one
+/// load, its own load included: `max(Wr / (kr - 1), L + Wm / (km + 1)) + L < max(Wr / kr,
+/// Wm / km)`. With nothing of `r` waiting this is `Wm / km - Wm / (km + 1) > 2 L`: another copy
+/// only while the backlog per warm host is well worth the load. A model no host holds
+/// (`km = 0`) is loaded unless that strands `r`.
 pub fn allowed(f: &PairFacts) -> bool {
     if f.warm || (f.overdue && !f.protected) {
         return true;
@@ -81,18 +83,25 @@ pub fn allowed(f: &PairFacts) -> bool {
     } else {
         (wr / kr, wr / (kr - 1.0))
     };
-    r_after.max(m_after) < r_now.max(m_now)
+    // A margin of one more load: estimates are rough, and a move that only breaks even
+    // invites the move back (measured: 16 hosts, 8 models, 95 loads for a minimum of 16).
+    r_after.max(m_after) + l < r_now.max(m_now)
 }
 
 /// Order of models among those with an allowed pair: lower first.
-/// (overdue first, then models no host runs, then fewest hosts listing it, then oldest head).
+/// Overdue models first, oldest first among them (DESIGN invariant 5: with `max_bypass` 0 this
+/// is plain FIFO); then models no host runs, then fewest hosts listing it, then oldest head.
 pub fn model_key(
     overdue: bool,
     running_hosts: usize,
     coverage: usize,
     head: TaskId,
 ) -> (bool, bool, usize, TaskId) {
-    (!overdue, running_hosts > 0, coverage, head)
+    if overdue {
+        (false, false, 0, head)
+    } else {
+        (true, running_hosts > 0, coverage, head)
+    }
 }
 
 /// Order of hosts for one model: lower first.
@@ -155,19 +164,24 @@ mod tests {
 
     #[test]
     fn another_copy_only_while_the_backlog_is_worth_the_load() {
-        // One warm host, 30 s load: worth it above 60 s of backlog.
+        // One warm host, 30 s load: L + W/2 + L < W, so worth it above 120 s of backlog.
         assert!(!allowed(&PairFacts {
-            backlog: Duration::from_secs(59),
+            backlog: Duration::from_secs(119),
             ..facts()
         }));
         assert!(allowed(&PairFacts {
-            backlog: Duration::from_secs(61),
+            backlog: Duration::from_secs(121),
             ..facts()
         }));
-        // Two warm hosts: above 180 s.
+        // Two warm hosts: L + W/3 + L < W/2, above 360 s.
         assert!(!allowed(&PairFacts {
             warm_elsewhere: 2,
-            backlog: Duration::from_secs(179),
+            backlog: Duration::from_secs(359),
+            ..facts()
+        }));
+        assert!(allowed(&PairFacts {
+            warm_elsewhere: 2,
+            backlog: Duration::from_secs(361),
             ..facts()
         }));
     }

@@ -184,9 +184,9 @@ struct Host {
     resident: Vec<String>,
     /// Most models it holds at once (LM Studio's auto-evict: 1); learned upward from reports.
     max_loaded: usize,
-    /// Until when the model it loaded last is kept even for overdue tasks of other models
-    /// (see [`placement::QUANTUM_LOADS`]).
-    protected_until: Option<Instant>,
+    /// When it last loaded a model: it keeps that model for [`placement::QUANTUM_LOADS`]
+    /// load times (as now estimated) even for overdue tasks of other models.
+    loaded_at: Option<Instant>,
     /// A request loading a model here that has not sent its first byte: nothing else starts
     /// here until it does (the cold-load gate; LM Studio loads a copy per concurrent request,
     /// its bug tracker #1751).
@@ -218,7 +218,7 @@ impl Host {
             resident: Vec::new(),
             max_loaded: 1,
             loading: None,
-            protected_until: None,
+            loaded_at: None,
         }
     }
 
@@ -673,10 +673,8 @@ impl<T: Queueable> DispatchState<T> {
         });
         let cooling = self.hosts.iter().filter_map(|h| h.cooling_until);
         // A protected host may take an overdue task once its quantum ends.
-        let protection = self
-            .hosts
-            .iter()
-            .filter_map(|h| h.protected_until)
+        let protection = (0..self.hosts.len())
+            .filter_map(|i| self.protected_until(i))
             .filter(|t| self.waiting > 0 && self.last_dispatch.is_none_or(|seen| *t > seen));
         // Swap-aware placement may hold a task back rather than load its model; once it is
         // overdue, any host that can switch takes it: wake up then.
@@ -973,8 +971,7 @@ impl<T: Queueable> DispatchState<T> {
             h.touch(&model);
             if cold && self.limits.swap_aware {
                 h.loading = Some(id);
-                h.protected_until =
-                    Some(now + self.costs.load(host.0, &model) * placement::QUANTUM_LOADS);
+                h.loaded_at = Some(now);
             }
             match self.last_started.get_mut(&model) {
                 Some(at) => *at = now,
@@ -1044,7 +1041,9 @@ impl<T: Queueable> DispatchState<T> {
                     backlog: self.costs.service(i, model) * (queue.len() as u32),
                     load,
                     strands: !warm && self.strands(i),
-                    protected: !warm && self.protected(i, now),
+                    // A lone call always gets the next host that can switch; only a backlog
+                    // waits for a host's quantum (a battery would otherwise rotate).
+                    protected: !warm && queue.len() > 1 && self.protected(i, now),
                     evicted_backlog: evicted
                         .and_then(|e| self.queues.get(e).map(|q| (e, q.len())))
                         .map_or(Duration::ZERO, |(e, n)| self.costs.service(i, e) * n as u32),
@@ -1106,10 +1105,18 @@ impl<T: Queueable> DispatchState<T> {
     /// still waiting.
     fn protected(&self, host: usize, now: Instant) -> bool {
         let h = &self.hosts[host];
-        h.protected_until.is_some_and(|t| now < t)
+        self.protected_until(host).is_some_and(|t| now < t)
             && h.resident
                 .last()
                 .is_some_and(|m| self.queues.get(m).is_some_and(|q| !q.is_empty()))
+    }
+
+    /// The end of `host`'s quantum for the model it loaded last, with today's load estimate
+    /// (a host whose loads turn out cheap is not held to a guess).
+    fn protected_until(&self, host: usize) -> Option<Instant> {
+        let h = &self.hosts[host];
+        let model = h.resident.last()?;
+        Some(h.loaded_at? + self.costs.load(host, model) * placement::QUANTUM_LOADS)
     }
 
     /// Whether loading a model on `host` evicts one whose waiting tasks no other host holds.
