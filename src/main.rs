@@ -231,10 +231,23 @@ async fn main() -> anyhow::Result<()> {
                 println!("no prix-dispatch daemon runs at {}", socket.display());
                 std::process::exit(1);
             };
-            // Wait until it is gone, so that a script can start the next one right after.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while socket.exists() && std::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // Wait until the process is gone — not merely its socket, which goes first —
+            // so that its host locks are released and a script can start the next daemon
+            // (`stop; serve`) right after.
+            let deadline = std::time::Instant::now() + STOP_WAIT;
+            while prix_dispatch::ownership::process_exists(info.pid) {
+                if std::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "asked the prix-dispatch daemon (pid {}) at {} to stop; after {} s it is \
+                         still draining its running tasks. Wait, or `kill {}` to end them now",
+                        info.pid,
+                        socket.display(),
+                        STOP_WAIT.as_secs(),
+                        info.pid
+                    );
+                    std::process::exit(1);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
             }
             println!(
                 "stopped the prix-dispatch daemon (pid {}) at {}",
@@ -277,6 +290,9 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long `prix-dispatch stop` waits for the daemon to finish its running tasks and exit.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match socket {

@@ -152,6 +152,28 @@ pub fn owner_of(dir: &DaemonDir, identity: &str) -> Option<Owner> {
     }
 }
 
+/// Whether process `pid` still exists (Linux: `/proc/<pid>`). A zombie — exited, not yet
+/// reaped by its parent — counts as gone once its last thread is gone: its file descriptors,
+/// and so its host locks, are closed by then.
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state …": comm may hold spaces and parentheses, so read after the last ')'.
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].trim_start().chars().next());
+    match state {
+        // The main thread of an exiting process turns zombie first, while its other threads
+        // (which share its open files, and so its locks) are still being torn down.
+        Some('Z' | 'X') => std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| tasks.count() > 1)
+            .unwrap_or(false),
+        Some(_) => true,
+        None => false,
+    }
+}
+
 fn read_owner(file: &mut File) -> Option<Owner> {
     let mut text = String::new();
     file.rewind().ok()?;
@@ -176,6 +198,28 @@ mod tests {
             source: "fleet.toml".into(),
             launched: false,
         }
+    }
+
+    #[test]
+    fn a_process_exists_until_it_exits_even_unreaped() {
+        assert!(process_exists(std::process::id()));
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(process_exists(child.id()));
+        child.kill().unwrap();
+        // Not reaped yet: a zombie, whose locks the kernel already dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_exists(child.id()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            !process_exists(child.id()),
+            "a killed, unreaped child is gone"
+        );
+        child.wait().unwrap();
+        assert!(!process_exists(child.id()));
     }
 
     #[test]

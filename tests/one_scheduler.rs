@@ -579,3 +579,41 @@ async fn a_daemon_started_by_hand_is_joined_or_refused_never_doubled() {
     c.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+async fn healthy(base: &str) -> bool {
+    wait_for(Duration::from_secs(20), async || {
+        reqwest::get(format!("{base}/healthz")).await.is_ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_returns_once_the_daemon_has_exited_so_the_next_one_starts_at_once() {
+    let a = sim().await;
+    let dir = scratch("stop");
+    let socket = dir.join("daemon.sock");
+    let port = common::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let config = dir.join("fleet.toml");
+    std::fs::write(&config, fleet_toml(port, &socket, &[("a", a.url(), 1)])).unwrap();
+    let lock = DaemonDir::for_this_user()
+        .unwrap()
+        .host_lock(&prix_dispatch::config::host_identity(&a.url()));
+    for round in 0..2 {
+        let mut serve = Serve::start(&config, dir.join(format!("serve{round}.log")));
+        assert!(healthy(&base).await, "round {round}: {}", serve.log());
+        let out = prix(&["stop", "--socket", socket.to_str().unwrap()]).await;
+        assert!(out.status.success(), "{out:?}");
+        // `try_wait` reaps: Some only if the process had exited by the time `stop` returned.
+        let exit = serve.child.try_wait().unwrap();
+        assert!(
+            exit.is_some_and(|e| e.success()),
+            "round {round}: the daemon had exited when `stop` returned: {exit:?} {}",
+            serve.log()
+        );
+        assert!(!socket.exists());
+    }
+    let _ = lock;
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
