@@ -169,17 +169,21 @@ pub async fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         }
     });
     // On a signal the listeners keep serving the requests in flight while they drain.
+    let releasing = manager.clone();
     let served = supervise(
         &dispatcher,
         config.server.shutdown_grace,
         service,
         stop.clone(),
         stop_requested,
+        move || releasing.release_all(),
     )
     .await;
     // Stops the socket's accept loop, which removes the socket file if it is ours.
     stop.cancel();
     watcher.abort();
+    // The watcher task may still hold a reference for a moment: release explicitly.
+    manager.release_all();
     drop(manager);
     served
         .map_err(|e| DaemonError::Stopped(e.to_string()))?
@@ -211,13 +215,16 @@ async fn listen_holder(addr: std::net::SocketAddr) -> String {
 /// ones get `grace` to finish, and the process exits 0 (130 on a second signal). A scheduler
 /// panic exits 70 so that a supervisor restarts us. `listeners` is cancelled once the running
 /// tasks are done, before the process exits: the listeners stop accepting (the daemon's socket
-/// file goes with them).
+/// file goes with them). `release` runs just before every explicit exit: `std::process::exit`
+/// runs no destructor, so whatever must not outlive the process (the host lock files) is
+/// released there.
 pub async fn supervise<T>(
     dispatcher: &Dispatcher,
     grace: Duration,
     mut service: tokio::task::JoinHandle<T>,
     listeners: CancellationToken,
     stop_requested: CancellationToken,
+    release: impl Fn(),
 ) -> Result<T, tokio::task::JoinError> {
     tokio::select! {
         served = &mut service => served,
@@ -237,6 +244,7 @@ pub async fn supervise<T>(
                 }
                 _ = next_signal() => {
                     tracing::warn!("second signal: exiting now");
+                    release();
                     std::process::exit(130);
                 }
             }
@@ -245,11 +253,13 @@ pub async fn supervise<T>(
             // blocking reader.
             listeners.cancel();
             tokio::time::sleep(Duration::from_millis(50)).await;
+            release();
             std::process::exit(0);
         }
         _ = dispatcher.crashed() => {
             // Every waiting client already got an error.
             tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
+            release();
             std::process::exit(70);
         }
     }

@@ -178,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
                 source: source.source.clone(),
                 launched: false,
             };
-            let _locks = prix_dispatch::reload::acquire_all(
+            let locks = prix_dispatch::reload::acquire_all(
                 &dir,
                 &prix_dispatch::fleet::Fleet::new(source),
                 &owner,
@@ -187,14 +187,24 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
+            // Dropped (the lock files removed) on every way out, `std::process::exit` included.
+            let locks = std::sync::Mutex::new(Some(locks));
+            let release = || {
+                locks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+            };
             let served = daemon::supervise(
                 &dispatcher,
                 config.server.shutdown_grace,
                 service,
                 CancellationToken::new(),
                 CancellationToken::new(),
+                release,
             )
             .await;
+            release();
             served
                 .context("the MCP service stopped unexpectedly")?
                 .context("MCP handshake on stdio failed")?;

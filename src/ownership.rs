@@ -106,15 +106,18 @@ pub fn acquire(dir: &DaemonDir, identity: &str, owner: &Owner) -> Result<HostLoc
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => match read_owner(&mut file) {
-                // An owner that names itself holds it; a nameless holder is a launch looking
-                // (its shared lock lasts microseconds) or an owner about to write its name.
-                Some(owner) => {
+                // A live owner that names itself holds it.
+                Some(owner) if process_exists(owner.pid) => {
                     return Err(OwnershipError::Held {
                         host: identity.to_string(),
                         owner: Some(owner),
                     });
                 }
-                None => {
+                // A nameless holder is an owner about to write its name; a name of a process
+                // that is gone was left by a daemon that was killed, and the holder is a launch
+                // looking it up ([`owner_of`]: a shared lock for microseconds). Either way the
+                // lock is about to be free or named: look again shortly.
+                _ => {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     continue;
                 }
@@ -241,6 +244,30 @@ mod tests {
         let again = acquire(&d, id, &owner(2)).unwrap();
         assert_eq!(owner_of(&d, id).map(|o| o.pid), Some(2));
         drop(again);
+        std::fs::remove_dir_all(d.path()).unwrap();
+    }
+
+    #[test]
+    fn a_dead_owner_named_under_a_lookups_momentary_shared_lock_is_not_reported() {
+        let d = dir("dead");
+        let id = "http://gpu:4321";
+        let path = d.host_lock(id);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        std::fs::write(&path, serde_json::to_string(&owner(gone.id())).unwrap()).unwrap();
+        // A launch's owner lookup holds a shared lock while a new daemon takes the host.
+        let looker = File::open(&path).unwrap();
+        looker.try_lock_shared().unwrap();
+        let lookup = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(looker);
+        });
+        let lock = acquire(&d, id, &owner(std::process::id()))
+            .expect("taken once the lookup is done, not refused naming a dead pid");
+        lookup.join().unwrap();
+        assert_eq!(owner_of(&d, id).map(|o| o.pid), Some(std::process::id()));
+        drop(lock);
         std::fs::remove_dir_all(d.path()).unwrap();
     }
 

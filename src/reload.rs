@@ -22,6 +22,10 @@ use crate::ownership::{self, HostLock, Owner, OwnershipError};
 /// The daemon's fleet and its host locks.
 pub struct FleetManager {
     state: Mutex<State>,
+    /// Apart from `state`, under a lock never held across an await: the process exits with
+    /// `std::process::exit` (no destructor runs), so [`FleetManager::release_all`] must be
+    /// able to take them at any moment, even while a reload awaits the dispatcher.
+    held: std::sync::Mutex<Held>,
     dispatcher: Dispatcher,
     dir: DaemonDir,
     owner: Owner,
@@ -29,11 +33,15 @@ pub struct FleetManager {
 
 struct State {
     fleet: Fleet,
+    /// (source key, host identity) pairs already warned about.
+    warned: HashSet<(String, String)>,
+}
+
+#[derive(Default)]
+struct Held {
     locks: HashMap<String, HostLock>,
     /// Locks of removed hosts, kept until their last running task is done.
     releasing: Vec<HostLock>,
-    /// (source key, host identity) pairs already warned about.
-    warned: HashSet<(String, String)>,
 }
 
 /// What `prix-dispatch status` shows.
@@ -75,14 +83,36 @@ impl FleetManager {
         Arc::new(FleetManager {
             state: Mutex::new(State {
                 fleet,
+                warned: HashSet::new(),
+            }),
+            held: std::sync::Mutex::new(Held {
                 locks,
                 releasing: Vec::new(),
-                warned: HashSet::new(),
             }),
             dispatcher,
             dir,
             owner,
         })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Releases every host lock now (removing the lock files), without awaiting: for the
+    /// exit path, which ends the process with `std::process::exit` so no destructor runs.
+    /// The kernel would drop the locks anyway; this also removes the files, which would
+    /// otherwise stay behind naming a dead pid.
+    pub fn release_all(&self) {
+        let mut held = self.held();
+        let released = held.locks.len() + held.releasing.len();
+        held.locks.clear();
+        held.releasing.clear();
+        if released > 0 {
+            tracing::debug!(released, "host locks released");
+        }
     }
 
     pub fn owner(&self) -> &Owner {
@@ -149,46 +179,57 @@ impl FleetManager {
     }
 
     /// Switches to `next`: locks its new hosts first (all or none), then tells the dispatcher.
+    /// New locks go into `held` at once (so an exit meanwhile releases them too) and are
+    /// dropped again if the dispatcher refuses the change.
     async fn apply(&self, state: &mut State, next: Fleet, why: &str) -> Result<(), String> {
         let wanted = next.identities();
-        let mut taken = Vec::new();
-        for identity in wanted.iter().filter(|i| !state.locks.contains_key(*i)) {
-            // A host removed a moment ago and listed again: its lock is still ours.
-            if let Some(at) = state
-                .releasing
+        let mut added = Vec::new();
+        {
+            let mut held = self.held();
+            let missing: Vec<String> = wanted
                 .iter()
-                .position(|l| l.identity() == identity)
-            {
-                taken.push(state.releasing.swap_remove(at));
-                continue;
+                .filter(|i| !held.locks.contains_key(*i))
+                .cloned()
+                .collect();
+            for identity in missing {
+                // A host removed a moment ago and listed again: its lock is still ours.
+                let reused = held.releasing.iter().position(|l| l.identity() == identity);
+                let lock = match reused {
+                    Some(at) => held.releasing.swap_remove(at),
+                    None => match ownership::acquire(&self.dir, &identity, &self.owner) {
+                        Ok(lock) => lock,
+                        Err(e) => {
+                            undo(&mut held, &added);
+                            return Err(format!(
+                                "{e}; one host has one scheduler. Stop that daemon (`prix-dispatch \
+                                 stop`) or remove the host from one of the configurations"
+                            ));
+                        }
+                    },
+                };
+                held.locks.insert(identity.clone(), lock);
+                added.push((identity, reused.is_some()));
             }
-            match ownership::acquire(&self.dir, identity, &self.owner) {
-                Ok(lock) => taken.push(lock),
-                Err(e) => {
-                    return Err(format!(
-                        "{e}; one host has one scheduler. Stop that daemon (`prix-dispatch stop`) \
-                         or remove the host from one of the configurations"
-                    ));
+        }
+        let change = match self.dispatcher.reconfigure(&next.hosts()).await {
+            Ok(change) => change,
+            Err(e) => {
+                undo(&mut self.held(), &added);
+                return Err(e.to_string());
+            }
+        };
+        {
+            let mut held = self.held();
+            let gone: Vec<String> = held
+                .locks
+                .keys()
+                .filter(|i| !wanted.contains(*i))
+                .cloned()
+                .collect();
+            for identity in gone {
+                if let Some(lock) = held.locks.remove(&identity) {
+                    held.releasing.push(lock);
                 }
-            }
-        }
-        let change = self
-            .dispatcher
-            .reconfigure(&next.hosts())
-            .await
-            .map_err(|e| e.to_string())?;
-        for lock in taken {
-            state.locks.insert(lock.identity().to_string(), lock);
-        }
-        let gone: Vec<String> = state
-            .locks
-            .keys()
-            .filter(|i| !wanted.contains(*i))
-            .cloned()
-            .collect();
-        for identity in gone {
-            if let Some(lock) = state.locks.remove(&identity) {
-                state.releasing.push(lock);
             }
         }
         state.fleet = next;
@@ -205,8 +246,7 @@ impl FleetManager {
     /// Releases the locks of removed hosts whose running tasks are done. Call it now and
     /// then (the daemon does, every second).
     pub async fn release_finished(&self) {
-        let mut state = self.state.lock().await;
-        if state.releasing.is_empty() {
+        if self.held().releasing.is_empty() {
             return;
         }
         let Ok(status) = self.dispatcher.status().await else {
@@ -218,7 +258,9 @@ impl FleetManager {
             .filter(|h| h.state.retired && h.state.active > 0)
             .map(|h| host_identity(&h.url))
             .collect();
-        state.releasing.retain(|l| busy.contains(l.identity()));
+        self.held()
+            .releasing
+            .retain(|l| busy.contains(l.identity()));
     }
 
     /// The files this daemon's fleet comes from.
@@ -248,6 +290,19 @@ impl FleetManager {
             },
             sources,
             status: serde_json::to_value(status).unwrap_or_default(),
+        }
+    }
+}
+
+/// Gives back the locks `apply` took for `added` (a failed switch takes no host): a fresh
+/// lock is released, one taken back from `releasing` returns there (its host may still run
+/// a task of ours).
+fn undo(held: &mut Held, added: &[(String, bool)]) {
+    for (identity, from_releasing) in added {
+        if let Some(lock) = held.locks.remove(identity)
+            && *from_releasing
+        {
+            held.releasing.push(lock);
         }
     }
 }
@@ -326,5 +381,62 @@ pub async fn watch(manager: Arc<FleetManager>) {
             }
             _ = tick.tick() => manager.release_finished().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigSource, HostConfig};
+
+    pub(super) fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("prix-reload-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A manager for `fleet`, holding its locks in a daemon directory under `at`.
+    pub(super) fn manager(at: &Path, fleet: Fleet) -> Arc<FleetManager> {
+        let config = Config::with_hosts(ConfigSource::Environment, fleet.hosts());
+        let dir = DaemonDir::at(at.join("dir")).unwrap();
+        let owner = Owner {
+            pid: std::process::id(),
+            socket: at.join("daemon.sock"),
+            source: "test".into(),
+            launched: true,
+        };
+        let locks = acquire_all(&dir, &fleet, &owner).unwrap();
+        FleetManager::new(fleet, locks, Dispatcher::start(&config), dir, owner)
+    }
+
+    pub(super) fn env_fleet(port: u16) -> Fleet {
+        Fleet::new(SourceFleet::from_config(&Config::with_hosts(
+            ConfigSource::Environment,
+            vec![HostConfig {
+                name: "gpu".into(),
+                // Nothing listens: the host is merely down.
+                base_url: format!("http://127.0.0.1:{port}"),
+                slots: 1,
+                ..HostConfig::default()
+            }],
+        )))
+    }
+
+    #[tokio::test]
+    async fn release_all_removes_the_lock_files_without_awaiting() {
+        let at = scratch("release");
+        let m = manager(&at, env_fleet(9));
+        let lock = m.dir.host_lock(&host_identity("http://127.0.0.1:9"));
+        assert!(lock.exists());
+        // Even while a reload holds the fleet's state.
+        let state = m.state.lock().await;
+        m.release_all();
+        assert!(
+            !lock.exists(),
+            "the lock file is gone before the process exits"
+        );
+        drop(state);
+        std::fs::remove_dir_all(at).unwrap();
     }
 }

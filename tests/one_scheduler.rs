@@ -612,8 +612,11 @@ async fn stop_returns_once_the_daemon_has_exited_so_the_next_one_starts_at_once(
             serve.log()
         );
         assert!(!socket.exists());
+        assert!(
+            !lock.exists(),
+            "round {round}: the host's lock file is removed on stop, not left naming a dead pid"
+        );
     }
-    let _ = lock;
     a.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
