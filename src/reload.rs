@@ -26,6 +26,9 @@ pub struct FleetManager {
     /// `std::process::exit` (no destructor runs), so [`FleetManager::release_all`] must be
     /// able to take them at any moment, even while a reload awaits the dispatcher.
     held: std::sync::Mutex<Held>,
+    /// How many times the files were re-read (for the log, and to see that nothing but a
+    /// change re-reads them).
+    rereads: std::sync::atomic::AtomicU64,
     dispatcher: Dispatcher,
     dir: DaemonDir,
     owner: Owner,
@@ -35,6 +38,30 @@ struct State {
     fleet: Fleet,
     /// (source key, host identity) pairs already warned about.
     warned: HashSet<(String, String)>,
+    /// Reload refusals already logged.
+    refused: Refusals,
+}
+
+/// The last refusal logged for each thing that can refuse a reload (a file, the switch
+/// itself): each editor save and `SIGHUP` re-reads, and an error that did not change must
+/// not fill the log on every one of them.
+#[derive(Debug, Default)]
+struct Refusals(HashMap<String, String>);
+
+impl Refusals {
+    /// Records `error` for `what`; true when it differs from the last one (log it).
+    fn note(&mut self, what: &str, error: &str) -> bool {
+        if self.0.get(what).is_some_and(|last| last == error) {
+            return false;
+        }
+        self.0.insert(what.to_string(), error.to_string());
+        true
+    }
+
+    /// `what` succeeded: its next refusal is news again.
+    fn clear(&mut self, what: &str) {
+        self.0.remove(what);
+    }
 }
 
 #[derive(Default)]
@@ -84,11 +111,13 @@ impl FleetManager {
             state: Mutex::new(State {
                 fleet,
                 warned: HashSet::new(),
+                refused: Refusals::default(),
             }),
             held: std::sync::Mutex::new(Held {
                 locks,
                 releasing: Vec::new(),
             }),
+            rereads: Default::default(),
             dispatcher,
             dir,
             owner,
@@ -159,22 +188,36 @@ impl FleetManager {
     /// parses is refused with the usual message and the fleet stays as it was.
     pub async fn reload_files(&self, why: &str) {
         let mut state = self.state.lock().await;
+        let rereads = 1 + self
+            .rereads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut next = state.fleet.clone();
         for path in state.fleet.files() {
+            let what = path.display().to_string();
             match Config::from_file(&path, &config::process_env) {
-                Ok(config) => next = next.with_source(SourceFleet::from_config(&config)),
+                Ok(config) => {
+                    state.refused.clear(&what);
+                    next = next.with_source(SourceFleet::from_config(&config));
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet. Fix the file (it is re-read when saved)");
+                    if state.refused.note(&what, &e.to_string()) {
+                        tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet. Fix the file (it is re-read when saved)");
+                    }
                     return;
                 }
             }
         }
         if next == state.fleet {
-            tracing::debug!(why, "configuration re-read: no change");
+            tracing::debug!(why, rereads, "configuration re-read: no change");
             return;
         }
-        if let Err(e) = self.apply(&mut state, next, why).await {
-            tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet");
+        match self.apply(&mut state, next, why).await {
+            Ok(()) => state.refused.clear(SWITCH),
+            Err(e) => {
+                if state.refused.note(SWITCH, &e) {
+                    tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet");
+                }
+            }
         }
     }
 
@@ -307,6 +350,23 @@ fn undo(held: &mut Held, added: &[(String, bool)]) {
     }
 }
 
+/// The key in [`Refusals`] of a switch the files asked for but that could not be made.
+const SWITCH: &str = "(switch)";
+
+/// Whether a file event can mean new content: created, written, renamed, removed. Not an
+/// open, a read or a close after reading — the daemon's own reads cause those, and reacting
+/// to them re-read the files forever — nor a change of metadata only (`touch`, `chmod`).
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
 fn warn_once(state: &mut State, warnings: Vec<crate::fleet::Warning>) {
     for w in warnings {
         if state
@@ -327,6 +387,9 @@ pub async fn watch(manager: Arc<FleetManager>) {
     let names = watched_names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
+        if !changes_content(&event.kind) {
+            return;
+        }
         let names = names
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -421,6 +484,71 @@ mod tests {
                 ..HostConfig::default()
             }],
         )))
+    }
+
+    #[test]
+    fn only_events_that_can_change_content_trigger_a_reload() {
+        use notify::event::*;
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Content)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert!(changes_content(&kind), "{kind:?}");
+        }
+        // What the daemon's own read of the file causes, and `touch`.
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::WriteTime)),
+        ] {
+            assert!(!changes_content(&kind), "{kind:?}");
+        }
+    }
+
+    pub(super) fn file_fleet(path: &Path, port: u16) -> Fleet {
+        std::fs::write(path, host_toml(port)).unwrap();
+        let config = Config::from_file(path, &config::process_env).unwrap();
+        Fleet::new(SourceFleet::from_config(&config))
+    }
+
+    pub(super) fn host_toml(port: u16) -> String {
+        format!("[[host]]\nname = \"gpu{port}\"\nurl = \"http://127.0.0.1:{port}\"\n")
+    }
+
+    #[tokio::test]
+    async fn one_change_re_reads_the_file_once_not_forever() {
+        let at = scratch("watch");
+        let file = at.join("fleet.toml");
+        let m = manager(&at, file_fleet(&file, 9));
+        let watcher = tokio::spawn(watch(m.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(&file, host_toml(9)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let rereads = m.rereads.load(std::sync::atomic::Ordering::Relaxed);
+        // Each re-read opens, reads and closes the file; reacting to that re-read every
+        // 150 ms (about ten times here).
+        assert!(
+            (1..=2).contains(&rereads),
+            "re-read {rereads} times after one write"
+        );
+        watcher.abort();
+        m.release_all();
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    #[test]
+    fn a_refusal_is_news_once_per_distinct_error() {
+        let mut r = Refusals::default();
+        assert!(r.note("/a.toml", "bad slots"));
+        assert!(!r.note("/a.toml", "bad slots"), "the same error again");
+        assert!(r.note("/b.toml", "bad slots"), "another file");
+        assert!(r.note("/a.toml", "bad url"), "another error");
+        r.clear("/a.toml");
+        assert!(r.note("/a.toml", "bad url"), "fixed, then broken again");
     }
 
     #[tokio::test]

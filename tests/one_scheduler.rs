@@ -392,6 +392,15 @@ async fn an_edited_config_reloads_the_running_daemon_without_overlap() {
         "{}",
         serve.log()
     );
+    // The daemon's own reads of the file are no change: it does not re-read (and refuse)
+    // again and again, and one error is logged once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        serve.log().matches("configuration reload refused").count(),
+        1,
+        "{}",
+        serve.log()
+    );
     assert_eq!(host_names(&base).await, ["a", "b"]);
     openai_calls(&base, 2).await;
 
