@@ -153,12 +153,19 @@ async fn main() -> anyhow::Result<()> {
             standalone: false,
             connect: None,
         } => {
-            let config = load(path.clone())?;
+            // Record the variables the configuration reads: the daemon re-reads this file
+            // later, in its own environment, which may lack this launch's `api_key_env`s.
+            let recording = prix_dispatch::fleet::RecordingEnv::new(&config::process_env);
+            let config = Config::load(path.as_deref(), &|name| recording.lookup(name))?;
             if let Some(url) = &config.server.connect {
                 remote::run(remote::RemoteSpec::from_env(url)?).await?;
                 return Ok(());
             }
-            let spec = daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
+            let mut spec =
+                daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
+            if spec.fleet.file.is_some() {
+                spec.fleet.env = recording.into_env();
+            }
             tracing::debug!(socket = %spec.socket.display(), "joining the machine's daemon");
             bridge::run(spec).await?;
         }

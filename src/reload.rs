@@ -184,26 +184,32 @@ impl FleetManager {
         }
     }
 
-    /// Re-reads every file source (an edit was seen, or `SIGHUP`). A file that no longer
-    /// parses is refused with the usual message and the fleet stays as it was.
+    /// Re-reads every file source (an edit was seen, or `SIGHUP`), each on its own: a file
+    /// that no longer reads or parses is refused with the usual message (once per distinct
+    /// error) and keeps the hosts it had, while the others apply. A file is read with the
+    /// daemon's environment, then the variables its launch recorded.
     pub async fn reload_files(&self, why: &str) {
         let mut state = self.state.lock().await;
         let rereads = 1 + self
             .rereads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut next = state.fleet.clone();
-        for path in state.fleet.files() {
+        let sources: Vec<SourceFleet> = state.fleet.sources().to_vec();
+        for source in sources {
+            let Some(path) = &source.file else { continue };
             let what = path.display().to_string();
-            match Config::from_file(&path, &config::process_env) {
+            let env = |name: &str| config::process_env(name).or_else(|| source.env.get(name));
+            match Config::from_file(path, &env) {
                 Ok(config) => {
                     state.refused.clear(&what);
-                    next = next.with_source(SourceFleet::from_config(&config));
+                    next = next.with_source(
+                        SourceFleet::from_config(&config).with_env(source.env.clone()),
+                    );
                 }
                 Err(e) => {
                     if state.refused.note(&what, &e.to_string()) {
-                        tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet. Fix the file (it is re-read when saved)");
+                        tracing::error!(error = %e, file = %what, "configuration reload refused for this file; it keeps its current hosts, the other sources apply. Fix the file (it is re-read when saved)");
                     }
-                    return;
                 }
             }
         }
@@ -536,6 +542,79 @@ mod tests {
             "re-read {rereads} times after one write"
         );
         watcher.abort();
+        m.release_all();
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    /// The hosts the manager schedules now, by URL.
+    async fn urls(m: &FleetManager) -> Vec<String> {
+        let state = m.state.lock().await;
+        state
+            .fleet
+            .hosts()
+            .into_iter()
+            .map(|h| h.base_url)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_broken_file_keeps_its_hosts_and_the_others_reload() {
+        let at = scratch("sources");
+        let (broken, edited) = (at.join("broken.toml"), at.join("edited.toml"));
+        let first = file_fleet(&broken, 9);
+        let second = file_fleet(&edited, 10).sources()[0].clone();
+        let m = manager(&at, first.with_source(second));
+        std::fs::write(
+            &broken,
+            "[[host]]\nname = \"x\"\nurl = \"http://127.0.0.1:9\"\nslots = 0\n",
+        )
+        .unwrap();
+        std::fs::write(&edited, host_toml(11)).unwrap();
+        m.reload_files("test").await;
+        assert_eq!(
+            urls(&m).await,
+            ["http://127.0.0.1:9", "http://127.0.0.1:11"],
+            "the broken file keeps its host; the edited one applies"
+        );
+        m.release_all();
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_re_reads_with_the_variables_its_launch_brought() {
+        let at = scratch("env");
+        let path = at.join("launch.toml");
+        let var = format!("PRIX_RELOAD_TEST_KEY_{}", std::process::id());
+        let text = |port: u16| {
+            format!(
+                "[[host]]\nname = \"g\"\nurl = \"http://127.0.0.1:{port}\"\napi_key_env = \"{var}\"\n"
+            )
+        };
+        std::fs::write(&path, text(12)).unwrap();
+        // The launch's environment has the key; the daemon's does not.
+        let launch_env = |name: &str| (name == var).then(|| "k".to_string());
+        let recording = crate::fleet::RecordingEnv::new(&launch_env);
+        let config = Config::from_file(&path, &|n| recording.lookup(n)).unwrap();
+        let source = SourceFleet::from_config(&config).with_env(recording.into_env());
+        let m = manager(&at, Fleet::new(source));
+        std::fs::write(&path, text(13)).unwrap();
+        m.reload_files("test").await;
+        assert_eq!(urls(&m).await, ["http://127.0.0.1:13"]);
+        let state = m.state.lock().await;
+        let host = &state.fleet.hosts()[0];
+        assert_eq!(
+            host.api_key
+                .as_ref()
+                .map(|k| k.expose().to_string())
+                .as_deref(),
+            Some("k")
+        );
+        assert_eq!(
+            state.fleet.sources()[0].env.get(&var).as_deref(),
+            Some("k"),
+            "kept for the next re-read"
+        );
+        drop(state);
         m.release_all();
         std::fs::remove_dir_all(at).unwrap();
     }
