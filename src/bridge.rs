@@ -267,8 +267,34 @@ fn fail_in_flight(pending: &Mutex<Pending>, out: &mpsc::UnboundedSender<String>,
     pending.swallow.clear();
 }
 
+/// How many times a launch looks for its hosts' owner again after the daemon it started
+/// exited at once.
+const START_RACES: usize = 3;
+
 /// The daemon's socket, after the hello; starts the daemon if none answers.
+///
+/// The daemon a launch starts can lose a host's lock to a daemon at another socket that
+/// started at the same moment (another launch with another `[server] socket`, a `serve`):
+/// it exits at once, and the winner is the daemon to join. So when the started daemon fails,
+/// the launch looks for the owner again, and joins it if there is one now.
 pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
+    let mut races = 0;
+    loop {
+        let error = match connect_or_start_once(spec).await {
+            Err(error @ BridgeError::Start { .. }) => error,
+            done => return done,
+        };
+        match spec.target()? {
+            owner if owner != spec.socket && races < START_RACES => {
+                races += 1;
+                tracing::info!(owner = %owner.display(), "the daemon this launch started exited; another daemon owns its hosts now: joining it");
+            }
+            _ => return Err(error),
+        }
+    }
+}
+
+async fn connect_or_start_once(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
     let mut target = spec.target()?;
     // The owner of a host may go away between the look and the connect: look again, a few
     // times (each round means a daemon stopped).
@@ -448,4 +474,82 @@ fn last_error_line(log: &Path) -> String {
                 .map(|l| l.trim().to_string())
         })
         .unwrap_or_else(|| "no error in its log".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::SourceHost;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("prix-bridge-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn spec(at: &Path, socket: PathBuf) -> DaemonSpec {
+        DaemonSpec {
+            socket,
+            dir: DaemonDir::at(at.join("dir")).unwrap(),
+            fleet: SourceFleet {
+                key: "environment:x".into(),
+                source: "environment".into(),
+                file: None,
+                hosts: vec![SourceHost {
+                    name: "gpu".into(),
+                    base_url: "http://127.0.0.1:9".into(),
+                    slots: 1,
+                    api_key: None,
+                    max_loaded_models: 1,
+                    load_seconds: 1.0,
+                }],
+                env: Default::default(),
+            },
+            config: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_launch_whose_daemon_lost_the_race_for_a_host_joins_the_winner() {
+        let at = scratch("race");
+        let spec = spec(&at, at.join("launch.sock"));
+        // The winner: a daemon at another socket that welcomes any launch.
+        let winner_socket = at.join("winner.sock");
+        let winner = tokio::net::UnixListener::bind(&winner_socket).unwrap();
+        let welcomed = tokio::spawn(async move {
+            let (stream, _) = winner.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut hello = String::new();
+            BufReader::new(read).read_line(&mut hello).await.unwrap();
+            write.write_all(b"{\"ok\":true}\n").await.unwrap();
+            hello
+        });
+        // It takes the host just as the launch starts its own daemon (whose log file appears
+        // then). The daemon started here is this test binary, which refuses `serve` and
+        // exits at once, as a daemon that lost the host's lock does.
+        let (dir, log) = (spec.dir.clone(), spec.socket.with_extension("log"));
+        let identity = spec.fleet.hosts[0].identity();
+        let owner = ownership::Owner {
+            pid: std::process::id(),
+            socket: winner_socket.clone(),
+            source: "winner.toml".into(),
+            launched: true,
+        };
+        let taker = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !log.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ownership::acquire(&dir, &identity, &owner).unwrap()
+        });
+        let joined = tokio::time::timeout(Duration::from_secs(20), connect_or_start(&spec))
+            .await
+            .expect("bounded");
+        let lock = taker.join().unwrap();
+        joined.expect("joined the daemon that won the host");
+        assert!(welcomed.await.unwrap().contains("\"op\":\"join\""));
+        drop(lock);
+        std::fs::remove_dir_all(at).unwrap();
+    }
 }
