@@ -170,17 +170,9 @@ impl FleetManager {
                 )
                 .await
             }
-            Verdict::Refuse { shared, missing } => Err(format!(
-                "the prix-dispatch daemon (pid {}, configuration {}) already schedules {} and was \
-                 started by hand, so it does not take the other hosts of {} ({}). Add them to \
-                 {} (it reloads by itself), or stop it with `prix-dispatch stop` and launch again",
-                self.owner.pid,
-                self.owner.source,
-                shared.join(", "),
-                incoming.source,
-                missing.join(", "),
-                self.owner.source,
-            )),
+            Verdict::Refuse { shared, missing } => {
+                Err(refusal(&self.owner, incoming, &shared, &missing))
+            }
         }
     }
 
@@ -353,6 +345,38 @@ fn undo(held: &mut Held, added: &[(String, bool)]) {
         {
             held.releasing.push(lock);
         }
+    }
+}
+
+/// What a launch is told when this daemon, started by hand, lacks some of its hosts.
+fn refusal(owner: &Owner, incoming: &SourceFleet, shared: &[String], missing: &[String]) -> String {
+    let stop = "`prix-dispatch stop`";
+    if shared.is_empty() {
+        // The launch came to this daemon's socket without sharing a host with it.
+        format!(
+            "the prix-dispatch daemon (pid {}, configuration {}) at this launch's socket was \
+             started by hand and schedules none of the hosts of {} ({}); it takes no hosts from \
+             launches. Add them to {} (it reloads by itself), give {} another [server] socket so \
+             that it gets a daemon of its own, or stop that daemon with {stop} and launch again",
+            owner.pid,
+            owner.source,
+            incoming.source,
+            missing.join(", "),
+            owner.source,
+            incoming.source,
+        )
+    } else {
+        format!(
+            "the prix-dispatch daemon (pid {}, configuration {}) already schedules {} and was \
+             started by hand, so it does not take the other hosts of {} ({}). Add them to {} \
+             (it reloads by itself), or stop it with {stop} and launch again",
+            owner.pid,
+            owner.source,
+            shared.join(", "),
+            incoming.source,
+            missing.join(", "),
+            owner.source,
+        )
     }
 }
 
@@ -617,6 +641,32 @@ mod tests {
         drop(state);
         m.release_all();
         std::fs::remove_dir_all(at).unwrap();
+    }
+
+    #[test]
+    fn a_launch_that_shares_no_host_with_a_hand_started_daemon_is_told_so() {
+        let owner = Owner {
+            pid: 42,
+            socket: "/tmp/d.sock".into(),
+            source: "/etc/serve.toml".into(),
+            launched: false,
+        };
+        let incoming = env_fleet(9).sources()[0].clone();
+        let missing = ["http://127.0.0.1:9".to_string()];
+        let none = refusal(&owner, &incoming, &[], &missing);
+        assert!(!none.contains("schedules  "), "{none}");
+        assert!(
+            none.contains("pid 42")
+                && none.contains("none of the hosts")
+                && none.contains("http://127.0.0.1:9")
+                && none.contains("another [server] socket"),
+            "{none}"
+        );
+        let some = refusal(&owner, &incoming, &["http://gpu:1".into()], &missing);
+        assert!(
+            some.contains("already schedules http://gpu:1 and"),
+            "{some}"
+        );
     }
 
     #[test]
