@@ -42,6 +42,15 @@ pub enum BridgeError {
          one. Stop one of them (`prix-dispatch stop --socket PATH`) and launch again"
     )]
     Split(String),
+    #[error(
+        "could not start the prix-dispatch daemon for {socket}: cannot create {path}: {error}. \
+         Make its directory writable by you, or set [server] socket to a path in one that is"
+    )]
+    Prepare {
+        socket: PathBuf,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("stdin/stdout failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -317,22 +326,35 @@ async fn connect_or_start_once(spec: &DaemonSpec) -> Result<UnixStream, BridgeEr
             target.display()
         )));
     }
+    // Not stdin/stdout: say which path could not be made, for which socket.
+    let prepare = |path: &Path| {
+        let socket = spec.socket.clone();
+        let path = path.to_path_buf();
+        move |error| BridgeError::Prepare {
+            socket,
+            path,
+            error,
+        }
+    };
     if let Some(dir) = spec.socket.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(prepare(dir))?;
     }
     // One launch starts the daemon; the others wait on the lock, then find it running.
     let lock_path = spec.socket.with_extension("lock");
+    let locking = lock_path.clone();
     let lock_file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)?;
+            .open(&locking)?;
         file.lock()?;
         Ok(file)
     })
     .await
-    .map_err(std::io::Error::other)??;
+    .map_err(std::io::Error::other)
+    .and_then(|locked| locked)
+    .map_err(prepare(&lock_path))?;
     if let Some(stream) = connect(&spec.socket, spec).await? {
         return Ok(stream);
     }
@@ -508,6 +530,25 @@ mod tests {
             },
             config: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_socket_directory_that_cannot_be_made_is_a_start_error_naming_it() {
+        let at = scratch("nodir");
+        let file = at.join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let socket = file.join("sub").join("daemon.sock");
+        let error = connect_or_start(&spec(&at, socket.clone()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("could not start the prix-dispatch daemon")
+                && error.contains(&file.join("sub").display().to_string())
+                && !error.contains("stdin/stdout"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(at).unwrap();
     }
 
     #[tokio::test]
