@@ -33,7 +33,9 @@ pub enum DaemonError {
         "{0}; one host has one scheduler. Stop that daemon (`prix-dispatch stop`, or `prix-dispatch \
          stop --socket PATH` for one at another socket), or remove the host from one configuration"
     )]
-    HostOwned(#[from] OwnershipError),
+    // Not `#[from]`/source: the message already shows it, and anyhow would print it again
+    // as "Caused by:".
+    HostOwned(OwnershipError),
     #[error(transparent)]
     Socket(#[from] local::SocketError),
     #[error(
@@ -49,6 +51,12 @@ pub enum DaemonError {
     Token(String),
     #[error("the daemon stopped unexpectedly: {0}")]
     Stopped(String),
+}
+
+impl From<OwnershipError> for DaemonError {
+    fn from(error: OwnershipError) -> Self {
+        DaemonError::HostOwned(error)
+    }
 }
 
 /// How `serve` was started.
@@ -293,4 +301,27 @@ pub fn launch_spec(
         fleet: SourceFleet::from_config(config),
         config: config_path,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_owned_error_is_shown_once() {
+        let error = DaemonError::from(OwnershipError::Held {
+            host: "http://gpu:1234".into(),
+            owner: Some(Owner {
+                pid: 42,
+                socket: "/tmp/x.sock".into(),
+                source: "/etc/fleet.toml".into(),
+                launched: false,
+            }),
+        });
+        // What `serve` prints: anyhow's Debug, with a "Caused by:" list of sources.
+        let shown = format!("{:?}", anyhow::Error::from(error));
+        assert_eq!(shown.matches("already scheduled").count(), 1, "{shown}");
+        assert!(!shown.contains("Caused by"), "{shown}");
+        assert!(shown.contains("pid 42"), "{shown}");
+    }
 }
