@@ -39,7 +39,7 @@ pub enum BridgeError {
     },
     #[error(
         "this launch's hosts are scheduled by two prix-dispatch daemons ({0}); a launch joins \
-         one. Stop one of them (`prix-dispatch stop --socket PATH`) and launch again"
+         one. Stop one of them and launch again"
     )]
     Split(String),
     #[error(
@@ -94,7 +94,14 @@ impl DaemonSpec {
             _ => Err(BridgeError::Split(
                 owners
                     .iter()
-                    .map(|o| format!("pid {} at {}", o.pid, o.socket.display()))
+                    .map(|o| {
+                        format!(
+                            "pid {} at {}, stopped by {}",
+                            o.pid,
+                            o.socket.display(),
+                            ownership::stop_hint(o)
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             )),
@@ -320,10 +327,9 @@ async fn connect_or_start_once(spec: &DaemonSpec) -> Result<UnixStream, BridgeEr
     if target != spec.socket {
         return Err(BridgeError::Refused(format!(
             "the prix-dispatch daemon that owns this launch's hosts holds their locks but does \
-             not answer at {}; if it is stuck, stop it (`prix-dispatch stop --socket {}`) or \
-             kill it, and launch again",
+             not answer at {}; if it is stuck, stop it ({}) or kill it, and launch again",
             target.display(),
-            target.display()
+            ownership::stop_command(&target)
         )));
     }
     // Not stdin/stdout: say which path could not be made, for which socket.

@@ -26,12 +26,17 @@ pub enum DaemonError {
     Dir(#[from] DaemonDirError),
     #[error(
         "a prix-dispatch daemon already runs at {socket}{who}; see it with `prix-dispatch status`, \
-         stop it with `prix-dispatch stop`, or give this one another [server] socket"
+         stop it with {stop}, or give this one another [server] socket"
     )]
-    AlreadyRunning { socket: PathBuf, who: String },
+    AlreadyRunning {
+        socket: PathBuf,
+        who: String,
+        stop: String,
+    },
     #[error(
-        "{0}; one host has one scheduler. Stop that daemon (`prix-dispatch stop`, or `prix-dispatch \
-         stop --socket PATH` for one at another socket), or remove the host from one configuration"
+        "{0}; one host has one scheduler. Stop that daemon ({stop}), or remove the host from one \
+         configuration",
+        stop = .0.stop_hint()
     )]
     // Not `#[from]`/source: the message already shows it, and anyhow would print it again
     // as "Caused by:".
@@ -89,6 +94,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), DaemonError> {
     let socket = socket.unwrap_or_else(|| socket_for(&config, &dir));
     if let Ok(Some(info)) = bridge::ask(&socket, Op::Status).await {
         return Err(DaemonError::AlreadyRunning {
+            stop: crate::ownership::stop_command(&socket),
             socket,
             who: format!(
                 " (pid {}, started {}, configuration {})",
@@ -323,5 +329,9 @@ mod tests {
         assert_eq!(shown.matches("already scheduled").count(), 1, "{shown}");
         assert!(!shown.contains("Caused by"), "{shown}");
         assert!(shown.contains("pid 42"), "{shown}");
+        assert!(
+            shown.contains("`prix-dispatch stop --socket /tmp/x.sock`"),
+            "names the owner's socket: {shown}"
+        );
     }
 }

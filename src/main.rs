@@ -190,7 +190,13 @@ async fn main() -> anyhow::Result<()> {
                 &prix_dispatch::fleet::Fleet::new(source),
                 &owner,
             )
-            .context("stdio --standalone schedules its hosts itself; stop the daemon that owns them (`prix-dispatch stop`) or launch without --standalone to share it")?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; stdio --standalone schedules its hosts itself: stop that daemon ({}) or \
+                     launch without --standalone to share it",
+                    e.stop_hint()
+                )
+            })?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));

@@ -41,6 +41,10 @@ pub enum OwnershipError {
 
 fn describe(owner: &Option<Owner>) -> String {
     match owner {
+        Some(o) if o.is_standalone() => format!(
+            "pid {}, configuration {}, `prix-dispatch stdio --standalone`, which takes no launches",
+            o.pid, o.source
+        ),
         Some(o) => format!(
             "pid {}, configuration {}, socket {}",
             o.pid,
@@ -48,6 +52,51 @@ fn describe(owner: &Option<Owner>) -> String {
             o.socket.display()
         ),
         None => "it has not written its name yet".into(),
+    }
+}
+
+impl Owner {
+    /// A `stdio --standalone` process: it holds its hosts but has no socket.
+    pub fn is_standalone(&self) -> bool {
+        self.socket.as_os_str().is_empty()
+    }
+}
+
+/// The command that stops the daemon at `socket`: `--socket` unless it is this user's
+/// default one, which `prix-dispatch stop` reaches by itself.
+pub fn stop_command(socket: &Path) -> String {
+    if socket == crate::daemon_dir::default_socket() {
+        "`prix-dispatch stop`".into()
+    } else {
+        format!("`prix-dispatch stop --socket {}`", socket.display())
+    }
+}
+
+/// How to stop `owner`, for messages: its stop command, or for a `stdio --standalone`
+/// (which no socket reaches) how to end that process.
+pub fn stop_hint(owner: &Owner) -> String {
+    if owner.is_standalone() {
+        format!(
+            "end that `prix-dispatch stdio --standalone`, pid {}: close the agent session that \
+             runs it, or `kill {}`",
+            owner.pid, owner.pid
+        )
+    } else {
+        stop_command(&owner.socket)
+    }
+}
+
+impl OwnershipError {
+    /// How to stop the daemon in the way, for messages.
+    pub fn stop_hint(&self) -> String {
+        match self {
+            OwnershipError::Held {
+                owner: Some(owner), ..
+            } => stop_hint(owner),
+            _ => "`prix-dispatch stop`, or `prix-dispatch stop --socket PATH` for a daemon at \
+                  another socket"
+                .into(),
+        }
     }
 }
 
@@ -201,6 +250,36 @@ mod tests {
             source: "fleet.toml".into(),
             launched: false,
         }
+    }
+
+    #[test]
+    fn how_to_stop_an_owner_names_its_socket_unless_it_is_the_default() {
+        assert_eq!(
+            stop_command(&crate::daemon_dir::default_socket()),
+            "`prix-dispatch stop`"
+        );
+        assert_eq!(
+            stop_hint(&owner(7)),
+            "`prix-dispatch stop --socket /tmp/x.sock`"
+        );
+        let standalone = Owner {
+            socket: PathBuf::new(),
+            ..owner(7)
+        };
+        let hint = stop_hint(&standalone);
+        assert!(
+            hint.contains("--standalone") && hint.contains("kill 7"),
+            "{hint}"
+        );
+        let held = OwnershipError::Held {
+            host: "http://gpu:1".into(),
+            owner: Some(standalone),
+        }
+        .to_string();
+        assert!(
+            !held.contains("socket )") && held.contains("pid 7"),
+            "{held}"
+        );
     }
 
     #[test]

@@ -242,8 +242,9 @@ impl FleetManager {
                         Err(e) => {
                             undo(&mut held, &added);
                             return Err(format!(
-                                "{e}; one host has one scheduler. Stop that daemon (`prix-dispatch \
-                                 stop`) or remove the host from one of the configurations"
+                                "{e}; one host has one scheduler. Stop that daemon ({}) or remove \
+                                 the host from one of the configurations",
+                                e.stop_hint()
                             ));
                         }
                     },
@@ -350,7 +351,7 @@ fn undo(held: &mut Held, added: &[(String, bool)]) {
 
 /// What a launch is told when this daemon, started by hand, lacks some of its hosts.
 fn refusal(owner: &Owner, incoming: &SourceFleet, shared: &[String], missing: &[String]) -> String {
-    let stop = "`prix-dispatch stop`";
+    let stop = ownership::stop_command(&owner.socket);
     if shared.is_empty() {
         // The launch came to this daemon's socket without sharing a host with it.
         format!(
@@ -660,6 +661,10 @@ mod tests {
                 && none.contains("none of the hosts")
                 && none.contains("http://127.0.0.1:9")
                 && none.contains("another [server] socket"),
+            "{none}"
+        );
+        assert!(
+            none.contains("`prix-dispatch stop --socket /tmp/d.sock`"),
             "{none}"
         );
         let some = refusal(&owner, &incoming, &["http://gpu:1".into()], &missing);
