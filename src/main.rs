@@ -245,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                print!("{}", describe_daemon(&info));
+                print!("{}", info.describe());
             }
         }
         Command::Stop { socket } => {
@@ -336,59 +336,6 @@ fn has_hosts(config: &Config) -> anyhow::Result<()> {
         ),
         _ => Ok(()),
     }
-}
-
-fn describe_daemon(info: &prix_dispatch::reload::DaemonInfo) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "daemon: pid {} (started {})",
-        info.pid, info.started_by
-    );
-    let _ = writeln!(out, "socket: {}", info.socket.display());
-    let _ = writeln!(out, "configuration: {}", info.sources.join(" + "));
-    let status = &info.status;
-    if let Some(hosts) = status["hosts"].as_array() {
-        let _ = writeln!(out, "hosts ({}):", hosts.len());
-        for h in hosts {
-            let _ = writeln!(
-                out,
-                "  {:<12} {}  {}  {}/{} slots busy{}",
-                h["name"].as_str().unwrap_or("?"),
-                h["url"].as_str().unwrap_or("?"),
-                h["health"].as_str().unwrap_or("?"),
-                h["active"].as_u64().unwrap_or(0),
-                h["slots"].as_u64().unwrap_or(0),
-                if h["retired"].as_bool() == Some(true) {
-                    "  (removed: finishing its running tasks)"
-                } else {
-                    ""
-                }
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "queue: {} waiting {}",
-        status["queued_total"].as_u64().unwrap_or(0),
-        status["queue"]
-    );
-    if let Some(clients) = status["clients"].as_array() {
-        let _ = writeln!(out, "clients ({}):", clients.len());
-        for c in clients {
-            let _ = writeln!(
-                out,
-                "  {} {} pid {}: {} queued, {} running",
-                c["transport"].as_str().unwrap_or("?"),
-                c["name"].as_str().unwrap_or("(unnamed)"),
-                c["pid"],
-                c["queued"],
-                c["running"]
-            );
-        }
-    }
-    out
 }
 
 fn describe(config: &Config) -> String {

@@ -398,6 +398,78 @@ fn changes_content(kind: &notify::EventKind) -> bool {
     )
 }
 
+impl DaemonInfo {
+    /// What `prix-dispatch status` prints (without `--json`).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let info = self;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "daemon: pid {} (started {})",
+            info.pid, info.started_by
+        );
+        let _ = writeln!(out, "socket: {}", info.socket.display());
+        let _ = writeln!(out, "configuration: {}", info.sources.join(" + "));
+        let status = &info.status;
+        if let Some(hosts) = status["hosts"].as_array() {
+            let _ = writeln!(out, "hosts ({}):", hosts.len());
+            for h in hosts {
+                // Slots busy with requests sent by others (another dispatcher, a person) are
+                // taken too: without them a full host would look idle.
+                let elsewhere = match h["busy_elsewhere"].as_u64().unwrap_or(0) {
+                    0 => String::new(),
+                    n => format!(" (+{n} from elsewhere)"),
+                };
+                let resident: Vec<&str> = h["resident_models"]
+                    .as_array()
+                    .map(|m| m.iter().filter_map(serde_json::Value::as_str).collect())
+                    .unwrap_or_default();
+                let resident = if resident.is_empty() {
+                    String::new()
+                } else {
+                    format!("  in memory: {}", resident.join(", "))
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<12} {}  {}  {}/{} slots busy{elsewhere}{resident}{}",
+                    h["name"].as_str().unwrap_or("?"),
+                    h["url"].as_str().unwrap_or("?"),
+                    h["health"].as_str().unwrap_or("?"),
+                    h["active"].as_u64().unwrap_or(0),
+                    h["slots"].as_u64().unwrap_or(0),
+                    if h["retired"].as_bool() == Some(true) {
+                        "  (removed: finishing its running tasks)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "queue: {} waiting {}",
+            status["queued_total"].as_u64().unwrap_or(0),
+            status["queue"]
+        );
+        if let Some(clients) = status["clients"].as_array() {
+            let _ = writeln!(out, "clients ({}):", clients.len());
+            for c in clients {
+                let _ = writeln!(
+                    out,
+                    "  {} {} pid {}: {} queued, {} running",
+                    c["transport"].as_str().unwrap_or("?"),
+                    c["name"].as_str().unwrap_or("(unnamed)"),
+                    c["pid"],
+                    c["queued"],
+                    c["running"]
+                );
+            }
+        }
+        out
+    }
+}
+
 fn warn_once(state: &mut State, warnings: Vec<crate::fleet::Warning>) {
     for w in warnings {
         if state
@@ -671,6 +743,30 @@ mod tests {
         assert!(
             some.contains("already schedules http://gpu:1 and"),
             "{some}"
+        );
+    }
+
+    #[test]
+    fn status_shows_slots_busy_from_elsewhere_and_the_models_in_memory() {
+        let info = |busy_elsewhere: u64, resident: serde_json::Value| DaemonInfo {
+            pid: 1,
+            socket: "/tmp/d.sock".into(),
+            started_by: "by hand (serve)".into(),
+            sources: vec!["/a.toml".into()],
+            status: serde_json::json!({"hosts": [{"name": "gpu0", "url": "http://g:1",
+                "health": "healthy", "active": 1, "slots": 1, "busy_elsewhere": busy_elsewhere,
+                "resident_models": resident, "retired": false}], "queued_total": 0, "queue": {},
+                "clients": []}),
+        };
+        let shown = info(1, serde_json::json!(["qwen", "llama"])).describe();
+        assert!(
+            shown.contains("1/1 slots busy (+1 from elsewhere)  in memory: qwen, llama"),
+            "{shown}"
+        );
+        let shown = info(0, serde_json::json!([])).describe();
+        assert!(
+            shown.contains("1/1 slots busy\n") && !shown.contains("in memory"),
+            "{shown}"
         );
     }
 
