@@ -39,9 +39,18 @@ pub enum BridgeError {
     },
     #[error(
         "this launch's hosts are scheduled by two prix-dispatch daemons ({0}); a launch joins \
-         one. Stop one of them (`prix-dispatch stop --socket PATH`) and launch again"
+         one. Stop one of them and launch again"
     )]
     Split(String),
+    #[error(
+        "could not start the prix-dispatch daemon for {socket}: cannot create {path}: {error}. \
+         Make its directory writable by you, or set [server] socket to a path in one that is"
+    )]
+    Prepare {
+        socket: PathBuf,
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("stdin/stdout failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -85,7 +94,14 @@ impl DaemonSpec {
             _ => Err(BridgeError::Split(
                 owners
                     .iter()
-                    .map(|o| format!("pid {} at {}", o.pid, o.socket.display()))
+                    .map(|o| {
+                        format!(
+                            "pid {} at {}, stopped by {}",
+                            o.pid,
+                            o.socket.display(),
+                            ownership::stop_hint(o)
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             )),
@@ -267,8 +283,34 @@ fn fail_in_flight(pending: &Mutex<Pending>, out: &mpsc::UnboundedSender<String>,
     pending.swallow.clear();
 }
 
+/// How many times a launch looks for its hosts' owner again after the daemon it started
+/// exited at once.
+const START_RACES: usize = 3;
+
 /// The daemon's socket, after the hello; starts the daemon if none answers.
+///
+/// The daemon a launch starts can lose a host's lock to a daemon at another socket that
+/// started at the same moment (another launch with another `[server] socket`, a `serve`):
+/// it exits at once, and the winner is the daemon to join. So when the started daemon fails,
+/// the launch looks for the owner again, and joins it if there is one now.
 pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
+    let mut races = 0;
+    loop {
+        let error = match connect_or_start_once(spec).await {
+            Err(error @ BridgeError::Start { .. }) => error,
+            done => return done,
+        };
+        match spec.target()? {
+            owner if owner != spec.socket && races < START_RACES => {
+                races += 1;
+                tracing::info!(owner = %owner.display(), "the daemon this launch started exited; another daemon owns its hosts now: joining it");
+            }
+            _ => return Err(error),
+        }
+    }
+}
+
+async fn connect_or_start_once(spec: &DaemonSpec) -> Result<UnixStream, BridgeError> {
     let mut target = spec.target()?;
     // The owner of a host may go away between the look and the connect: look again, a few
     // times (each round means a daemon stopped).
@@ -285,28 +327,40 @@ pub async fn connect_or_start(spec: &DaemonSpec) -> Result<UnixStream, BridgeErr
     if target != spec.socket {
         return Err(BridgeError::Refused(format!(
             "the prix-dispatch daemon that owns this launch's hosts holds their locks but does \
-             not answer at {}; if it is stuck, stop it (`prix-dispatch stop --socket {}`) or \
-             kill it, and launch again",
+             not answer at {}; if it is stuck, stop it ({}) or kill it, and launch again",
             target.display(),
-            target.display()
+            ownership::stop_command(&target)
         )));
     }
+    // Not stdin/stdout: say which path could not be made, for which socket.
+    let prepare = |path: &Path| {
+        let socket = spec.socket.clone();
+        let path = path.to_path_buf();
+        move |error| BridgeError::Prepare {
+            socket,
+            path,
+            error,
+        }
+    };
     if let Some(dir) = spec.socket.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(prepare(dir))?;
     }
     // One launch starts the daemon; the others wait on the lock, then find it running.
     let lock_path = spec.socket.with_extension("lock");
+    let locking = lock_path.clone();
     let lock_file = tokio::task::spawn_blocking(move || -> std::io::Result<File> {
         let file = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)?;
+            .open(&locking)?;
         file.lock()?;
         Ok(file)
     })
     .await
-    .map_err(std::io::Error::other)??;
+    .map_err(std::io::Error::other)
+    .and_then(|locked| locked)
+    .map_err(prepare(&lock_path))?;
     if let Some(stream) = connect(&spec.socket, spec).await? {
         return Ok(stream);
     }
@@ -448,4 +502,101 @@ fn last_error_line(log: &Path) -> String {
                 .map(|l| l.trim().to_string())
         })
         .unwrap_or_else(|| "no error in its log".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::SourceHost;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("prix-bridge-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    fn spec(at: &Path, socket: PathBuf) -> DaemonSpec {
+        DaemonSpec {
+            socket,
+            dir: DaemonDir::at(at.join("dir")).unwrap(),
+            fleet: SourceFleet {
+                key: "environment:x".into(),
+                source: "environment".into(),
+                file: None,
+                hosts: vec![SourceHost {
+                    name: "gpu".into(),
+                    base_url: "http://127.0.0.1:9".into(),
+                    slots: 1,
+                    api_key: None,
+                    max_loaded_models: 1,
+                    load_seconds: 1.0,
+                }],
+                env: Default::default(),
+            },
+            config: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_directory_that_cannot_be_made_is_a_start_error_naming_it() {
+        let at = scratch("nodir");
+        let file = at.join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let socket = file.join("sub").join("daemon.sock");
+        let error = connect_or_start(&spec(&at, socket.clone()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("could not start the prix-dispatch daemon")
+                && error.contains(&file.join("sub").display().to_string())
+                && !error.contains("stdin/stdout"),
+            "{error}"
+        );
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_launch_whose_daemon_lost_the_race_for_a_host_joins_the_winner() {
+        let at = scratch("race");
+        let spec = spec(&at, at.join("launch.sock"));
+        // The winner: a daemon at another socket that welcomes any launch.
+        let winner_socket = at.join("winner.sock");
+        let winner = tokio::net::UnixListener::bind(&winner_socket).unwrap();
+        let welcomed = tokio::spawn(async move {
+            let (stream, _) = winner.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut hello = String::new();
+            BufReader::new(read).read_line(&mut hello).await.unwrap();
+            write.write_all(b"{\"ok\":true}\n").await.unwrap();
+            hello
+        });
+        // It takes the host just as the launch starts its own daemon (whose log file appears
+        // then). The daemon started here is this test binary, which refuses `serve` and
+        // exits at once, as a daemon that lost the host's lock does.
+        let (dir, log) = (spec.dir.clone(), spec.socket.with_extension("log"));
+        let identity = spec.fleet.hosts[0].identity();
+        let owner = ownership::Owner {
+            pid: std::process::id(),
+            socket: winner_socket.clone(),
+            source: "winner.toml".into(),
+            launched: true,
+        };
+        let taker = std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !log.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            ownership::acquire(&dir, &identity, &owner).unwrap()
+        });
+        let joined = tokio::time::timeout(Duration::from_secs(20), connect_or_start(&spec))
+            .await
+            .expect("bounded");
+        let lock = taker.join().unwrap();
+        joined.expect("joined the daemon that won the host");
+        assert!(welcomed.await.unwrap().contains("\"op\":\"join\""));
+        drop(lock);
+        std::fs::remove_dir_all(at).unwrap();
+    }
 }

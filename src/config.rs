@@ -330,7 +330,15 @@ impl Config {
             )));
         }
         server.allowed_hosts = file.server.allowed_hosts.unwrap_or_default();
-        server.socket = file.server.socket;
+        // A relative socket means the same place for every launch: beside the file, not in
+        // whatever directory an agent host happens to start the launch.
+        server.socket = match (file.server.socket, &source) {
+            (Some(socket), ConfigSource::File(path)) if socket.is_relative() => {
+                let beside = path.parent().unwrap_or(Path::new("")).join(socket);
+                Some(std::path::absolute(&beside).unwrap_or(beside))
+            }
+            (socket, _) => socket,
+        };
         if let Some(s) = file.server.idle_exit_seconds {
             server.idle_exit = seconds(s, "[server] idle_exit_seconds", false).map_err(&invalid)?;
         }
@@ -745,6 +753,39 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, ConfigSource::File("test.toml".into()), &no_env)
+    }
+
+    #[test]
+    fn a_relative_socket_is_beside_the_configuration_file() {
+        let text = |socket: &str| {
+            format!("[server]\nsocket = \"{socket}\"\n[[host]]\nname=\"a\"\nurl=\"http://x:1\"\n")
+        };
+        let at = |file: &str, socket: &str| {
+            Config::from_toml(&text(socket), ConfigSource::File(file.into()), &no_env)
+                .unwrap()
+                .server
+                .socket
+                .unwrap()
+        };
+        assert_eq!(
+            at("/etc/prix/fleet.toml", "d.sock"),
+            Path::new("/etc/prix/d.sock")
+        );
+        assert_eq!(
+            at("/etc/prix/fleet.toml", "run/d.sock"),
+            Path::new("/etc/prix/run/d.sock")
+        );
+        assert_eq!(
+            at("/etc/prix/fleet.toml", "/run/d.sock"),
+            Path::new("/run/d.sock")
+        );
+        // A relative file path: beside it, made absolute now (the working directory of
+        // this load, which is what the file's own path is relative to).
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(at("conf/fleet.toml", "d.sock"), cwd.join("conf/d.sock"));
+        assert_eq!(at("fleet.toml", "d.sock"), cwd.join("d.sock"));
+        let env = Config::from_toml(&text("d.sock"), ConfigSource::Environment, &no_env).unwrap();
+        assert_eq!(env.server.socket.as_deref(), Some(Path::new("d.sock")));
     }
 
     #[test]

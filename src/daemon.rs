@@ -26,14 +26,21 @@ pub enum DaemonError {
     Dir(#[from] DaemonDirError),
     #[error(
         "a prix-dispatch daemon already runs at {socket}{who}; see it with `prix-dispatch status`, \
-         stop it with `prix-dispatch stop`, or give this one another [server] socket"
+         stop it with {stop}, or give this one another [server] socket"
     )]
-    AlreadyRunning { socket: PathBuf, who: String },
+    AlreadyRunning {
+        socket: PathBuf,
+        who: String,
+        stop: String,
+    },
     #[error(
-        "{0}; one host has one scheduler. Stop that daemon (`prix-dispatch stop`, or `prix-dispatch \
-         stop --socket PATH` for one at another socket), or remove the host from one configuration"
+        "{0}; one host has one scheduler. Stop that daemon ({stop}), or remove the host from one \
+         configuration",
+        stop = .0.stop_hint()
     )]
-    HostOwned(#[from] OwnershipError),
+    // Not `#[from]`/source: the message already shows it, and anyhow would print it again
+    // as "Caused by:".
+    HostOwned(OwnershipError),
     #[error(transparent)]
     Socket(#[from] local::SocketError),
     #[error(
@@ -49,6 +56,12 @@ pub enum DaemonError {
     Token(String),
     #[error("the daemon stopped unexpectedly: {0}")]
     Stopped(String),
+}
+
+impl From<OwnershipError> for DaemonError {
+    fn from(error: OwnershipError) -> Self {
+        DaemonError::HostOwned(error)
+    }
 }
 
 /// How `serve` was started.
@@ -81,6 +94,7 @@ pub async fn serve(options: ServeOptions) -> Result<(), DaemonError> {
     let socket = socket.unwrap_or_else(|| socket_for(&config, &dir));
     if let Ok(Some(info)) = bridge::ask(&socket, Op::Status).await {
         return Err(DaemonError::AlreadyRunning {
+            stop: crate::ownership::stop_command(&socket),
             socket,
             who: format!(
                 " (pid {}, started {}, configuration {})",
@@ -169,17 +183,21 @@ pub async fn serve(options: ServeOptions) -> Result<(), DaemonError> {
         }
     });
     // On a signal the listeners keep serving the requests in flight while they drain.
+    let releasing = manager.clone();
     let served = supervise(
         &dispatcher,
         config.server.shutdown_grace,
         service,
         stop.clone(),
         stop_requested,
+        move || releasing.release_all(),
     )
     .await;
     // Stops the socket's accept loop, which removes the socket file if it is ours.
     stop.cancel();
     watcher.abort();
+    // The watcher task may still hold a reference for a moment: release explicitly.
+    manager.release_all();
     drop(manager);
     served
         .map_err(|e| DaemonError::Stopped(e.to_string()))?
@@ -211,13 +229,16 @@ async fn listen_holder(addr: std::net::SocketAddr) -> String {
 /// ones get `grace` to finish, and the process exits 0 (130 on a second signal). A scheduler
 /// panic exits 70 so that a supervisor restarts us. `listeners` is cancelled once the running
 /// tasks are done, before the process exits: the listeners stop accepting (the daemon's socket
-/// file goes with them).
+/// file goes with them). `release` runs just before every explicit exit: `std::process::exit`
+/// runs no destructor, so whatever must not outlive the process (the host lock files) is
+/// released there.
 pub async fn supervise<T>(
     dispatcher: &Dispatcher,
     grace: Duration,
     mut service: tokio::task::JoinHandle<T>,
     listeners: CancellationToken,
     stop_requested: CancellationToken,
+    release: impl Fn(),
 ) -> Result<T, tokio::task::JoinError> {
     tokio::select! {
         served = &mut service => served,
@@ -237,6 +258,7 @@ pub async fn supervise<T>(
                 }
                 _ = next_signal() => {
                     tracing::warn!("second signal: exiting now");
+                    release();
                     std::process::exit(130);
                 }
             }
@@ -245,11 +267,13 @@ pub async fn supervise<T>(
             // blocking reader.
             listeners.cancel();
             tokio::time::sleep(Duration::from_millis(50)).await;
+            release();
             std::process::exit(0);
         }
         _ = dispatcher.crashed() => {
             // Every waiting client already got an error.
             tracing::error!("scheduler crashed: exiting so that a supervisor restarts prix-dispatch");
+            release();
             std::process::exit(70);
         }
     }
@@ -283,4 +307,31 @@ pub fn launch_spec(
         fleet: SourceFleet::from_config(config),
         config: config_path,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_owned_error_is_shown_once() {
+        let error = DaemonError::from(OwnershipError::Held {
+            host: "http://gpu:1234".into(),
+            owner: Some(Owner {
+                pid: 42,
+                socket: "/tmp/x.sock".into(),
+                source: "/etc/fleet.toml".into(),
+                launched: false,
+            }),
+        });
+        // What `serve` prints: anyhow's Debug, with a "Caused by:" list of sources.
+        let shown = format!("{:?}", anyhow::Error::from(error));
+        assert_eq!(shown.matches("already scheduled").count(), 1, "{shown}");
+        assert!(!shown.contains("Caused by"), "{shown}");
+        assert!(shown.contains("pid 42"), "{shown}");
+        assert!(
+            shown.contains("`prix-dispatch stop --socket /tmp/x.sock`"),
+            "names the owner's socket: {shown}"
+        );
+    }
 }

@@ -40,7 +40,7 @@ pub struct DaemonDir {
 impl DaemonDir {
     /// `/tmp/prix-dispatch-<uid>`, created if missing. Reads no environment variable.
     pub fn for_this_user() -> Result<DaemonDir, DaemonDirError> {
-        Self::at(Path::new("/tmp").join(format!("prix-dispatch-{}", current_uid())))
+        Self::at(this_users_path())
     }
 
     /// A daemon directory at `path` (tests use their own), created 0700 if missing; refused
@@ -101,6 +101,17 @@ impl DaemonDir {
     pub fn log(&self) -> PathBuf {
         self.path.join("daemon.log")
     }
+}
+
+/// `/tmp/prix-dispatch-<uid>`, without creating it.
+fn this_users_path() -> PathBuf {
+    Path::new("/tmp").join(format!("prix-dispatch-{}", current_uid()))
+}
+
+/// This user's default daemon socket, without creating its directory: what
+/// `prix-dispatch stop` and `status` reach without `--socket`.
+pub fn default_socket() -> PathBuf {
+    this_users_path().join("daemon.sock")
 }
 
 /// The real uid of this process (Linux: the owner of `/proc/self`).

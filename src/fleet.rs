@@ -6,13 +6,14 @@
 //! must have exactly one owner is the host, identified by [`crate::config::host_identity`],
 //! not the configuration text: two sources that list the same server share it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigSource, HostConfig, host_identity};
+use crate::config::{Config, ConfigSource, EnvLookup, HostConfig, host_identity};
 use crate::task::ApiKey;
 
 /// One host as a source lists it; sent by a launch over the daemon's private socket.
@@ -66,6 +67,58 @@ pub struct SourceFleet {
     /// The file to watch and re-read, for a file source.
     pub file: Option<PathBuf>,
     pub hosts: Vec<SourceHost>,
+    /// The environment variables the launch's configuration looked up and found (an
+    /// `api_key_env` that exists only in that launch's environment): the daemon falls back
+    /// on them, after its own environment, when it re-reads the file.
+    #[serde(default)]
+    pub env: LaunchEnv,
+}
+
+/// Environment variables (name → value) a launch's configuration read. Values are keys:
+/// Debug shows the names only.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LaunchEnv(pub BTreeMap<String, String>);
+
+impl fmt::Debug for LaunchEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl LaunchEnv {
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+/// Wraps an [`EnvLookup`] to record what it finds, so a launch can send the variables its
+/// configuration used along with it (see [`SourceFleet::env`]).
+pub struct RecordingEnv<'a> {
+    inner: EnvLookup<'a>,
+    found: RefCell<BTreeMap<String, String>>,
+}
+
+impl<'a> RecordingEnv<'a> {
+    pub fn new(inner: EnvLookup<'a>) -> Self {
+        RecordingEnv {
+            inner,
+            found: RefCell::default(),
+        }
+    }
+
+    /// Looks `name` up, remembering its value when it is set.
+    pub fn lookup(&self, name: &str) -> Option<String> {
+        let value = (self.inner)(name);
+        if let Some(v) = &value {
+            self.found.borrow_mut().insert(name.to_string(), v.clone());
+        }
+        value
+    }
+
+    pub fn into_env(self) -> LaunchEnv {
+        LaunchEnv(self.found.into_inner())
+    }
 }
 
 impl SourceFleet {
@@ -92,6 +145,7 @@ impl SourceFleet {
                     source: path.display().to_string(),
                     file: Some(path),
                     hosts,
+                    env: LaunchEnv::default(),
                 }
             }
             ConfigSource::Environment => {
@@ -104,9 +158,15 @@ impl SourceFleet {
                     source: ConfigSource::Environment.to_string(),
                     file: None,
                     hosts,
+                    env: LaunchEnv::default(),
                 }
             }
         }
+    }
+
+    /// The same source, re-read with the environment `env` its launch recorded.
+    pub fn with_env(self, env: LaunchEnv) -> SourceFleet {
+        SourceFleet { env, ..self }
     }
 
     fn identities(&self) -> BTreeSet<String> {
@@ -314,6 +374,7 @@ mod tests {
             source: path.into(),
             file: Some(path.into()),
             hosts,
+            env: LaunchEnv::default(),
         }
     }
 
@@ -323,6 +384,7 @@ mod tests {
             source: "environment".into(),
             file: None,
             hosts,
+            env: LaunchEnv::default(),
         }
     }
 
@@ -436,5 +498,24 @@ mod tests {
     fn keys_never_show_in_debug() {
         let s = format!("{:?}", host("http://x:1", 1, Some("s3cret")));
         assert!(!s.contains("s3cret"));
+        let mut source = file("/a.toml", vec![]);
+        source.env.0.insert("GPU_KEY".into(), "s3cret".into());
+        let s = format!("{source:?}");
+        assert!(s.contains("GPU_KEY") && !s.contains("s3cret"), "{s}");
+    }
+
+    #[test]
+    fn a_launch_records_the_variables_its_configuration_found() {
+        let lookup = |name: &str| (name == "GPU_KEY").then(|| "k".to_string());
+        let recording = RecordingEnv::new(&lookup);
+        assert_eq!(recording.lookup("GPU_KEY").as_deref(), Some("k"));
+        assert_eq!(recording.lookup("UNSET"), None);
+        let env = recording.into_env();
+        assert_eq!(env.0.len(), 1, "only what was found: {env:?}");
+        assert_eq!(env.get("GPU_KEY").as_deref(), Some("k"));
+        // An older launch (no env field) still parses.
+        let old = r#"{"key":"file:/a.toml","source":"/a.toml","file":"/a.toml","hosts":[]}"#;
+        let parsed: SourceFleet = serde_json::from_str(old).unwrap();
+        assert!(parsed.env.0.is_empty());
     }
 }

@@ -70,7 +70,8 @@ const HELLO_LIMIT: usize = 1024 * 1024;
 pub enum SocketError {
     #[error(
         "another prix-dispatch daemon already serves {0}; see it with `prix-dispatch status`, \
-         stop it with `prix-dispatch stop`, or give this one another [server] socket"
+         stop it with {stop}, or give this one another [server] socket",
+        stop = crate::ownership::stop_command(.0)
     )]
     InUse(PathBuf),
     #[error("cannot listen on {path}: {error}")]
@@ -306,9 +307,10 @@ async fn serve_bridge(
         _ => Err(format!(
             "this prix-dispatch daemon (pid {}) speaks launch protocol {PROTOCOL}, the launch \
              (pid {}) another: the binary was updated while the daemon ran. Stop the daemon \
-             with `prix-dispatch stop` and launch again",
+             with {} and launch again",
             std::process::id(),
-            hello.pid
+            hello.pid,
+            crate::ownership::stop_command(&manager.owner().socket)
         )),
     };
     if let Err(message) = admitted {

@@ -153,12 +153,19 @@ async fn main() -> anyhow::Result<()> {
             standalone: false,
             connect: None,
         } => {
-            let config = load(path.clone())?;
+            // Record the variables the configuration reads: the daemon re-reads this file
+            // later, in its own environment, which may lack this launch's `api_key_env`s.
+            let recording = prix_dispatch::fleet::RecordingEnv::new(&config::process_env);
+            let config = Config::load(path.as_deref(), &|name| recording.lookup(name))?;
             if let Some(url) = &config.server.connect {
                 remote::run(remote::RemoteSpec::from_env(url)?).await?;
                 return Ok(());
             }
-            let spec = daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
+            let mut spec =
+                daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
+            if spec.fleet.file.is_some() {
+                spec.fleet.env = recording.into_env();
+            }
             tracing::debug!(socket = %spec.socket.display(), "joining the machine's daemon");
             bridge::run(spec).await?;
         }
@@ -178,23 +185,39 @@ async fn main() -> anyhow::Result<()> {
                 source: source.source.clone(),
                 launched: false,
             };
-            let _locks = prix_dispatch::reload::acquire_all(
+            let locks = prix_dispatch::reload::acquire_all(
                 &dir,
                 &prix_dispatch::fleet::Fleet::new(source),
                 &owner,
             )
-            .context("stdio --standalone schedules its hosts itself; stop the daemon that owns them (`prix-dispatch stop`) or launch without --standalone to share it")?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; stdio --standalone schedules its hosts itself: stop that daemon ({}) or \
+                     launch without --standalone to share it",
+                    e.stop_hint()
+                )
+            })?;
             tracing::info!(source = %config.source, hosts = config.hosts.len(), "serving MCP on stdio");
             let dispatcher = Dispatcher::start(&config);
             let service = tokio::spawn(mcp::serve_stdio(dispatcher.clone()));
+            // Dropped (the lock files removed) on every way out, `std::process::exit` included.
+            let locks = std::sync::Mutex::new(Some(locks));
+            let release = || {
+                locks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+            };
             let served = daemon::supervise(
                 &dispatcher,
                 config.server.shutdown_grace,
                 service,
                 CancellationToken::new(),
                 CancellationToken::new(),
+                release,
             )
             .await;
+            release();
             served
                 .context("the MCP service stopped unexpectedly")?
                 .context("MCP handshake on stdio failed")?;
@@ -222,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
-                print!("{}", describe_daemon(&info));
+                print!("{}", info.describe());
             }
         }
         Command::Stop { socket } => {
@@ -231,10 +254,23 @@ async fn main() -> anyhow::Result<()> {
                 println!("no prix-dispatch daemon runs at {}", socket.display());
                 std::process::exit(1);
             };
-            // Wait until it is gone, so that a script can start the next one right after.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-            while socket.exists() && std::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // Wait until the process is gone — not merely its socket, which goes first —
+            // so that its host locks are released and a script can start the next daemon
+            // (`stop; serve`) right after.
+            let deadline = std::time::Instant::now() + STOP_WAIT;
+            while prix_dispatch::ownership::process_exists(info.pid) {
+                if std::time::Instant::now() >= deadline {
+                    eprintln!(
+                        "asked the prix-dispatch daemon (pid {}) at {} to stop; after {} s it is \
+                         still draining its running tasks. Wait, or `kill {}` to end them now",
+                        info.pid,
+                        socket.display(),
+                        STOP_WAIT.as_secs(),
+                        info.pid
+                    );
+                    std::process::exit(1);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
             }
             println!(
                 "stopped the prix-dispatch daemon (pid {}) at {}",
@@ -278,6 +314,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `prix-dispatch stop` waits for the daemon to finish its running tasks and exit.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match socket {
         Some(socket) => socket,
@@ -297,59 +336,6 @@ fn has_hosts(config: &Config) -> anyhow::Result<()> {
         ),
         _ => Ok(()),
     }
-}
-
-fn describe_daemon(info: &prix_dispatch::reload::DaemonInfo) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "daemon: pid {} (started {})",
-        info.pid, info.started_by
-    );
-    let _ = writeln!(out, "socket: {}", info.socket.display());
-    let _ = writeln!(out, "configuration: {}", info.sources.join(" + "));
-    let status = &info.status;
-    if let Some(hosts) = status["hosts"].as_array() {
-        let _ = writeln!(out, "hosts ({}):", hosts.len());
-        for h in hosts {
-            let _ = writeln!(
-                out,
-                "  {:<12} {}  {}  {}/{} slots busy{}",
-                h["name"].as_str().unwrap_or("?"),
-                h["url"].as_str().unwrap_or("?"),
-                h["health"].as_str().unwrap_or("?"),
-                h["active"].as_u64().unwrap_or(0),
-                h["slots"].as_u64().unwrap_or(0),
-                if h["retired"].as_bool() == Some(true) {
-                    "  (removed: finishing its running tasks)"
-                } else {
-                    ""
-                }
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        "queue: {} waiting {}",
-        status["queued_total"].as_u64().unwrap_or(0),
-        status["queue"]
-    );
-    if let Some(clients) = status["clients"].as_array() {
-        let _ = writeln!(out, "clients ({}):", clients.len());
-        for c in clients {
-            let _ = writeln!(
-                out,
-                "  {} {} pid {}: {} queued, {} running",
-                c["transport"].as_str().unwrap_or("?"),
-                c["name"].as_str().unwrap_or("(unnamed)"),
-                c["pid"],
-                c["queued"],
-                c["running"]
-            );
-        }
-    }
-    out
 }
 
 fn describe(config: &Config) -> String {

@@ -41,6 +41,10 @@ pub enum OwnershipError {
 
 fn describe(owner: &Option<Owner>) -> String {
     match owner {
+        Some(o) if o.is_standalone() => format!(
+            "pid {}, configuration {}, `prix-dispatch stdio --standalone`, which takes no launches",
+            o.pid, o.source
+        ),
         Some(o) => format!(
             "pid {}, configuration {}, socket {}",
             o.pid,
@@ -48,6 +52,51 @@ fn describe(owner: &Option<Owner>) -> String {
             o.socket.display()
         ),
         None => "it has not written its name yet".into(),
+    }
+}
+
+impl Owner {
+    /// A `stdio --standalone` process: it holds its hosts but has no socket.
+    pub fn is_standalone(&self) -> bool {
+        self.socket.as_os_str().is_empty()
+    }
+}
+
+/// The command that stops the daemon at `socket`: `--socket` unless it is this user's
+/// default one, which `prix-dispatch stop` reaches by itself.
+pub fn stop_command(socket: &Path) -> String {
+    if socket == crate::daemon_dir::default_socket() {
+        "`prix-dispatch stop`".into()
+    } else {
+        format!("`prix-dispatch stop --socket {}`", socket.display())
+    }
+}
+
+/// How to stop `owner`, for messages: its stop command, or for a `stdio --standalone`
+/// (which no socket reaches) how to end that process.
+pub fn stop_hint(owner: &Owner) -> String {
+    if owner.is_standalone() {
+        format!(
+            "end that `prix-dispatch stdio --standalone`, pid {}: close the agent session that \
+             runs it, or `kill {}`",
+            owner.pid, owner.pid
+        )
+    } else {
+        stop_command(&owner.socket)
+    }
+}
+
+impl OwnershipError {
+    /// How to stop the daemon in the way, for messages.
+    pub fn stop_hint(&self) -> String {
+        match self {
+            OwnershipError::Held {
+                owner: Some(owner), ..
+            } => stop_hint(owner),
+            _ => "`prix-dispatch stop`, or `prix-dispatch stop --socket PATH` for a daemon at \
+                  another socket"
+                .into(),
+        }
     }
 }
 
@@ -106,15 +155,18 @@ pub fn acquire(dir: &DaemonDir, identity: &str, owner: &Owner) -> Result<HostLoc
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => match read_owner(&mut file) {
-                // An owner that names itself holds it; a nameless holder is a launch looking
-                // (its shared lock lasts microseconds) or an owner about to write its name.
-                Some(owner) => {
+                // A live owner that names itself holds it.
+                Some(owner) if process_exists(owner.pid) => {
                     return Err(OwnershipError::Held {
                         host: identity.to_string(),
                         owner: Some(owner),
                     });
                 }
-                None => {
+                // A nameless holder is an owner about to write its name; a name of a process
+                // that is gone was left by a daemon that was killed, and the holder is a launch
+                // looking it up ([`owner_of`]: a shared lock for microseconds). Either way the
+                // lock is about to be free or named: look again shortly.
+                _ => {
                     std::thread::sleep(std::time::Duration::from_millis(5));
                     continue;
                 }
@@ -152,6 +204,28 @@ pub fn owner_of(dir: &DaemonDir, identity: &str) -> Option<Owner> {
     }
 }
 
+/// Whether process `pid` still exists (Linux: `/proc/<pid>`). A zombie — exited, not yet
+/// reaped by its parent — counts as gone once its last thread is gone: its file descriptors,
+/// and so its host locks, are closed by then.
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state …": comm may hold spaces and parentheses, so read after the last ')'.
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].trim_start().chars().next());
+    match state {
+        // The main thread of an exiting process turns zombie first, while its other threads
+        // (which share its open files, and so its locks) are still being torn down.
+        Some('Z' | 'X') => std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| tasks.count() > 1)
+            .unwrap_or(false),
+        Some(_) => true,
+        None => false,
+    }
+}
+
 fn read_owner(file: &mut File) -> Option<Owner> {
     let mut text = String::new();
     file.rewind().ok()?;
@@ -179,6 +253,58 @@ mod tests {
     }
 
     #[test]
+    fn how_to_stop_an_owner_names_its_socket_unless_it_is_the_default() {
+        assert_eq!(
+            stop_command(&crate::daemon_dir::default_socket()),
+            "`prix-dispatch stop`"
+        );
+        assert_eq!(
+            stop_hint(&owner(7)),
+            "`prix-dispatch stop --socket /tmp/x.sock`"
+        );
+        let standalone = Owner {
+            socket: PathBuf::new(),
+            ..owner(7)
+        };
+        let hint = stop_hint(&standalone);
+        assert!(
+            hint.contains("--standalone") && hint.contains("kill 7"),
+            "{hint}"
+        );
+        let held = OwnershipError::Held {
+            host: "http://gpu:1".into(),
+            owner: Some(standalone),
+        }
+        .to_string();
+        assert!(
+            !held.contains("socket )") && held.contains("pid 7"),
+            "{held}"
+        );
+    }
+
+    #[test]
+    fn a_process_exists_until_it_exits_even_unreaped() {
+        assert!(process_exists(std::process::id()));
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        assert!(process_exists(child.id()));
+        child.kill().unwrap();
+        // Not reaped yet: a zombie, whose locks the kernel already dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while process_exists(child.id()) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            !process_exists(child.id()),
+            "a killed, unreaped child is gone"
+        );
+        child.wait().unwrap();
+        assert!(!process_exists(child.id()));
+    }
+
+    #[test]
     fn one_owner_at_a_time_and_the_second_learns_who() {
         let d = dir("one");
         let id = "http://127.0.0.1:1234";
@@ -197,6 +323,30 @@ mod tests {
         let again = acquire(&d, id, &owner(2)).unwrap();
         assert_eq!(owner_of(&d, id).map(|o| o.pid), Some(2));
         drop(again);
+        std::fs::remove_dir_all(d.path()).unwrap();
+    }
+
+    #[test]
+    fn a_dead_owner_named_under_a_lookups_momentary_shared_lock_is_not_reported() {
+        let d = dir("dead");
+        let id = "http://gpu:4321";
+        let path = d.host_lock(id);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        std::fs::write(&path, serde_json::to_string(&owner(gone.id())).unwrap()).unwrap();
+        // A launch's owner lookup holds a shared lock while a new daemon takes the host.
+        let looker = File::open(&path).unwrap();
+        looker.try_lock_shared().unwrap();
+        let lookup = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(looker);
+        });
+        let lock = acquire(&d, id, &owner(std::process::id()))
+            .expect("taken once the lookup is done, not refused naming a dead pid");
+        lookup.join().unwrap();
+        assert_eq!(owner_of(&d, id).map(|o| o.pid), Some(std::process::id()));
+        drop(lock);
         std::fs::remove_dir_all(d.path()).unwrap();
     }
 

@@ -22,6 +22,13 @@ use crate::ownership::{self, HostLock, Owner, OwnershipError};
 /// The daemon's fleet and its host locks.
 pub struct FleetManager {
     state: Mutex<State>,
+    /// Apart from `state`, under a lock never held across an await: the process exits with
+    /// `std::process::exit` (no destructor runs), so [`FleetManager::release_all`] must be
+    /// able to take them at any moment, even while a reload awaits the dispatcher.
+    held: std::sync::Mutex<Held>,
+    /// How many times the files were re-read (for the log, and to see that nothing but a
+    /// change re-reads them).
+    rereads: std::sync::atomic::AtomicU64,
     dispatcher: Dispatcher,
     dir: DaemonDir,
     owner: Owner,
@@ -29,11 +36,39 @@ pub struct FleetManager {
 
 struct State {
     fleet: Fleet,
+    /// (source key, host identity) pairs already warned about.
+    warned: HashSet<(String, String)>,
+    /// Reload refusals already logged.
+    refused: Refusals,
+}
+
+/// The last refusal logged for each thing that can refuse a reload (a file, the switch
+/// itself): each editor save and `SIGHUP` re-reads, and an error that did not change must
+/// not fill the log on every one of them.
+#[derive(Debug, Default)]
+struct Refusals(HashMap<String, String>);
+
+impl Refusals {
+    /// Records `error` for `what`; true when it differs from the last one (log it).
+    fn note(&mut self, what: &str, error: &str) -> bool {
+        if self.0.get(what).is_some_and(|last| last == error) {
+            return false;
+        }
+        self.0.insert(what.to_string(), error.to_string());
+        true
+    }
+
+    /// `what` succeeded: its next refusal is news again.
+    fn clear(&mut self, what: &str) {
+        self.0.remove(what);
+    }
+}
+
+#[derive(Default)]
+struct Held {
     locks: HashMap<String, HostLock>,
     /// Locks of removed hosts, kept until their last running task is done.
     releasing: Vec<HostLock>,
-    /// (source key, host identity) pairs already warned about.
-    warned: HashSet<(String, String)>,
 }
 
 /// What `prix-dispatch status` shows.
@@ -75,14 +110,38 @@ impl FleetManager {
         Arc::new(FleetManager {
             state: Mutex::new(State {
                 fleet,
+                warned: HashSet::new(),
+                refused: Refusals::default(),
+            }),
+            held: std::sync::Mutex::new(Held {
                 locks,
                 releasing: Vec::new(),
-                warned: HashSet::new(),
             }),
+            rereads: Default::default(),
             dispatcher,
             dir,
             owner,
         })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Releases every host lock now (removing the lock files), without awaiting: for the
+    /// exit path, which ends the process with `std::process::exit` so no destructor runs.
+    /// The kernel would drop the locks anyway; this also removes the files, which would
+    /// otherwise stay behind naming a dead pid.
+    pub fn release_all(&self) {
+        let mut held = self.held();
+        let released = held.locks.len() + held.releasing.len();
+        held.locks.clear();
+        held.releasing.clear();
+        if released > 0 {
+            tracing::debug!(released, "host locks released");
+        }
     }
 
     pub fn owner(&self) -> &Owner {
@@ -111,84 +170,108 @@ impl FleetManager {
                 )
                 .await
             }
-            Verdict::Refuse { shared, missing } => Err(format!(
-                "the prix-dispatch daemon (pid {}, configuration {}) already schedules {} and was \
-                 started by hand, so it does not take the other hosts of {} ({}). Add them to \
-                 {} (it reloads by itself), or stop it with `prix-dispatch stop` and launch again",
-                self.owner.pid,
-                self.owner.source,
-                shared.join(", "),
-                incoming.source,
-                missing.join(", "),
-                self.owner.source,
-            )),
+            Verdict::Refuse { shared, missing } => {
+                Err(refusal(&self.owner, incoming, &shared, &missing))
+            }
         }
     }
 
-    /// Re-reads every file source (an edit was seen, or `SIGHUP`). A file that no longer
-    /// parses is refused with the usual message and the fleet stays as it was.
+    /// Re-reads every file source (an edit was seen, or `SIGHUP`), each on its own: a file
+    /// that no longer reads or parses is refused with the usual message (once per distinct
+    /// error) and keeps the hosts it had, while the others apply. A file is read with the
+    /// daemon's environment, then the variables its launch recorded.
     pub async fn reload_files(&self, why: &str) {
         let mut state = self.state.lock().await;
+        let rereads = 1 + self
+            .rereads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut next = state.fleet.clone();
-        for path in state.fleet.files() {
-            match Config::from_file(&path, &config::process_env) {
-                Ok(config) => next = next.with_source(SourceFleet::from_config(&config)),
+        let sources: Vec<SourceFleet> = state.fleet.sources().to_vec();
+        for source in sources {
+            let Some(path) = &source.file else { continue };
+            let what = path.display().to_string();
+            let env = |name: &str| config::process_env(name).or_else(|| source.env.get(name));
+            match Config::from_file(path, &env) {
+                Ok(config) => {
+                    state.refused.clear(&what);
+                    next = next.with_source(
+                        SourceFleet::from_config(&config).with_env(source.env.clone()),
+                    );
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet. Fix the file (it is re-read when saved)");
-                    return;
+                    if state.refused.note(&what, &e.to_string()) {
+                        tracing::error!(error = %e, file = %what, "configuration reload refused for this file; it keeps its current hosts, the other sources apply. Fix the file (it is re-read when saved)");
+                    }
                 }
             }
         }
         if next == state.fleet {
-            tracing::debug!(why, "configuration re-read: no change");
+            tracing::debug!(why, rereads, "configuration re-read: no change");
             return;
         }
-        if let Err(e) = self.apply(&mut state, next, why).await {
-            tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet");
+        match self.apply(&mut state, next, why).await {
+            Ok(()) => state.refused.clear(SWITCH),
+            Err(e) => {
+                if state.refused.note(SWITCH, &e) {
+                    tracing::error!(error = %e, "configuration reload refused; the daemon keeps its current fleet");
+                }
+            }
         }
     }
 
     /// Switches to `next`: locks its new hosts first (all or none), then tells the dispatcher.
+    /// New locks go into `held` at once (so an exit meanwhile releases them too) and are
+    /// dropped again if the dispatcher refuses the change.
     async fn apply(&self, state: &mut State, next: Fleet, why: &str) -> Result<(), String> {
         let wanted = next.identities();
-        let mut taken = Vec::new();
-        for identity in wanted.iter().filter(|i| !state.locks.contains_key(*i)) {
-            // A host removed a moment ago and listed again: its lock is still ours.
-            if let Some(at) = state
-                .releasing
+        let mut added = Vec::new();
+        {
+            let mut held = self.held();
+            let missing: Vec<String> = wanted
                 .iter()
-                .position(|l| l.identity() == identity)
-            {
-                taken.push(state.releasing.swap_remove(at));
-                continue;
+                .filter(|i| !held.locks.contains_key(*i))
+                .cloned()
+                .collect();
+            for identity in missing {
+                // A host removed a moment ago and listed again: its lock is still ours.
+                let reused = held.releasing.iter().position(|l| l.identity() == identity);
+                let lock = match reused {
+                    Some(at) => held.releasing.swap_remove(at),
+                    None => match ownership::acquire(&self.dir, &identity, &self.owner) {
+                        Ok(lock) => lock,
+                        Err(e) => {
+                            undo(&mut held, &added);
+                            return Err(format!(
+                                "{e}; one host has one scheduler. Stop that daemon ({}) or remove \
+                                 the host from one of the configurations",
+                                e.stop_hint()
+                            ));
+                        }
+                    },
+                };
+                held.locks.insert(identity.clone(), lock);
+                added.push((identity, reused.is_some()));
             }
-            match ownership::acquire(&self.dir, identity, &self.owner) {
-                Ok(lock) => taken.push(lock),
-                Err(e) => {
-                    return Err(format!(
-                        "{e}; one host has one scheduler. Stop that daemon (`prix-dispatch stop`) \
-                         or remove the host from one of the configurations"
-                    ));
+        }
+        let change = match self.dispatcher.reconfigure(&next.hosts()).await {
+            Ok(change) => change,
+            Err(e) => {
+                undo(&mut self.held(), &added);
+                return Err(e.to_string());
+            }
+        };
+        {
+            let mut held = self.held();
+            let gone: Vec<String> = held
+                .locks
+                .keys()
+                .filter(|i| !wanted.contains(*i))
+                .cloned()
+                .collect();
+            for identity in gone {
+                if let Some(lock) = held.locks.remove(&identity) {
+                    held.releasing.push(lock);
                 }
-            }
-        }
-        let change = self
-            .dispatcher
-            .reconfigure(&next.hosts())
-            .await
-            .map_err(|e| e.to_string())?;
-        for lock in taken {
-            state.locks.insert(lock.identity().to_string(), lock);
-        }
-        let gone: Vec<String> = state
-            .locks
-            .keys()
-            .filter(|i| !wanted.contains(*i))
-            .cloned()
-            .collect();
-        for identity in gone {
-            if let Some(lock) = state.locks.remove(&identity) {
-                state.releasing.push(lock);
             }
         }
         state.fleet = next;
@@ -205,8 +288,7 @@ impl FleetManager {
     /// Releases the locks of removed hosts whose running tasks are done. Call it now and
     /// then (the daemon does, every second).
     pub async fn release_finished(&self) {
-        let mut state = self.state.lock().await;
-        if state.releasing.is_empty() {
+        if self.held().releasing.is_empty() {
             return;
         }
         let Ok(status) = self.dispatcher.status().await else {
@@ -218,7 +300,9 @@ impl FleetManager {
             .filter(|h| h.state.retired && h.state.active > 0)
             .map(|h| host_identity(&h.url))
             .collect();
-        state.releasing.retain(|l| busy.contains(l.identity()));
+        self.held()
+            .releasing
+            .retain(|l| busy.contains(l.identity()));
     }
 
     /// The files this daemon's fleet comes from.
@@ -252,6 +336,140 @@ impl FleetManager {
     }
 }
 
+/// Gives back the locks `apply` took for `added` (a failed switch takes no host): a fresh
+/// lock is released, one taken back from `releasing` returns there (its host may still run
+/// a task of ours).
+fn undo(held: &mut Held, added: &[(String, bool)]) {
+    for (identity, from_releasing) in added {
+        if let Some(lock) = held.locks.remove(identity)
+            && *from_releasing
+        {
+            held.releasing.push(lock);
+        }
+    }
+}
+
+/// What a launch is told when this daemon, started by hand, lacks some of its hosts.
+fn refusal(owner: &Owner, incoming: &SourceFleet, shared: &[String], missing: &[String]) -> String {
+    let stop = ownership::stop_command(&owner.socket);
+    if shared.is_empty() {
+        // The launch came to this daemon's socket without sharing a host with it.
+        format!(
+            "the prix-dispatch daemon (pid {}, configuration {}) at this launch's socket was \
+             started by hand and schedules none of the hosts of {} ({}); it takes no hosts from \
+             launches. Add them to {} (it reloads by itself), give {} another [server] socket so \
+             that it gets a daemon of its own, or stop that daemon with {stop} and launch again",
+            owner.pid,
+            owner.source,
+            incoming.source,
+            missing.join(", "),
+            owner.source,
+            incoming.source,
+        )
+    } else {
+        format!(
+            "the prix-dispatch daemon (pid {}, configuration {}) already schedules {} and was \
+             started by hand, so it does not take the other hosts of {} ({}). Add them to {} \
+             (it reloads by itself), or stop it with {stop} and launch again",
+            owner.pid,
+            owner.source,
+            shared.join(", "),
+            incoming.source,
+            missing.join(", "),
+            owner.source,
+        )
+    }
+}
+
+/// The key in [`Refusals`] of a switch the files asked for but that could not be made.
+const SWITCH: &str = "(switch)";
+
+/// Whether a file event can mean new content: created, written, renamed, removed. Not an
+/// open, a read or a close after reading — the daemon's own reads cause those, and reacting
+/// to them re-read the files forever — nor a change of metadata only (`touch`, `chmod`).
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
+}
+
+impl DaemonInfo {
+    /// What `prix-dispatch status` prints (without `--json`).
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let info = self;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "daemon: pid {} (started {})",
+            info.pid, info.started_by
+        );
+        let _ = writeln!(out, "socket: {}", info.socket.display());
+        let _ = writeln!(out, "configuration: {}", info.sources.join(" + "));
+        let status = &info.status;
+        if let Some(hosts) = status["hosts"].as_array() {
+            let _ = writeln!(out, "hosts ({}):", hosts.len());
+            for h in hosts {
+                // Slots busy with requests sent by others (another dispatcher, a person) are
+                // taken too: without them a full host would look idle.
+                let elsewhere = match h["busy_elsewhere"].as_u64().unwrap_or(0) {
+                    0 => String::new(),
+                    n => format!(" (+{n} from elsewhere)"),
+                };
+                let resident: Vec<&str> = h["resident_models"]
+                    .as_array()
+                    .map(|m| m.iter().filter_map(serde_json::Value::as_str).collect())
+                    .unwrap_or_default();
+                let resident = if resident.is_empty() {
+                    String::new()
+                } else {
+                    format!("  in memory: {}", resident.join(", "))
+                };
+                let _ = writeln!(
+                    out,
+                    "  {:<12} {}  {}  {}/{} slots busy{elsewhere}{resident}{}",
+                    h["name"].as_str().unwrap_or("?"),
+                    h["url"].as_str().unwrap_or("?"),
+                    h["health"].as_str().unwrap_or("?"),
+                    h["active"].as_u64().unwrap_or(0),
+                    h["slots"].as_u64().unwrap_or(0),
+                    if h["retired"].as_bool() == Some(true) {
+                        "  (removed: finishing its running tasks)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "queue: {} waiting {}",
+            status["queued_total"].as_u64().unwrap_or(0),
+            status["queue"]
+        );
+        if let Some(clients) = status["clients"].as_array() {
+            let _ = writeln!(out, "clients ({}):", clients.len());
+            for c in clients {
+                let _ = writeln!(
+                    out,
+                    "  {} {} pid {}: {} queued, {} running",
+                    c["transport"].as_str().unwrap_or("?"),
+                    c["name"].as_str().unwrap_or("(unnamed)"),
+                    c["pid"],
+                    c["queued"],
+                    c["running"]
+                );
+            }
+        }
+        out
+    }
+}
+
 fn warn_once(state: &mut State, warnings: Vec<crate::fleet::Warning>) {
     for w in warnings {
         if state
@@ -272,6 +490,9 @@ pub async fn watch(manager: Arc<FleetManager>) {
     let names = watched_names.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
+        if !changes_content(&event.kind) {
+            return;
+        }
         let names = names
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -326,5 +547,254 @@ pub async fn watch(manager: Arc<FleetManager>) {
             }
             _ = tick.tick() => manager.release_finished().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigSource, HostConfig};
+
+    pub(super) fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("prix-reload-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A manager for `fleet`, holding its locks in a daemon directory under `at`.
+    pub(super) fn manager(at: &Path, fleet: Fleet) -> Arc<FleetManager> {
+        let config = Config::with_hosts(ConfigSource::Environment, fleet.hosts());
+        let dir = DaemonDir::at(at.join("dir")).unwrap();
+        let owner = Owner {
+            pid: std::process::id(),
+            socket: at.join("daemon.sock"),
+            source: "test".into(),
+            launched: true,
+        };
+        let locks = acquire_all(&dir, &fleet, &owner).unwrap();
+        FleetManager::new(fleet, locks, Dispatcher::start(&config), dir, owner)
+    }
+
+    pub(super) fn env_fleet(port: u16) -> Fleet {
+        Fleet::new(SourceFleet::from_config(&Config::with_hosts(
+            ConfigSource::Environment,
+            vec![HostConfig {
+                name: "gpu".into(),
+                // Nothing listens: the host is merely down.
+                base_url: format!("http://127.0.0.1:{port}"),
+                slots: 1,
+                ..HostConfig::default()
+            }],
+        )))
+    }
+
+    #[test]
+    fn only_events_that_can_change_content_trigger_a_reload() {
+        use notify::event::*;
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Content)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert!(changes_content(&kind), "{kind:?}");
+        }
+        // What the daemon's own read of the file causes, and `touch`.
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Modify(ModifyKind::Metadata(MetadataKind::WriteTime)),
+        ] {
+            assert!(!changes_content(&kind), "{kind:?}");
+        }
+    }
+
+    pub(super) fn file_fleet(path: &Path, port: u16) -> Fleet {
+        std::fs::write(path, host_toml(port)).unwrap();
+        let config = Config::from_file(path, &config::process_env).unwrap();
+        Fleet::new(SourceFleet::from_config(&config))
+    }
+
+    pub(super) fn host_toml(port: u16) -> String {
+        format!("[[host]]\nname = \"gpu{port}\"\nurl = \"http://127.0.0.1:{port}\"\n")
+    }
+
+    #[tokio::test]
+    async fn one_change_re_reads_the_file_once_not_forever() {
+        let at = scratch("watch");
+        let file = at.join("fleet.toml");
+        let m = manager(&at, file_fleet(&file, 9));
+        let watcher = tokio::spawn(watch(m.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::fs::write(&file, host_toml(9)).unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let rereads = m.rereads.load(std::sync::atomic::Ordering::Relaxed);
+        // Each re-read opens, reads and closes the file; reacting to that re-read every
+        // 150 ms (about ten times here).
+        assert!(
+            (1..=2).contains(&rereads),
+            "re-read {rereads} times after one write"
+        );
+        watcher.abort();
+        m.release_all();
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    /// The hosts the manager schedules now, by URL.
+    async fn urls(m: &FleetManager) -> Vec<String> {
+        let state = m.state.lock().await;
+        state
+            .fleet
+            .hosts()
+            .into_iter()
+            .map(|h| h.base_url)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_broken_file_keeps_its_hosts_and_the_others_reload() {
+        let at = scratch("sources");
+        let (broken, edited) = (at.join("broken.toml"), at.join("edited.toml"));
+        let first = file_fleet(&broken, 9);
+        let second = file_fleet(&edited, 10).sources()[0].clone();
+        let m = manager(&at, first.with_source(second));
+        std::fs::write(
+            &broken,
+            "[[host]]\nname = \"x\"\nurl = \"http://127.0.0.1:9\"\nslots = 0\n",
+        )
+        .unwrap();
+        std::fs::write(&edited, host_toml(11)).unwrap();
+        m.reload_files("test").await;
+        assert_eq!(
+            urls(&m).await,
+            ["http://127.0.0.1:9", "http://127.0.0.1:11"],
+            "the broken file keeps its host; the edited one applies"
+        );
+        m.release_all();
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_re_reads_with_the_variables_its_launch_brought() {
+        let at = scratch("env");
+        let path = at.join("launch.toml");
+        let var = format!("PRIX_RELOAD_TEST_KEY_{}", std::process::id());
+        let text = |port: u16| {
+            format!(
+                "[[host]]\nname = \"g\"\nurl = \"http://127.0.0.1:{port}\"\napi_key_env = \"{var}\"\n"
+            )
+        };
+        std::fs::write(&path, text(12)).unwrap();
+        // The launch's environment has the key; the daemon's does not.
+        let launch_env = |name: &str| (name == var).then(|| "k".to_string());
+        let recording = crate::fleet::RecordingEnv::new(&launch_env);
+        let config = Config::from_file(&path, &|n| recording.lookup(n)).unwrap();
+        let source = SourceFleet::from_config(&config).with_env(recording.into_env());
+        let m = manager(&at, Fleet::new(source));
+        std::fs::write(&path, text(13)).unwrap();
+        m.reload_files("test").await;
+        assert_eq!(urls(&m).await, ["http://127.0.0.1:13"]);
+        let state = m.state.lock().await;
+        let host = &state.fleet.hosts()[0];
+        assert_eq!(
+            host.api_key
+                .as_ref()
+                .map(|k| k.expose().to_string())
+                .as_deref(),
+            Some("k")
+        );
+        assert_eq!(
+            state.fleet.sources()[0].env.get(&var).as_deref(),
+            Some("k"),
+            "kept for the next re-read"
+        );
+        drop(state);
+        m.release_all();
+        std::fs::remove_dir_all(at).unwrap();
+    }
+
+    #[test]
+    fn a_launch_that_shares_no_host_with_a_hand_started_daemon_is_told_so() {
+        let owner = Owner {
+            pid: 42,
+            socket: "/tmp/d.sock".into(),
+            source: "/etc/serve.toml".into(),
+            launched: false,
+        };
+        let incoming = env_fleet(9).sources()[0].clone();
+        let missing = ["http://127.0.0.1:9".to_string()];
+        let none = refusal(&owner, &incoming, &[], &missing);
+        assert!(!none.contains("schedules  "), "{none}");
+        assert!(
+            none.contains("pid 42")
+                && none.contains("none of the hosts")
+                && none.contains("http://127.0.0.1:9")
+                && none.contains("another [server] socket"),
+            "{none}"
+        );
+        assert!(
+            none.contains("`prix-dispatch stop --socket /tmp/d.sock`"),
+            "{none}"
+        );
+        let some = refusal(&owner, &incoming, &["http://gpu:1".into()], &missing);
+        assert!(
+            some.contains("already schedules http://gpu:1 and"),
+            "{some}"
+        );
+    }
+
+    #[test]
+    fn status_shows_slots_busy_from_elsewhere_and_the_models_in_memory() {
+        let info = |busy_elsewhere: u64, resident: serde_json::Value| DaemonInfo {
+            pid: 1,
+            socket: "/tmp/d.sock".into(),
+            started_by: "by hand (serve)".into(),
+            sources: vec!["/a.toml".into()],
+            status: serde_json::json!({"hosts": [{"name": "gpu0", "url": "http://g:1",
+                "health": "healthy", "active": 1, "slots": 1, "busy_elsewhere": busy_elsewhere,
+                "resident_models": resident, "retired": false}], "queued_total": 0, "queue": {},
+                "clients": []}),
+        };
+        let shown = info(1, serde_json::json!(["qwen", "llama"])).describe();
+        assert!(
+            shown.contains("1/1 slots busy (+1 from elsewhere)  in memory: qwen, llama"),
+            "{shown}"
+        );
+        let shown = info(0, serde_json::json!([])).describe();
+        assert!(
+            shown.contains("1/1 slots busy\n") && !shown.contains("in memory"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_news_once_per_distinct_error() {
+        let mut r = Refusals::default();
+        assert!(r.note("/a.toml", "bad slots"));
+        assert!(!r.note("/a.toml", "bad slots"), "the same error again");
+        assert!(r.note("/b.toml", "bad slots"), "another file");
+        assert!(r.note("/a.toml", "bad url"), "another error");
+        r.clear("/a.toml");
+        assert!(r.note("/a.toml", "bad url"), "fixed, then broken again");
+    }
+
+    #[tokio::test]
+    async fn release_all_removes_the_lock_files_without_awaiting() {
+        let at = scratch("release");
+        let m = manager(&at, env_fleet(9));
+        let lock = m.dir.host_lock(&host_identity("http://127.0.0.1:9"));
+        assert!(lock.exists());
+        // Even while a reload holds the fleet's state.
+        let state = m.state.lock().await;
+        m.release_all();
+        assert!(
+            !lock.exists(),
+            "the lock file is gone before the process exits"
+        );
+        drop(state);
+        std::fs::remove_dir_all(at).unwrap();
     }
 }

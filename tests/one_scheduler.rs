@@ -392,6 +392,15 @@ async fn an_edited_config_reloads_the_running_daemon_without_overlap() {
         "{}",
         serve.log()
     );
+    // The daemon's own reads of the file are no change: it does not re-read (and refuse)
+    // again and again, and one error is logged once.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        serve.log().matches("configuration reload refused").count(),
+        1,
+        "{}",
+        serve.log()
+    );
     assert_eq!(host_names(&base).await, ["a", "b"]);
     openai_calls(&base, 2).await;
 
@@ -577,5 +586,46 @@ async fn a_daemon_started_by_hand_is_joined_or_refused_never_doubled() {
     assert!(exit.success(), "graceful stop exits 0");
     a.shutdown().await;
     c.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn healthy(base: &str) -> bool {
+    wait_for(Duration::from_secs(20), async || {
+        reqwest::get(format!("{base}/healthz")).await.is_ok()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_returns_once_the_daemon_has_exited_so_the_next_one_starts_at_once() {
+    let a = sim().await;
+    let dir = scratch("stop");
+    let socket = dir.join("daemon.sock");
+    let port = common::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let config = dir.join("fleet.toml");
+    std::fs::write(&config, fleet_toml(port, &socket, &[("a", a.url(), 1)])).unwrap();
+    let lock = DaemonDir::for_this_user()
+        .unwrap()
+        .host_lock(&prix_dispatch::config::host_identity(&a.url()));
+    for round in 0..2 {
+        let mut serve = Serve::start(&config, dir.join(format!("serve{round}.log")));
+        assert!(healthy(&base).await, "round {round}: {}", serve.log());
+        let out = prix(&["stop", "--socket", socket.to_str().unwrap()]).await;
+        assert!(out.status.success(), "{out:?}");
+        // `try_wait` reaps: Some only if the process had exited by the time `stop` returned.
+        let exit = serve.child.try_wait().unwrap();
+        assert!(
+            exit.is_some_and(|e| e.success()),
+            "round {round}: the daemon had exited when `stop` returned: {exit:?} {}",
+            serve.log()
+        );
+        assert!(!socket.exists());
+        assert!(
+            !lock.exists(),
+            "round {round}: the host's lock file is removed on stop, not left naming a dead pid"
+        );
+    }
+    a.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
