@@ -1,6 +1,8 @@
 //! Shared test support: simulated hosts on loopback and a dispatcher pointed at them.
 #![allow(dead_code)]
 
+pub mod real;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
