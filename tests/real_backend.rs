@@ -287,16 +287,18 @@ async fn real_llama_servers_one_request_per_server() {
         poem.ended.duration_since(first)
     );
 
-    // 2. Cancellation: two long generations (one lands on each host); drop each handle after
-    //    a few deltas; the servers must stop generating.
+    // 2. Cancellation: two long generations, one on each host (the model only gpu1 lists goes
+    //    there; the shared one goes to gpu0, which holds it: swap-aware placement would rather
+    //    wait for a warm host than load it beside); drop each handle after a few deltas; the
+    //    servers must stop generating.
     let t_cancel = Instant::now();
     let long = "Tell me a very long story about a dragon who learns to cook. Describe every \
                 meal in detail.";
     let servers_ref = &servers;
     let http_ref = &http;
-    let cancelled: Vec<Cancelled> = futures::future::join_all((0..2).map(|_| {
+    let cancelled: Vec<Cancelled> = futures::future::join_all([SHARED, ONLY_B].map(|model| {
         let task = spec(
-            SHARED,
+            model,
             long,
             json!({"temperature": 0.0, "max_tokens": 2000, "timeout_seconds": 30}),
         );
