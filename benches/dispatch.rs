@@ -521,10 +521,16 @@ struct Des {
 
 impl Des {
     fn apply(&mut self, decisions: Vec<Decision<Job>>) {
+        // These hosts answer at once: a cold request's first byte (which opens the cold-load
+        // gate of a multi-slot host) comes at the instant it starts.
+        let mut first_bytes = Vec::new();
         for d in decisions {
             match d {
                 Decision::Start { task, host, cold } => {
                     let h = host.0;
+                    if cold {
+                        first_bytes.push((host, task.id));
+                    }
                     self.observed.insert(task.id, (cold, task.work, task.kind));
                     if self.running[h].len() >= self.slots[h] {
                         self.result.slot_violations += 1;
@@ -552,6 +558,10 @@ impl Des {
                 | Decision::DismissWorkers { .. }
                 | Decision::ReadSlots { .. } => {}
             }
+        }
+        for (host, id) in first_bytes {
+            let d = self.state.first_byte(host, TaskId(id), self.now);
+            self.apply(d);
         }
     }
 

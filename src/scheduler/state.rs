@@ -684,7 +684,7 @@ impl<T: Queueable> DispatchState<T> {
             .then(|| {
                 self.queues.iter().filter_map(|(model, queue)| {
                     let head = queue.values().next()?;
-                    let at = self.overdue_at(model, head);
+                    let at = self.overdue_at(model, head)?;
                     // Only a moment still to come: one already past changes nothing more.
                     self.last_dispatch
                         .is_none_or(|seen| at > seen)
@@ -1116,7 +1116,8 @@ impl<T: Queueable> DispatchState<T> {
     fn protected_until(&self, host: usize) -> Option<Instant> {
         let h = &self.hosts[host];
         let model = h.resident.last()?;
-        Some(h.loaded_at? + self.costs.load(host, model) * placement::QUANTUM_LOADS)
+        h.loaded_at?
+            .checked_add(self.costs.load(host, model) * placement::QUANTUM_LOADS)
     }
 
     /// Whether loading a model on `host` evicts one whose waiting tasks no other host holds.
@@ -1179,16 +1180,17 @@ impl<T: Queueable> DispatchState<T> {
     /// instead of 0.97 on a 16-host fleet); this way the bound still holds per model — none
     /// waits longer than `max_bypass` without a start — and per task once it leads its model.
     fn overdue(&self, model: &str, head: &T, now: Instant) -> bool {
-        now >= self.overdue_at(model, head)
+        self.overdue_at(model, head).is_some_and(|at| now >= at)
     }
 
-    /// When `model`'s next task `head` becomes overdue (see [`Self::overdue`]).
-    fn overdue_at(&self, model: &str, head: &T) -> Instant {
+    /// When `model`'s next task `head` becomes overdue (see [`Self::overdue`]); `None` with
+    /// aging off (a `max_bypass` beyond any instant).
+    fn overdue_at(&self, model: &str, head: &T) -> Option<Instant> {
         let since = self
             .last_started
             .get(model)
             .map_or(head.enqueued_at(), |&t| t.max(head.enqueued_at()));
-        since + self.limits.max_bypass
+        since.checked_add(self.limits.max_bypass)
     }
 
     fn pick_host(&self, model: &str, held: &[bool]) -> Option<HostId> {
