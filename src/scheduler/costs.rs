@@ -135,8 +135,12 @@ impl CostModel {
             .unwrap_or_else(|| self.configured(host))
     }
 
-    /// Whether any load time was learned on `host` or anywhere (else the configured one
-    /// stands).
+    /// Whether a load time was measured on any host.
+    pub fn measured_any(&self) -> bool {
+        self.learned.values().any(|l| l.load.is_some())
+    }
+
+    /// The configured load time of `host` (`[[host]] load_seconds`).
     pub fn configured(&self, host: usize) -> Duration {
         self.configured_load
             .get(host)

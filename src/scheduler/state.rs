@@ -184,6 +184,10 @@ struct Host {
     resident: Vec<String>,
     /// Most models it holds at once (LM Studio's auto-evict: 1); learned upward from reports.
     max_loaded: usize,
+    /// The host says what it has loaded (LM Studio, llama-server's router, Ollama). One that
+    /// does not is assumed to switch for free until a load is measured (its switches may well
+    /// be free: a plain OpenAI-compatible server).
+    tells_residency: bool,
     /// When it last loaded a model: it keeps that model for [`placement::QUANTUM_LOADS`]
     /// load times (as now estimated) even for overdue tasks of other models.
     loaded_at: Option<Instant>,
@@ -217,6 +221,7 @@ impl Host {
             reading_slots: false,
             resident: Vec::new(),
             max_loaded: 1,
+            tells_residency: false,
             loading: None,
             loaded_at: None,
         }
@@ -801,6 +806,7 @@ impl<T: Queueable> DispatchState<T> {
                 h.models = models.into_iter().collect();
                 h.models_known = true;
                 h.answered_badly = false;
+                h.tells_residency = report.loaded.is_some();
                 match &report.loaded {
                     Some(loaded) => h.correct_residency(loaded),
                     // A host that can hold everything it lists never switches (vLLM, a
@@ -1029,7 +1035,7 @@ impl<T: Queueable> DispatchState<T> {
                     continue;
                 }
                 let warm = h.resident.iter().any(|m| m == model);
-                let load = self.costs.load(i, model);
+                let load = self.load_estimate(i, model);
                 let evicted = (!warm && h.resident.len() >= h.max_loaded)
                     .then(|| h.resident.first())
                     .flatten()
@@ -1085,6 +1091,17 @@ impl<T: Queueable> DispatchState<T> {
         best.map(|(key, _, model, host)| (key.3, model.to_string(), host))
     }
 
+    /// Expected load time of `model` on `host`: the cost model's, except that a host which does
+    /// not say what it has loaded is taken to switch for free until a load was measured there
+    /// or anywhere (`[[host]] load_seconds` is the prior for hosts that tell).
+    fn load_estimate(&self, host: usize, model: &str) -> Duration {
+        if self.hosts[host].tells_residency || self.costs.measured_any() {
+            self.costs.load(host, model)
+        } else {
+            Duration::ZERO
+        }
+    }
+
     /// Healthy hosts other than `except` that hold `model` loaded. One still loading it is
     /// no faster than a cold host: a task would wait for its load all the same.
     fn holders(&self, model: &str, except: Option<usize>) -> usize {
@@ -1117,7 +1134,7 @@ impl<T: Queueable> DispatchState<T> {
         let h = &self.hosts[host];
         let model = h.resident.last()?;
         h.loaded_at?
-            .checked_add(self.costs.load(host, model) * placement::QUANTUM_LOADS)
+            .checked_add(self.load_estimate(host, model) * placement::QUANTUM_LOADS)
     }
 
     /// Whether loading a model on `host` evicts one whose waiting tasks no other host holds.
