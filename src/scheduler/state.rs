@@ -1316,4 +1316,6 @@ mod residency;
 #[cfg(test)]
 mod swap_tests;
 #[cfg(test)]
+mod test_job;
+#[cfg(test)]
 mod tests;

@@ -57,37 +57,13 @@ mod tests {
     use super::*;
     use crate::error::HostSignal;
     use crate::scheduler::state::{Limits, ManifestReport, Outcome, Release};
-    use crate::task::TaskId;
 
-    #[derive(Debug)]
-    struct Job(u64, Instant);
-
-    impl Queueable for Job {
-        fn id(&self) -> TaskId {
-            TaskId(self.0)
-        }
-        fn model(&self) -> &str {
-            "m"
-        }
-        fn enqueued_at(&self) -> Instant {
-            self.1
-        }
-        fn queue_deadline(&self) -> Option<Instant> {
-            None
-        }
-        fn attempts(&self) -> u32 {
-            0
-        }
-        fn abandoned(&self) -> bool {
-            false
-        }
-        fn notify_position(&self, _: usize) {}
-    }
+    use crate::scheduler::state::test_job::Job;
 
     fn started(d: &[Decision<Job>]) -> Vec<u64> {
         d.iter()
             .filter_map(|d| match d {
-                Decision::Start { task, .. } => Some(task.0),
+                Decision::Start { task, .. } => Some(task.id),
                 _ => None,
             })
             .collect()
@@ -107,7 +83,7 @@ mod tests {
             now,
         );
         s.worker_idle(HostId(0), now);
-        let d = s.submit(Job(1, now), now);
+        let d = s.submit(Job::new(1, "m", now), now);
         assert_eq!(started(&d), [1]);
         // The worker found the server busy with someone else's request: the task comes back.
         let d = s.released(
@@ -115,7 +91,10 @@ mod tests {
             Release {
                 outcome: Outcome::Failed,
                 signal: HostSignal::BusyElsewhere(1),
-                retry: Some((Job(1, now), crate::error::DispatchError::cancelled())),
+                retry: Some((
+                    Job::new(1, "m", now),
+                    crate::error::DispatchError::cancelled(),
+                )),
                 observed: None,
             },
             now,

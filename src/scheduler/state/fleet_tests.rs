@@ -8,34 +8,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::error::HostSignal;
 
-#[derive(Debug)]
-struct Job {
-    id: u64,
-    model: &'static str,
-    at: Instant,
-}
-
-impl Queueable for Job {
-    fn id(&self) -> TaskId {
-        TaskId(self.id)
-    }
-    fn model(&self) -> &str {
-        self.model
-    }
-    fn enqueued_at(&self) -> Instant {
-        self.at
-    }
-    fn queue_deadline(&self) -> Option<Instant> {
-        None
-    }
-    fn attempts(&self) -> u32 {
-        1
-    }
-    fn abandoned(&self) -> bool {
-        false
-    }
-    fn notify_position(&self, _: usize) {}
-}
+use super::test_job::Job;
 
 fn listed(host: usize, models: &[&str]) -> ManifestReport {
     ManifestReport {
@@ -124,11 +97,7 @@ impl Fleet {
 
     fn submit(&mut self, model: &'static str) -> Vec<Decision<Job>> {
         self.next += 1;
-        let job = Job {
-            id: self.next,
-            model,
-            at: self.now,
-        };
+        let job = Job::new(self.next, model, self.now);
         self.state.submit(job, self.now)
     }
 }

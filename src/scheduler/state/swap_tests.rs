@@ -12,34 +12,7 @@ use super::costs::Observed;
 use super::*;
 use crate::error::HostSignal;
 
-#[derive(Debug)]
-struct Job {
-    id: u64,
-    model: String,
-    at: Instant,
-}
-
-impl Queueable for Job {
-    fn id(&self) -> TaskId {
-        TaskId(self.id)
-    }
-    fn model(&self) -> &str {
-        &self.model
-    }
-    fn enqueued_at(&self) -> Instant {
-        self.at
-    }
-    fn queue_deadline(&self) -> Option<Instant> {
-        None
-    }
-    fn attempts(&self) -> u32 {
-        0
-    }
-    fn abandoned(&self) -> bool {
-        false
-    }
-    fn notify_position(&self, _: usize) {}
-}
+use super::test_job::Job;
 
 /// A simulated GPU: what it really holds, and every load it made.
 struct Gpu {
@@ -114,11 +87,7 @@ impl Run {
 
     fn submit(&mut self, model: &str) -> u64 {
         self.next += 1;
-        let job = Job {
-            id: self.next,
-            model: model.into(),
-            at: self.now,
-        };
+        let job = Job::new(self.next, model, self.now);
         let d = self.state.submit(job, self.now);
         self.apply(d);
         self.next
@@ -351,11 +320,7 @@ fn the_first_request_for_a_cold_model_runs_alone_until_its_first_byte() {
     );
     s.worker_idle(HostId(0), now);
     s.worker_idle(HostId(0), now);
-    let job = |id| Job {
-        id,
-        model: "a".into(),
-        at: now,
-    };
+    let job = |id| Job::new(id, "a", now);
     let starts = |d: &[Decision<Job>]| {
         d.iter()
             .filter(|d| matches!(d, Decision::Start { .. }))
