@@ -903,6 +903,9 @@ mod tests {
         let c = Config::from_file(&root.join("config/example-fleet.toml"), &env).unwrap();
         let slots: Vec<usize> = c.hosts.iter().map(|h| h.slots).collect();
         assert_eq!(slots, [1, 2, 1]);
+        assert_eq!(c.hosts[1].max_loaded_models, 2);
+        assert_eq!(c.hosts[1].load, Duration::from_secs(60));
+        assert_eq!(c.hosts[0].load, Duration::from_secs(30), "the default");
         assert!(c.hosts[2].api_key.is_some() && c.hosts[0].api_key.is_none());
     }
 
