@@ -112,6 +112,47 @@ impl Metrics {
             up.get_or_create(&label)
                 .set(i64::from(host.state.health == Health::Up));
         }
+        let resident = Family::<HostModel, Gauge>::default();
+        let loads = Family::<HostModel, Counter>::default();
+        let elsewhere = Family::<HostLabel, Gauge>::default();
+        for host in &status.hosts {
+            for model in &host.state.resident_models {
+                resident
+                    .get_or_create(&HostModel {
+                        host: host.state.name.clone(),
+                        model: model.clone(),
+                    })
+                    .set(1);
+            }
+            for (model, n) in &host.state.loads {
+                loads
+                    .get_or_create(&HostModel {
+                        host: host.state.name.clone(),
+                        model: model.clone(),
+                    })
+                    .inc_by(*n);
+            }
+            elsewhere
+                .get_or_create(&HostLabel {
+                    host: host.state.name.clone(),
+                })
+                .set(host.state.busy_elsewhere as i64);
+        }
+        registry.register(
+            "prix_host_model_resident",
+            "1 for each model the host is believed to hold in memory",
+            resident,
+        );
+        registry.register(
+            "prix_host_model_loads",
+            "Starts that needed the host to load the model",
+            loads,
+        );
+        registry.register(
+            "prix_host_busy_elsewhere",
+            "Slots busy with requests this daemon did not send (llama.cpp /slots)",
+            elsewhere,
+        );
         registry.register("prix_host_active", "Requests in flight on the host", active);
         registry.register(
             "prix_host_slots",

@@ -367,6 +367,25 @@ async fn metrics_parse_and_move_when_tasks_run() {
     assert_eq!(sample(&after, "prix_queue_wait_seconds_count"), 3.0);
     assert_eq!(sample(&after, "prix_host_up{host=\"gpu0\"}"), 1.0);
     assert_eq!(sample(&after, "prix_host_active{host=\"gpu0\"}"), 0.0);
+    // The host starts empty (the simulator lists nothing loaded): one load, then warm.
+    assert_eq!(
+        sample(
+            &after,
+            "prix_host_model_loads_total{host=\"gpu0\",model=\"m\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "prix_host_model_resident{host=\"gpu0\",model=\"m\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "prix_host_busy_elsewhere{host=\"gpu0\"}"),
+        0.0
+    );
     d.shutdown().await;
 }
 

@@ -188,6 +188,8 @@ struct Host {
     /// does not is assumed to switch for free until a load is measured (its switches may well
     /// be free: a plain OpenAI-compatible server).
     tells_residency: bool,
+    /// Starts that loaded a model here, per model.
+    loads: BTreeMap<String, u64>,
     /// When it last loaded a model: it keeps that model for [`placement::QUANTUM_LOADS`]
     /// load times (as now estimated) even for overdue tasks of other models.
     loaded_at: Option<Instant>,
@@ -224,6 +226,7 @@ impl Host {
             tells_residency: false,
             loading: None,
             loaded_at: None,
+            loads: BTreeMap::new(),
         }
     }
 
@@ -310,6 +313,8 @@ pub struct HostSnapshot {
     pub loading: bool,
     /// Expected seconds to load a model here (learned, else the fleet's, else configured).
     pub load_seconds: f64,
+    /// Starts that needed a model load here (the model was not believed resident), per model.
+    pub loads: BTreeMap<String, u64>,
     /// The host's base URL (filled in by the actor, which holds the clients).
     #[serde(skip)]
     pub url: String,
@@ -768,6 +773,7 @@ impl<T: Queueable> DispatchState<T> {
                     resident_models: h.resident.clone(),
                     max_loaded_models: h.max_loaded,
                     loading: h.loading.is_some(),
+                    loads: h.loads.clone(),
                     load_seconds: self
                         .costs
                         .load(i, h.resident.last().map_or("", String::as_str))
@@ -975,6 +981,9 @@ impl<T: Queueable> DispatchState<T> {
             h.current_model = Some(model.clone());
             h.last_model = Some(model.clone());
             h.touch(&model);
+            if cold {
+                *h.loads.entry(model.clone()).or_default() += 1;
+            }
             if cold && self.limits.swap_aware {
                 h.loading = Some(id);
                 h.loaded_at = Some(now);
