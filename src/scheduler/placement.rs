@@ -64,7 +64,8 @@ pub const QUANTUM_LOADS: u32 = 8;
 /// only while the backlog per warm host is well worth the load. A model no host holds
 /// (`km = 0`) is loaded unless that strands `r`.
 pub fn allowed(f: &PairFacts) -> bool {
-    if f.warm || (f.overdue && !f.protected) {
+    // A switch that costs nothing evicts nothing of value: the load-blind rules decide.
+    if f.warm || f.load.is_zero() || (f.overdue && !f.protected) {
         return true;
     }
     if f.strands {
