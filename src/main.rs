@@ -147,7 +147,11 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Stdio {
             connect: Some(url), ..
-        } => remote::run(remote::RemoteSpec::from_env(&url)?).await?,
+        } => {
+            let spec =
+                told(remote::RemoteSpec::from_env(&url).map_err(anyhow::Error::from)).await?;
+            remote::run(spec).await?
+        }
         Command::Stdio {
             config: path,
             standalone: false,
@@ -156,13 +160,23 @@ async fn main() -> anyhow::Result<()> {
             // Record the variables the configuration reads: the daemon re-reads this file
             // later, in its own environment, which may lack this launch's `api_key_env`s.
             let recording = prix_dispatch::fleet::RecordingEnv::new(&config::process_env);
-            let config = Config::load(path.as_deref(), &|name| recording.lookup(name))?;
+            let config = told(
+                Config::load(path.as_deref(), &|name| recording.lookup(name))
+                    .map_err(anyhow::Error::from),
+            )
+            .await?;
             if let Some(url) = &config.server.connect {
-                remote::run(remote::RemoteSpec::from_env(url)?).await?;
+                let spec =
+                    told(remote::RemoteSpec::from_env(url).map_err(anyhow::Error::from)).await?;
+                remote::run(spec).await?;
                 return Ok(());
             }
-            let mut spec =
-                daemon::launch_spec(&config, path.map(std::path::absolute).transpose()?)?;
+            let spec = path
+                .map(std::path::absolute)
+                .transpose()
+                .map_err(anyhow::Error::from)
+                .and_then(|p| daemon::launch_spec(&config, p).map_err(anyhow::Error::from));
+            let mut spec = told(spec).await?;
             if spec.fleet.file.is_some() {
                 spec.fleet.env = recording.into_env();
             }
@@ -316,6 +330,17 @@ async fn main() -> anyhow::Result<()> {
 
 /// How long `prix-dispatch stop` waits for the daemon to finish its running tasks and exit.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A `stdio` launch that cannot start tells its MCP client why, as the answer to the client's
+/// first request (the `initialize`), before exiting: otherwise the client sees only "connection
+/// closed" and the reason is lost in a log the user may never open.
+async fn told<T>(result: anyhow::Result<T>) -> anyhow::Result<T> {
+    if let Err(e) = &result {
+        prix_dispatch::stdio::refuse_first_request(&format!("prix-dispatch cannot start: {e:#}"))
+            .await;
+    }
+    result
+}
 
 fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(match socket {

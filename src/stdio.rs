@@ -65,3 +65,39 @@ fn socket(file: File) -> io::Result<UnixStream> {
     stream.set_nonblocking(true)?;
     UnixStream::from_std(stream)
 }
+
+/// Answers the client's first request with a JSON-RPC error carrying `message` (a launch that
+/// cannot start). Waits at most 5 s for that request, and not at all when stdin is a terminal.
+pub async fn refuse_first_request(message: &str) {
+    use std::io::IsTerminal;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    if io::stdin().is_terminal() {
+        return;
+    }
+    let mut lines = BufReader::new(stdin()).lines();
+    let first_request = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if value.get("method").is_some()
+                && let Some(id) = value.get("id")
+            {
+                return Some(id.clone());
+            }
+        }
+        None
+    };
+    let Ok(Some(id)) = tokio::time::timeout(std::time::Duration::from_secs(5), first_request).await
+    else {
+        return;
+    };
+    let reply = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {"code": -32603, "message": message},
+    });
+    let mut out = stdout();
+    let _ = out.write_all(format!("{reply}\n").as_bytes()).await;
+    let _ = out.flush().await;
+}
