@@ -50,8 +50,11 @@ pub struct PairFacts {
 /// overdue call is not held: it takes the next host that can switch). Without it, a
 /// battery of more models than hosts rotates every `max_bypass_seconds` and pays a load each
 /// time (measured: 200 loads for 200 tasks on two hosts); with it a load is at most about
-/// 1/(1 + QUANTUM_LOADS) of a host's time.
-pub const QUANTUM_LOADS: u32 = 8;
+/// 1/(1 + QUANTUM_LOADS) of a host's time. The price: a backlog may wait up to this many load
+/// times for a host (interactive calls are single and not held). Measured on two hosts with
+/// four models (bench `swap`): 8 gave 0.88–0.90 of the bound and 8–17 loads at loads of 2–6
+/// tasks, 20 gives 0.95–0.98 and 4–8 loads.
+pub const QUANTUM_LOADS: u32 = 20;
 
 /// Whether a free slot may start the model here now; `false` means the slot stays idle
 /// rather than load a model a warm host will serve sooner.
