@@ -98,6 +98,9 @@ pub struct SwapResult {
     pub completed: usize,
 }
 
+/// (task id, model, believed cold, first-token time, service time).
+type Running = (u64, usize, bool, Duration, Duration);
+
 /// (when, sequence, kind: 0 first byte / 1 completion, host, task id).
 type Event = (Instant, u64, u8, usize, u64);
 
@@ -109,7 +112,8 @@ struct Sim {
     /// (when, seq, kind, host, task id): kind 0 = first byte, 1 = completion.
     events: BinaryHeap<Reverse<Event>>,
     seq: u64,
-    running: Vec<Vec<(u64, usize, bool, Duration)>>,
+    /// Per host, what runs there.
+    running: Vec<Vec<Running>>,
     names: Vec<Arc<str>>,
     result: SwapResult,
 }
@@ -168,7 +172,12 @@ impl Sim {
 
     fn apply(&mut self, decisions: Vec<Decision<Job>>) {
         for d in decisions {
-            if let Decision::Start { task, host, .. } = d {
+            if let Decision::Start {
+                task,
+                host,
+                cold: believed_cold,
+            } = d
+            {
                 let h = host.0;
                 if !self.running[h].is_empty() {
                     self.result.slot_violations += 1;
@@ -182,7 +191,8 @@ impl Sim {
                     self.result.loads += 1;
                     self.resident[h] = Some(task.kind);
                 }
-                self.running[h].push((task.id, task.kind, cold, ttft + task.work));
+                // The worker reports what the scheduler believed; the first token tells the truth.
+                self.running[h].push((task.id, task.kind, believed_cold, ttft, ttft + task.work));
                 self.seq += 1;
                 self.events
                     .push(Reverse((self.now + ttft, self.seq, 0, h, task.id)));
@@ -219,7 +229,7 @@ impl Sim {
                     .iter()
                     .position(|r| r.0 == id)
                     .expect("running");
-                let (_, model, cold, service) = self.running[h].swap_remove(at);
+                let (_, model, cold, ttft, service) = self.running[h].swap_remove(at);
                 self.result.completed += 1;
                 let release = Release {
                     outcome: Outcome::Completed,
@@ -229,7 +239,7 @@ impl Sim {
                         self.names[model].to_string(),
                         Observed {
                             cold,
-                            ttft: Some(if cold { self.load } else { Duration::ZERO }),
+                            ttft: Some(ttft),
                             service,
                         },
                     )),

@@ -334,10 +334,24 @@ impl ChatStream {
         // streams parallel calls whole, each in its own chunk, all with `"index": 0`
         // (ollama/ollama#15457); gluing them would make one call with invalid
         // arguments and lose the others.
+        // Without ids, a fragment that names a call while the call at its index is already
+        // named and its arguments already whole JSON is the next call (Ollama without ids);
+        // a server that repeats the name on every fragment of one call has unfinished
+        // arguments in between, so it is not split.
+        let named = call
+            .get("function")
+            .and_then(|f| f.get("name"))
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
         let current = self.call_at_index.get(&index).copied().filter(|&at| {
-            match (&self.tool_calls[at].id, id) {
+            let existing = &self.tool_calls[at];
+            match (&existing.id, id) {
                 (Some(existing), Some(id)) => existing == id,
-                _ => true,
+                _ => {
+                    !(named
+                        && !existing.name.is_empty()
+                        && serde_json::from_str::<Value>(&existing.arguments).is_ok())
+                }
             }
         });
         let at = current.unwrap_or_else(|| {
@@ -709,6 +723,23 @@ mod tests {
                 SseEvent::Data("{}".into())
             ]
         );
+    }
+
+    /// The same without ids: still two calls; a name repeated mid-call does not split it.
+    #[test]
+    fn parallel_calls_without_ids_at_one_index_stay_apart() {
+        let mut s = ChatStream::default();
+        for chunk in [
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"read","arguments":"{\"f\":\"a\"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"name":"read","arguments":"{\"f\":\"b\"}"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"name":"ls","arguments":"{\"p"}}]}}]}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"name":"ls","arguments":"\":1}"}}]}}]}"#,
+        ] {
+            s.apply(chunk).unwrap();
+        }
+        let calls = s.tool_calls();
+        let args: Vec<&str> = calls.iter().map(|c| c.arguments.as_str()).collect();
+        assert_eq!(args, [r#"{"f":"a"}"#, r#"{"f":"b"}"#, r#"{"p":1}"#]);
     }
 
     /// Ollama's two parallel calls, each whole in its own chunk, both at index 0.

@@ -135,6 +135,25 @@ impl CostModel {
             .unwrap_or_else(|| self.configured(host))
     }
 
+    /// Whether a first token of `model` on `host` this slow (believed warm) was really a load:
+    /// beyond the warm first token by more than half the load learned there (or anywhere),
+    /// and that load is large against the warm first token. Such a task tells that the host
+    /// had evicted the model behind the scheduler's back (it holds fewer models than thought).
+    pub fn looks_like_a_load(&self, host: usize, model: &str, ttft: Duration) -> bool {
+        if !self.measured_any() {
+            return false;
+        }
+        let load = self.load(host, model).as_secs_f64();
+        let warm = self
+            .learned
+            .get(&(host, model.to_string()))
+            .and_then(|l| l.warm_ttft)
+            .map(|w| w.0)
+            .or_else(|| self.warm_ttft_any(model))
+            .unwrap_or(0.0);
+        load > 4.0 * warm.max(0.01) && ttft.as_secs_f64() > warm + load / 2.0
+    }
+
     /// Whether a load time was measured on any host.
     pub fn measured_any(&self) -> bool {
         self.learned.values().any(|l| l.load.is_some())

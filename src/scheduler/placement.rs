@@ -108,17 +108,28 @@ pub fn model_key(
     }
 }
 
-/// Order of hosts for one model: lower first.
+/// Order of hosts for one model: lower first. A cold host with room for the model comes before
+/// one that must evict a model for it (a client alternating two models one call at a time
+/// would otherwise evict on every call while another host stands empty).
 pub fn host_key(
     warm: bool,
     load: Duration,
+    evicts: bool,
     models_listed: usize,
     active: usize,
     ran_it_last: bool,
     index: usize,
-) -> (bool, Duration, usize, usize, bool, usize) {
+) -> (bool, Duration, bool, usize, usize, bool, usize) {
     let load = if warm { Duration::ZERO } else { load };
-    (!warm, load, models_listed, active, !ran_it_last, index)
+    (
+        !warm,
+        load,
+        evicts && !warm,
+        models_listed,
+        active,
+        !ran_it_last,
+        index,
+    )
 }
 
 #[cfg(test)]
@@ -211,8 +222,11 @@ mod tests {
 
     #[test]
     fn a_warm_host_comes_before_a_cheaper_or_less_versatile_cold_one() {
-        let warm = host_key(true, Duration::from_secs(30), 4, 0, false, 3);
-        let cold = host_key(false, Duration::from_secs(1), 1, 0, true, 0);
+        let warm = host_key(true, Duration::from_secs(30), true, 4, 0, false, 3);
+        let cold = host_key(false, Duration::from_secs(1), false, 1, 0, true, 0);
         assert!(warm < cold);
+        let room = host_key(false, Duration::from_secs(30), false, 4, 0, false, 1);
+        let evicting = host_key(false, Duration::from_secs(30), true, 1, 0, true, 0);
+        assert!(room < evicting, "an empty host before evicting a model");
     }
 }

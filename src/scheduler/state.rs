@@ -190,6 +190,10 @@ struct Host {
     tells_residency: bool,
     /// Starts that loaded a model here, per model.
     loads: BTreeMap<String, u64>,
+    /// The request that held the cold-load gate ended before its first byte (it failed or
+    /// was cancelled): the host may still be loading this model, so its next request for it
+    /// holds the gate again.
+    gate_model: Option<String>,
     /// When it last loaded a model: it keeps that model for [`placement::QUANTUM_LOADS`]
     /// load times (as now estimated) even for overdue tasks of other models.
     loaded_at: Option<Instant>,
@@ -227,6 +231,7 @@ impl Host {
             loading: None,
             loaded_at: None,
             loads: BTreeMap::new(),
+            gate_model: None,
         }
     }
 
@@ -472,11 +477,29 @@ impl<T: Queueable> DispatchState<T> {
     ) -> Vec<Decision<T>> {
         let mut out = Vec::new();
         if let Some((model, seen)) = &release.observed {
-            self.costs.observe(host.0, model, *seen);
+            let mut seen = *seen;
+            if !seen.cold
+                && self.limits.swap_aware
+                && seen
+                    .ttft
+                    .is_some_and(|t| self.costs.looks_like_a_load(host.0, model, t))
+            {
+                // Believed warm, loaded all the same: the host holds fewer models than
+                // believed (a `max_loaded_models` set too high, or someone else's load).
+                seen.cold = true;
+                let h = &mut self.hosts[host.0];
+                *h.loads.entry(model.clone()).or_default() += 1;
+                h.max_loaded = h.resident.len().saturating_sub(1).max(1).min(h.max_loaded);
+                h.touch(model);
+            }
+            self.costs.observe(host.0, model, seen);
         }
         let h = &mut self.hosts[host.0];
-        // A load in progress is the only task on its host: its end ends the gate.
-        h.loading = None;
+        // A load in progress is the only task on its host: its end ends the gate. Without a
+        // first byte the host may still be loading: the next request for that model keeps it.
+        if h.loading.take().is_some() {
+            h.gate_model = h.current_model.clone();
+        }
         debug_assert!(
             h.active > 0,
             "release without a matching start on {}",
@@ -984,8 +1007,11 @@ impl<T: Queueable> DispatchState<T> {
             if cold {
                 *h.loads.entry(model.clone()).or_default() += 1;
             }
-            if cold && self.limits.swap_aware {
+            let regate = h.gate_model.take().is_some_and(|m| m == model);
+            if (cold || regate) && self.limits.swap_aware {
                 h.loading = Some(id);
+            }
+            if cold && self.limits.swap_aware {
                 h.loaded_at = Some(now);
             }
             match self.last_started.get_mut(&model) {
@@ -1031,7 +1057,7 @@ impl<T: Queueable> DispatchState<T> {
     /// Swap-aware placement: every (model, free host) pair is judged by [`placement`].
     fn choose_swap_aware(&self, held: &[bool], now: Instant) -> Option<(TaskId, String, HostId)> {
         type ModelKey = (bool, bool, usize, TaskId);
-        type HostKey = (bool, Duration, usize, usize, bool, usize);
+        type HostKey = (bool, Duration, bool, usize, usize, bool, usize);
         let mut best: Option<(ModelKey, HostKey, &str, HostId)> = None;
         for (model, queue) in &self.queues {
             let Some((&id, head)) = queue.first_key_value() else {
@@ -1070,6 +1096,7 @@ impl<T: Queueable> DispatchState<T> {
                 let key = placement::host_key(
                     warm,
                     load,
+                    evicted.is_some(),
                     h.models.len(),
                     h.active,
                     h.last_model.as_deref() == Some(model.as_str()),

@@ -95,7 +95,12 @@ impl Run {
 
     fn apply(&mut self, decisions: Vec<Decision<Job>>) {
         for d in decisions {
-            if let Decision::Start { task, host, .. } = d {
+            if let Decision::Start {
+                task,
+                host,
+                cold: believed_cold,
+            } = d
+            {
                 let gpu = &mut self.gpus[host.0];
                 assert!(gpu.models.contains(&task.model));
                 let cold = !gpu.resident.contains(&task.model);
@@ -105,12 +110,13 @@ impl Run {
                 }
                 let ttft = if cold { self.load } else { Duration::ZERO };
                 self.first_bytes.push((self.now + ttft, host.0, task.id));
+                // The worker reports what the scheduler believed; the first token tells the truth.
                 self.running.push((
                     self.now + ttft + self.task,
                     host.0,
                     task.id,
                     task.model.clone(),
-                    cold,
+                    believed_cold,
                     ttft,
                 ));
                 self.started_on.insert(task.id, host.0);
@@ -384,4 +390,75 @@ fn a_host_that_reports_two_resident_models_is_believed_to_hold_two() {
     let host = &run.state.snapshot().hosts[0];
     assert_eq!(host.max_loaded_models, 2);
     assert_eq!(host.resident_models, ["a", "b"]);
+}
+
+#[test]
+fn a_client_alternating_two_models_one_call_at_a_time_loads_each_once() {
+    let all: &[&str] = &["a", "b", "c", "d"];
+    let mut run = Run::new(&[(all, &[]), (all, &[])], S, 5 * S, LONG);
+    for i in 0..12 {
+        run.submit(if i % 2 == 0 { "a" } else { "b" });
+        run.finish();
+    }
+    assert_eq!(run.loads(), 2, "each model once, on its own host");
+}
+
+#[test]
+fn a_gate_holder_that_fails_before_its_first_byte_hands_the_gate_to_the_next_request() {
+    let now = Instant::now();
+    let mut s: DispatchState<Job> = DispatchState::new([("gpu".to_string(), 2)], Limits::default());
+    s.start();
+    s.manifests_read(
+        vec![ManifestReport {
+            host: HostId(0),
+            models: Ok(vec!["a".into(), "b".into()]),
+            loaded: Some(vec![]),
+        }],
+        now,
+    );
+    s.worker_idle(HostId(0), now);
+    s.worker_idle(HostId(0), now);
+    let starts = |d: &[Decision<Job>]| {
+        d.iter()
+            .filter(|d| matches!(d, Decision::Start { .. }))
+            .count()
+    };
+    assert_eq!(starts(&s.submit(Job::new(1, "a", now), now)), 1);
+    // Its client gave up during the load: the host may still be loading `a`.
+    let failed = Release {
+        outcome: Outcome::Failed,
+        signal: HostSignal::Neutral,
+        retry: None,
+        observed: None,
+    };
+    s.released(HostId(0), failed, now);
+    s.worker_idle(HostId(0), now);
+    let d = s.submit(Job::new(2, "a", now), now);
+    assert_eq!(starts(&d), 1);
+    assert_eq!(
+        starts(&s.submit(Job::new(3, "a", now), now)),
+        0,
+        "still one at a time"
+    );
+    assert!(s.snapshot().hosts[0].loading);
+    assert_eq!(starts(&s.first_byte(HostId(0), TaskId(2), now)), 1);
+}
+
+#[test]
+fn a_host_configured_to_hold_more_models_than_it_does_is_found_out_by_its_first_tokens() {
+    // The configuration says two models fit; each GPU really holds one. Warm-believed tasks
+    // that load anyway correct the belief, so the battery is not a load per task.
+    let all: &[&str] = &["a", "b", "c", "d"];
+    let mut run = Run::new(&[(all, &[]), (all, &[])], S, 5 * S, LONG);
+    for h in 0..2 {
+        run.state.set_switching(HostId(h), 2, 5 * S);
+    }
+    for _ in 0..10 {
+        for m in all {
+            run.submit(m);
+        }
+    }
+    run.finish();
+    assert!(run.loads() <= 12, "{} loads for 40 tasks", run.loads());
+    assert_eq!(run.state.snapshot().hosts[0].max_loaded_models, 1);
 }
