@@ -188,10 +188,18 @@ fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
     Ok(ChatRequest {
         model,
         stream: request.get("stream") == Some(&Value::Bool(true)),
+        // A whole-number float (`2.0`, as some clients send) is that integer: without it the
+        // runaway-stream guard, which counts against it, would be off.
         max_tokens: request
             .get("max_completion_tokens")
             .or_else(|| request.get("max_tokens"))
-            .and_then(Value::as_u64),
+            .and_then(|v| {
+                v.as_u64().or_else(|| {
+                    v.as_f64()
+                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15)
+                        .map(|f| f as u64)
+                })
+            }),
     })
 }
 
@@ -266,4 +274,32 @@ pub(super) fn error_response(error: &DispatchError) -> Response {
 pub(super) fn error_body(status: StatusCode, code: &str, kind: &str, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "code": code}});
     (status, axum::Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn max_tokens_as_a_whole_float_is_that_integer() {
+        let at = |body: &str| parse(body.as_bytes()).unwrap().max_tokens;
+        assert_eq!(
+            at(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2.0}"#),
+            Some(2)
+        );
+        assert_eq!(
+            at(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#),
+            Some(2)
+        );
+        assert_eq!(
+            at(
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_completion_tokens":7.0,"max_tokens":2}"#
+            ),
+            Some(7)
+        );
+        assert_eq!(
+            at(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2.5}"#),
+            None
+        );
+    }
 }
