@@ -70,6 +70,16 @@ fn default_max_tokens() -> i64 {
     DEFAULT_MAX_TOKENS as i64
 }
 
+/// `temperature`, where `null` means "not given" (the default) as for every optional parameter.
+fn temperature_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(params::optional_number(d)?.unwrap_or_else(default_temperature))
+}
+
+/// `max_tokens`, where `null` means "not given" (the default).
+fn max_tokens_or_default<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    Ok(params::optional_whole_number(d)?.unwrap_or_else(default_max_tokens))
+}
+
 /// One chat completion, as a client asks for it (the parameters of `complete_stream`).
 ///
 /// Every parameter declares its type, and each is read the way real clients send it (see
@@ -85,12 +95,15 @@ pub struct CompletionRequest {
     #[schemars(with = "params::ObjectsSchema")]
     pub messages: Vec<Value>,
     /// Sampling temperature, 0 to 2.
-    #[serde(default = "default_temperature", deserialize_with = "params::number")]
+    #[serde(
+        default = "default_temperature",
+        deserialize_with = "temperature_or_default"
+    )]
     pub temperature: f64,
     /// Most tokens to generate (at least 1).
     #[serde(
         default = "default_max_tokens",
-        deserialize_with = "params::whole_number"
+        deserialize_with = "max_tokens_or_default"
     )]
     pub max_tokens: i64,
     /// Longest silence from the host between bytes once it has started answering, in
@@ -247,8 +260,13 @@ impl CompletionRequest {
             .ok()
             .filter(|n| *n >= 1)
             .ok_or_else(|| {
+                let bound = if self.max_tokens < 1 {
+                    "at least 1".to_string()
+                } else {
+                    format!("at most {}", u32::MAX)
+                };
                 DispatchError::invalid(format!(
-                    "max_tokens must be at least 1, got {}",
+                    "max_tokens must be {bound}, got {}",
                     self.max_tokens
                 ))
             })?;
@@ -412,4 +430,36 @@ pub struct CompletionResult {
     pub model: String,
     /// Hosts tried: 1, or more when an earlier one failed before answering.
     pub attempts: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn request(extra: Value) -> Result<CompletionRequest, serde_json::Error> {
+        let mut body = json!({"model_id": "m", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(body)
+    }
+
+    #[test]
+    fn null_for_a_parameter_with_a_default_is_the_default() {
+        let r = request(json!({"max_tokens": null, "temperature": null})).unwrap();
+        assert_eq!(r.max_tokens, i64::from(DEFAULT_MAX_TOKENS));
+        assert_eq!(r.temperature, DEFAULT_TEMPERATURE);
+        let r = request(json!({"max_tokens": 50.0, "temperature": 0})).unwrap();
+        assert_eq!((r.max_tokens, r.temperature), (50, 0.0));
+    }
+
+    #[test]
+    fn max_tokens_beyond_its_range_names_the_range() {
+        let e = request(json!({"max_tokens": 5_000_000_000u64}))
+            .unwrap()
+            .into_spec()
+            .unwrap_err();
+        assert!(e.message.contains("at most 4294967295"), "{}", e.message);
+    }
 }
