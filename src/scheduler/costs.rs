@@ -54,7 +54,20 @@ pub struct Observed {
 pub struct CostModel {
     /// Per host (by index), the configured load time.
     configured_load: Vec<Duration>,
-    learned: HashMap<(usize, String), Learned>,
+    /// Per host, per model. Looked up on every placement decision, so by `&str` (no key built).
+    learned: HashMap<usize, HashMap<String, Learned>>,
+    /// The fallbacks, recomputed when something is learned (not on every decision).
+    fallback: Fallback,
+}
+
+/// Medians of what was learned, for pairs with nothing of their own (seconds).
+#[derive(Debug, Default, Clone)]
+struct Fallback {
+    host_load: HashMap<usize, f64>,
+    fleet_load: Option<f64>,
+    model_service: HashMap<String, f64>,
+    fleet_service: Option<f64>,
+    model_warm_ttft: HashMap<String, f64>,
 }
 
 impl CostModel {
@@ -62,6 +75,7 @@ impl CostModel {
         Self {
             configured_load,
             learned: HashMap::new(),
+            fallback: Fallback::default(),
         }
     }
 
@@ -76,10 +90,19 @@ impl CostModel {
         }
     }
 
+    fn pair(&self, host: usize, model: &str) -> Option<&Learned> {
+        self.learned.get(&host)?.get(model)
+    }
+
     /// Learns from a finished task of `model` on `host`.
     pub fn observe(&mut self, host: usize, model: &str, seen: Observed) {
-        let warm_fleet = self.warm_ttft_any(model);
-        let entry = self.learned.entry((host, model.to_string())).or_default();
+        let warm_fleet = self.fallback.model_warm_ttft.get(model).copied();
+        let entry = self
+            .learned
+            .entry(host)
+            .or_default()
+            .entry(model.to_string())
+            .or_default();
         let total = seen.service.as_secs_f64();
         match seen.ttft.map(|t| t.as_secs_f64()) {
             Some(ttft) if seen.cold => {
@@ -98,39 +121,56 @@ impl CostModel {
             None if !seen.cold => Ewma::add(&mut entry.service, total),
             None => {}
         }
+        self.fallback = self.medians();
     }
 
-    fn warm_ttft_any(&self, model: &str) -> Option<f64> {
-        let v: Vec<f64> = self
-            .learned
-            .iter()
-            .filter(|((_, m), _)| m == model)
-            .filter_map(|(_, l)| l.warm_ttft.map(|w| w.0))
-            .collect();
-        median(v)
+    fn medians(&self) -> Fallback {
+        let pairs = || {
+            self.learned
+                .iter()
+                .flat_map(|(h, models)| models.iter().map(move |(m, l)| (*h, m, l)))
+        };
+        let mut by_host: HashMap<usize, Vec<f64>> = HashMap::new();
+        let mut by_model: HashMap<&String, Vec<f64>> = HashMap::new();
+        let mut warm_by_model: HashMap<&String, Vec<f64>> = HashMap::new();
+        let (mut loads, mut services) = (Vec::new(), Vec::new());
+        for (h, m, l) in pairs() {
+            if let Some(load) = l.load {
+                by_host.entry(h).or_default().push(load.0);
+                loads.push(load.0);
+            }
+            if let Some(service) = l.service {
+                by_model.entry(m).or_default().push(service.0);
+                services.push(service.0);
+            }
+            if let Some(warm) = l.warm_ttft {
+                warm_by_model.entry(m).or_default().push(warm.0);
+            }
+        }
+        let medians = |map: HashMap<&String, Vec<f64>>| {
+            map.into_iter()
+                .filter_map(|(k, v)| Some((k.clone(), median(v)?)))
+                .collect()
+        };
+        Fallback {
+            host_load: by_host
+                .into_iter()
+                .filter_map(|(k, v)| Some((k, median(v)?)))
+                .collect(),
+            fleet_load: median(loads),
+            model_service: medians(by_model),
+            fleet_service: median(services),
+            model_warm_ttft: medians(warm_by_model),
+        }
     }
 
     /// Expected time for `host` to load `model` (seconds): learned for the pair, else the
     /// median of this host's learned loads, else the fleet's, else configured.
     pub fn load(&self, host: usize, model: &str) -> Duration {
-        if let Some(l) = self
-            .learned
-            .get(&(host, model.to_string()))
-            .and_then(|l| l.load)
-        {
-            return secs(l.0);
-        }
-        let of = |h: Option<usize>| {
-            median(
-                self.learned
-                    .iter()
-                    .filter(|((lh, _), _)| h.is_none_or(|h| *lh == h))
-                    .filter_map(|(_, l)| l.load.map(|e| e.0))
-                    .collect(),
-            )
-        };
-        of(Some(host))
-            .or_else(|| of(None))
+        self.pair(host, model)
+            .and_then(|l| l.load.map(|e| e.0))
+            .or_else(|| self.fallback.host_load.get(&host).copied())
+            .or(self.fallback.fleet_load)
             .map(secs)
             .unwrap_or_else(|| self.configured(host))
     }
@@ -145,18 +185,17 @@ impl CostModel {
         }
         let load = self.load(host, model).as_secs_f64();
         let warm = self
-            .learned
-            .get(&(host, model.to_string()))
+            .pair(host, model)
             .and_then(|l| l.warm_ttft)
             .map(|w| w.0)
-            .or_else(|| self.warm_ttft_any(model))
+            .or_else(|| self.fallback.model_warm_ttft.get(model).copied())
             .unwrap_or(0.0);
         load > 4.0 * warm.max(0.01) && ttft.as_secs_f64() > warm + load / 2.0
     }
 
     /// Whether a load time was measured on any host.
     pub fn measured_any(&self) -> bool {
-        self.learned.values().any(|l| l.load.is_some())
+        self.fallback.fleet_load.is_some()
     }
 
     /// The configured load time of `host` (`[[host]] load_seconds`).
@@ -170,24 +209,10 @@ impl CostModel {
     /// Expected time of one task of `model` on `host`: learned for the pair, else for the
     /// model on any host, else the fleet's median, else [`DEFAULT_SERVICE`].
     pub fn service(&self, host: usize, model: &str) -> Duration {
-        if let Some(s) = self
-            .learned
-            .get(&(host, model.to_string()))
-            .and_then(|l| l.service)
-        {
-            return secs(s.0);
-        }
-        let of = |model: Option<&str>| {
-            median(
-                self.learned
-                    .iter()
-                    .filter(|((_, m), _)| model.is_none_or(|model| m == model))
-                    .filter_map(|(_, l)| l.service.map(|e| e.0))
-                    .collect(),
-            )
-        };
-        of(Some(model))
-            .or_else(|| of(None))
+        self.pair(host, model)
+            .and_then(|l| l.service.map(|e| e.0))
+            .or_else(|| self.fallback.model_service.get(model).copied())
+            .or(self.fallback.fleet_service)
             .map(secs)
             .unwrap_or(DEFAULT_SERVICE)
     }
@@ -197,8 +222,9 @@ impl CostModel {
         let mut rows: Vec<LearnedCost> = self
             .learned
             .iter()
-            .map(|((h, m), l)| LearnedCost {
-                host: name(*h),
+            .flat_map(|(h, models)| models.iter().map(move |(m, l)| (*h, m, l)))
+            .map(|(h, m, l)| LearnedCost {
+                host: name(h),
                 model: m.clone(),
                 load_seconds: l.load.map(|e| e.0),
                 warm_ttft_seconds: l.warm_ttft.map(|e| e.0),

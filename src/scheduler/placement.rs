@@ -37,8 +37,6 @@ pub struct PairFacts {
     pub evicted_holders: usize,
     /// Expected load time of the model on this host.
     pub load: Duration,
-    /// Loading here evicts a model whose waiting tasks no other host holds.
-    pub strands: bool,
     /// The host loaded the model it holds less than [`QUANTUM_LOADS`] loads ago, and that
     /// model still has waiting tasks: being overdue is no reason to take it (the other rules
     /// still apply).
@@ -70,9 +68,6 @@ pub fn allowed(f: &PairFacts) -> bool {
     // A switch that costs nothing evicts nothing of value: the load-blind rules decide.
     if f.warm || f.load.is_zero() || (f.overdue && !f.protected) {
         return true;
-    }
-    if f.strands {
-        return false;
     }
     let (wm, l) = (f.backlog.as_secs_f64(), f.load.as_secs_f64());
     let km = f.warm_elsewhere as f64;
@@ -143,7 +138,6 @@ mod tests {
             warm_elsewhere: 1,
             backlog: Duration::from_secs(10),
             load: Duration::from_secs(30),
-            strands: false,
             protected: false,
             evicted_backlog: Duration::ZERO,
             evicted_holders: 0,
@@ -152,15 +146,19 @@ mod tests {
 
     #[test]
     fn warm_and_overdue_are_always_allowed() {
+        // Even when the load would strand another model's backlog.
+        let strands = PairFacts {
+            evicted_backlog: Duration::from_secs(100),
+            evicted_holders: 1,
+            ..facts()
+        };
         assert!(allowed(&PairFacts {
             warm: true,
-            strands: true,
-            ..facts()
+            ..strands
         }));
         assert!(allowed(&PairFacts {
             overdue: true,
-            strands: true,
-            ..facts()
+            ..strands
         }));
     }
 
@@ -172,7 +170,8 @@ mod tests {
         };
         assert!(allowed(&cold));
         assert!(!allowed(&PairFacts {
-            strands: true,
+            evicted_backlog: Duration::from_secs(100),
+            evicted_holders: 1,
             ..cold
         }));
     }

@@ -1075,22 +1075,24 @@ impl<T: Queueable> DispatchState<T> {
                     .then(|| h.resident.first())
                     .flatten()
                     .map(String::as_str);
-                let facts = placement::PairFacts {
-                    overdue,
-                    warm,
-                    warm_elsewhere: self.holders(model, Some(i)),
-                    backlog: self.costs.service(i, model) * (queue.len() as u32),
-                    load,
-                    strands: !warm && self.strands(i),
-                    // A lone call always gets the next host that can switch; only a backlog
-                    // waits for a host's quantum (a battery would otherwise rotate).
-                    protected: !warm && queue.len() > 1 && self.protected(i, now),
-                    evicted_backlog: evicted
-                        .and_then(|e| self.queues.get(e).map(|q| (e, q.len())))
-                        .map_or(Duration::ZERO, |(e, n)| self.costs.service(i, e) * n as u32),
-                    evicted_holders: evicted.map_or(0, |e| 1 + self.holders(e, Some(i))),
-                };
-                if !placement::allowed(&facts) {
+                // Only a costly switch needs the facts that take a scan of the fleet.
+                let allowed = warm
+                    || load.is_zero()
+                    || placement::allowed(&placement::PairFacts {
+                        overdue,
+                        warm,
+                        warm_elsewhere: self.holders(model, Some(i)),
+                        backlog: self.costs.service(i, model) * (queue.len() as u32),
+                        load,
+                        // A lone call always gets the next host that can switch; only a
+                        // backlog waits for a host's quantum (a battery would otherwise rotate).
+                        protected: queue.len() > 1 && self.protected(i, now),
+                        evicted_backlog: evicted
+                            .and_then(|e| self.queues.get(e).map(|q| (e, q.len())))
+                            .map_or(Duration::ZERO, |(e, n)| self.costs.service(i, e) * n as u32),
+                        evicted_holders: evicted.map_or(0, |e| 1 + self.holders(e, Some(i))),
+                    });
+                if !allowed {
                     continue;
                 }
                 let key = placement::host_key(
@@ -1171,19 +1173,6 @@ impl<T: Queueable> DispatchState<T> {
         let model = h.resident.last()?;
         h.loaded_at?
             .checked_add(self.load_estimate(host, model) * placement::QUANTUM_LOADS)
-    }
-
-    /// Whether loading a model on `host` evicts one whose waiting tasks no other host holds.
-    fn strands(&self, host: usize) -> bool {
-        let h = &self.hosts[host];
-        if h.resident.len() < h.max_loaded {
-            return false;
-        }
-        let Some(evicted) = h.resident.first() else {
-            return false;
-        };
-        self.queues.get(evicted).is_some_and(|q| !q.is_empty())
-            && self.holders(evicted, Some(host)) == 0
     }
 
     /// Hosts that take no new work so that they drain for an overdue task that only the drain
