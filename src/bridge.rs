@@ -80,7 +80,7 @@ impl DaemonSpec {
                 owners.push(owner);
             }
         }
-        if let Some(o) = owners.iter().find(|o| o.socket.as_os_str().is_empty()) {
+        if let Some(o) = owners.iter().find(|o| o.is_standalone()) {
             return Err(BridgeError::Refused(format!(
                 "a host of this launch is scheduled by `prix-dispatch stdio --standalone` (pid \
                  {}, configuration {}), which serves only its own client; stop it, or launch \
@@ -198,7 +198,7 @@ pub async fn run(spec: DaemonSpec) -> Result<(), BridgeError> {
                         lock(&pending).in_flight.remove(&id.to_string());
                         let _ = out_tx.send(error_line(&id, &e.to_string()));
                     }
-                    if matches!(e, BridgeError::Refused(_)) {
+                    if matches!(e, BridgeError::Refused(_) | BridgeError::Split(_)) {
                         break Err(e);
                     }
                     continue;

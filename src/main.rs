@@ -342,11 +342,10 @@ async fn told<T>(result: anyhow::Result<T>) -> anyhow::Result<T> {
     result
 }
 
+/// `--socket`, else this user's daemon socket (looked at only: `status` and `stop` create
+/// nothing).
 fn default_socket(socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    Ok(match socket {
-        Some(socket) => socket,
-        None => prix_dispatch::daemon_dir::DaemonDir::for_this_user()?.socket(),
-    })
+    Ok(socket.unwrap_or_else(prix_dispatch::daemon_dir::default_socket))
 }
 
 /// A configuration that only joins another machine's daemon ([server] connect) has no hosts

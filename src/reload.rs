@@ -294,15 +294,12 @@ impl FleetManager {
         let Ok(status) = self.dispatcher.status().await else {
             return;
         };
-        let busy: HashSet<String> = status
-            .hosts
-            .iter()
-            .filter(|h| h.state.retired && h.state.active > 0)
-            .map(|h| host_identity(&h.url))
-            .collect();
+        // A removed host stays in the status until its last task is done (and a host retired
+        // after this snapshot is still listed in it): keep the lock of every listed host.
+        let listed: HashSet<String> = status.hosts.iter().map(|h| host_identity(&h.url)).collect();
         self.held()
             .releasing
-            .retain(|l| busy.contains(l.identity()));
+            .retain(|l| listed.contains(l.identity()));
     }
 
     /// The files this daemon's fleet comes from.

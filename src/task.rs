@@ -337,6 +337,9 @@ pub struct InferenceTask {
     pub events: mpsc::UnboundedSender<TaskEvent>,
     /// Fired at the host's first output byte, when the worker wants to know (a cold load).
     pub first_output: Option<CancellationToken>,
+    /// Whether `first_output` was fired: after the first byte, a plain load per event
+    /// instead of the token's lock.
+    pub first_fired: std::sync::atomic::AtomicBool,
 }
 
 impl InferenceTask {
@@ -354,11 +357,14 @@ impl InferenceTask {
     }
 
     pub fn emit(&self, event: TaskEvent) {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(first) = &self.first_output
+            && !self.first_fired.load(Relaxed)
             && matches!(
                 event,
                 TaskEvent::Delta(_) | TaskEvent::ReasoningDelta(_) | TaskEvent::Bytes(_)
             )
+            && !self.first_fired.swap(true, Relaxed)
         {
             first.cancel();
         }

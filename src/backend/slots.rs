@@ -58,16 +58,19 @@ impl HostClient {
             .send()
             .await
             .ok()?;
-        let busy = if response.status().is_success() {
-            response
-                .json::<Value>()
-                .await
-                .ok()
-                .and_then(|body| parse_slots(&body))
-        } else {
-            None
-        };
-        // A transport failure says nothing; an answer without slots says this host has none.
+        let status = response.status();
+        // Only a host that says it has no such endpoint (404; llama-server `--no-slots`: 501)
+        // or answers with something that is not slots lacks them. A 5xx (503 while loading a
+        // model) or a broken read says nothing: ask again next time.
+        if matches!(status.as_u16(), 404 | 501) {
+            self.slots_support.store(UNSUPPORTED, Ordering::Relaxed);
+            return None;
+        }
+        if !status.is_success() {
+            return None;
+        }
+        let body = response.json::<Value>().await.ok()?;
+        let busy = parse_slots(&body);
         let support = if busy.is_some() {
             SUPPORTED
         } else {

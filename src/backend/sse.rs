@@ -350,7 +350,10 @@ impl ChatStream {
                 _ => {
                     !(named
                         && !existing.name.is_empty()
-                        && serde_json::from_str::<Value>(&existing.arguments).is_ok())
+                        // Cheap test first: some servers repeat the name on every fragment.
+                        && existing.arguments.trim_end().ends_with('}')
+                        && serde_json::from_str::<serde::de::IgnoredAny>(&existing.arguments)
+                            .is_ok())
                 }
             }
         });

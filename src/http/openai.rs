@@ -193,13 +193,8 @@ fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
         max_tokens: request
             .get("max_completion_tokens")
             .or_else(|| request.get("max_tokens"))
-            .and_then(|v| {
-                v.as_u64().or_else(|| {
-                    v.as_f64()
-                        .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 1e15)
-                        .map(|f| f as u64)
-                })
-            }),
+            .and_then(|v| crate::params::whole_number(v).ok())
+            .and_then(|n| u64::try_from(n).ok()),
     })
 }
 

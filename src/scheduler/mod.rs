@@ -337,6 +337,7 @@ impl Scheduler {
             cancel: cancel.clone(),
             events: events_tx,
             first_output: None,
+            first_fired: Default::default(),
         };
         self.tx
             .send(Command::Submit(Box::new(task)))
