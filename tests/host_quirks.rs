@@ -415,3 +415,26 @@ async fn ollama_with_no_model_pulled_is_up_and_lists_nothing() {
     drop(front);
     fleet.shutdown().await;
 }
+
+/// A host that ends with a real finish reason but closes without `[DONE]`: the answer is
+/// complete, and OpenAI clients (which read until `[DONE]`) get one from the daemon.
+#[tokio::test]
+async fn a_finished_stream_without_done_reaches_openai_clients_with_done() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let chunks = vec![
+        chunk(json!({"role": "assistant", "content": "Hi"}), Value::Null),
+        chunk(json!({}), json!("stop")),
+    ];
+    let r = openai_call(&front.base, &raw(&chunks, false), true).await;
+    assert_eq!(r.status(), 200);
+    let payloads = sse_payloads(&r.text().await.unwrap());
+    assert_eq!(
+        payloads.last().map(String::as_str),
+        Some("[DONE]"),
+        "{payloads:?}"
+    );
+    assert_eq!(payloads.iter().filter(|p| *p == "[DONE]").count(), 1);
+    drop(front);
+    fleet.shutdown().await;
+}

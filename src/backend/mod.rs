@@ -358,9 +358,15 @@ impl HostClient {
                 reader.event(event)?;
             }
         }
+        let saw_done = reader.stream.done;
         let output = reader.finish(broken)?;
         if let Some(mut out) = relay_out {
             out.flush(task);
+            // Complete by its finish reason, but the host closed without `[DONE]`: OpenAI
+            // clients wait for it. (A blank line first, in case the host left an event open.)
+            if out.event_stream && !saw_done {
+                out.send(task, Bytes::from_static(b"\n\ndata: [DONE]\n\n"));
+            }
         }
         Ok(output)
     }
@@ -621,6 +627,8 @@ impl StreamReader<'_> {
 /// client as an error status.
 struct RelayOut {
     content_type: String,
+    /// The host answers with an event stream (a streamed request), not one JSON body.
+    event_stream: bool,
     answered: bool,
     /// Bytes after the last newline relayed, held until their line is complete.
     tail: BytesMut,
@@ -629,6 +637,7 @@ struct RelayOut {
 impl RelayOut {
     fn new(content_type: String) -> Self {
         Self {
+            event_stream: content_type.starts_with("text/event-stream"),
             content_type,
             answered: false,
             tail: BytesMut::new(),
