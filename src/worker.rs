@@ -133,8 +133,16 @@ async fn busy_elsewhere(
     if !client.may_show_slots() {
         return None;
     }
+    hold_back(client.read_slots().await?, running_here, silent, slots)?;
+    // llama-server marks a slot idle a moment after it sent the answer's last byte: a request
+    // of ours that just ended can still show as processing. Look once more before calling it
+    // someone else's (measured: the real-server test sent a task to the other host otherwise).
+    tokio::time::sleep(SLOTS_SECOND_LOOK).await;
     hold_back(client.read_slots().await?, running_here, silent, slots)
 }
+
+/// How long to wait before the second `/slots` read that confirms load from elsewhere.
+const SLOTS_SECOND_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Whether a task must not be sent to a host whose `/slots` shows `seen`, and if so how many
 /// slots to count as busy from elsewhere. `running_here` counts this task. Our other requests
