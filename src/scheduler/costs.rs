@@ -58,6 +58,26 @@ pub struct CostModel {
     learned: HashMap<usize, HashMap<String, Learned>>,
     /// The fallbacks, recomputed when something is learned (not on every decision).
     fallback: Fallback,
+    /// Per model, every host's service times pooled: what a backlog is priced with.
+    pooled: HashMap<String, Pooled>,
+}
+
+/// A running mean over the first [`POOL_WINDOW`] samples, then an average that forgets slowly:
+/// a backlog of fifty tasks must not be priced by the one short task a host happened to run.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pooled {
+    n: u32,
+    mean: f64,
+}
+
+/// Samples after which the pooled mean weighs each new one at 1/POOL_WINDOW.
+const POOL_WINDOW: u32 = 50;
+
+impl Pooled {
+    fn add(&mut self, sample: f64) {
+        self.n = (self.n + 1).min(POOL_WINDOW);
+        self.mean += (sample - self.mean) / f64::from(self.n);
+    }
 }
 
 /// Medians of what was learned, for pairs with nothing of their own (seconds).
@@ -76,6 +96,7 @@ impl CostModel {
             configured_load,
             learned: HashMap::new(),
             fallback: Fallback::default(),
+            pooled: HashMap::new(),
         }
     }
 
@@ -104,22 +125,33 @@ impl CostModel {
             .entry(model.to_string())
             .or_default();
         let total = seen.service.as_secs_f64();
-        match seen.ttft.map(|t| t.as_secs_f64()) {
+        let service = match seen.ttft.map(|t| t.as_secs_f64()) {
             Some(ttft) if seen.cold => {
                 // What the first token took beyond a warm one is the load; the rest of the
                 // task is its service, as it would be warm.
                 let warm = entry.warm_ttft.map(|w| w.0).or(warm_fleet).unwrap_or(0.0);
                 let load = (ttft - warm).max(0.0);
                 Ewma::add(&mut entry.load, load);
-                Ewma::add(&mut entry.service, (total - load).max(0.0));
+                Some((total - load).max(0.0))
             }
             Some(ttft) => {
                 Ewma::add(&mut entry.warm_ttft, ttft);
-                Ewma::add(&mut entry.service, total);
+                Some(total)
             }
             // No first token seen (an empty answer): its time is still its service.
-            None if !seen.cold => Ewma::add(&mut entry.service, total),
-            None => {}
+            None if !seen.cold => Some(total),
+            None => None,
+        };
+        if let Some(service) = service {
+            Ewma::add(&mut entry.service, service);
+            match self.pooled.get_mut(model) {
+                Some(p) => p.add(service),
+                None => {
+                    let mut p = Pooled::default();
+                    p.add(service);
+                    self.pooled.insert(model.to_string(), p);
+                }
+            }
         }
         self.fallback = self.medians();
     }
@@ -217,6 +249,20 @@ impl CostModel {
             .unwrap_or(DEFAULT_SERVICE)
     }
 
+    /// Expected time of one task of `model` anywhere in the fleet: the mean of every host's
+    /// recent tasks of it, else the fleet's median, else [`DEFAULT_SERVICE`]. Backlogs are
+    /// priced with this, the same figure for every host that weighs them: priced per host, a
+    /// host whose one task of a model happened to be short saw that model's backlog as small
+    /// and left it (measured: 16 hosts, 8 models, 66 loads for a minimum of 16).
+    pub fn model_service(&self, model: &str) -> Duration {
+        self.pooled
+            .get(model)
+            .map(|p| p.mean)
+            .or(self.fallback.fleet_service)
+            .map(secs)
+            .unwrap_or(DEFAULT_SERVICE)
+    }
+
     /// Everything learned, for status pages, by host then model; `name` names a host index.
     pub fn learned(&self, name: impl Fn(usize) -> String) -> Vec<LearnedCost> {
         let mut rows: Vec<LearnedCost> = self
@@ -307,6 +353,28 @@ mod tests {
             c.service(0, "a"),
             "the model's figure elsewhere"
         );
+    }
+
+    #[test]
+    fn a_backlog_is_priced_with_every_hosts_tasks_of_the_model() {
+        let mut c = CostModel::new(vec![Duration::from_secs(30); 3]);
+        let warm = |ms_: u64| Observed {
+            cold: false,
+            ttft: Some(ms(10)),
+            service: ms(ms_),
+        };
+        // Host 0 happened to run one short task; hosts 1 and 2 ran the usual ones.
+        c.observe(0, "a", warm(2_000));
+        for _ in 0..4 {
+            c.observe(1, "a", warm(10_000));
+            c.observe(2, "a", warm(12_000));
+        }
+        assert_eq!(c.service(0, "a"), Duration::from_secs(2), "the pair's own");
+        let pooled = c.model_service("a").as_secs_f64();
+        assert!((pooled - 10.0).abs() < 0.01, "mean of all nine: {pooled}");
+        // A model never run: the median of the pairs' figures (2, 10, 12 s).
+        let other = c.model_service("b").as_secs_f64();
+        assert!((other - 10.0).abs() < 0.01, "the fleet's median: {other}");
     }
 
     #[test]

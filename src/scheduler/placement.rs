@@ -7,15 +7,19 @@
 //!   can run without a load waits;
 //! - a load (cold) is allowed when the task is overdue (`max_bypass_seconds`: starvation stays
 //!   bounded; a host keeps a model it loaded for [`QUANTUM_LOADS`] load times of work first,
-//!   so that overdue batteries do not rotate every host on every task), or when no host holds the model (it must be loaded somewhere; better now, beside
-//!   other work, than after it), or when the model's backlog per warm host is worth one more
-//!   load; never when it would evict a model whose waiting tasks no other host holds, unless
-//!   overdue;
-//! - models with no host running them go first (each backlog gets a host before any gets a
-//!   second, so a needed load overlaps other work), then the scarcest, then the oldest;
+//!   so that overdue batteries do not rotate every host on every task), or when the switch
+//!   finishes the waiting work sooner by more than a load ([`switch_gain`]: a model no host
+//!   holds is loaded unless that strands another's backlog; another copy only while the
+//!   backlog per host is worth it);
+//! - another copy of a model waits for a burst of submissions to settle
+//!   ([`collation_window`]), so that a battery sent model by model is seen whole;
+//! - overdue models first, oldest first; then models no host runs (each backlog gets a host
+//!   before any gets a second, so a needed load overlaps other work); then, where loads are
+//!   [`costly`], the switch that gains most before warm work; then the scarcest, the oldest;
 //! - for a model, a warm host before a cold one, then the cheapest load, then the least
 //!   versatile host, the least busy, the one that ran it last, configuration order.
 
+use std::cmp::Reverse;
 use std::time::Duration;
 
 use crate::task::TaskId;
@@ -27,8 +31,11 @@ pub struct PairFacts {
     pub overdue: bool,
     /// The host holds the model in memory (as far as the daemon knows).
     pub warm: bool,
-    /// Other healthy hosts that hold the model.
+    /// Other healthy hosts that hold the model or are loading it.
     pub warm_elsewhere: usize,
+    /// How long until the first of those can run the model's tasks: zero when one holds it
+    /// ready, else the shortest remaining load.
+    pub warm_ready_in: Duration,
     /// The model's waiting work: waiting tasks × expected service time.
     pub backlog: Duration,
     /// The waiting work of the model a load here evicts (zero when it evicts none, or one
@@ -50,28 +57,60 @@ pub struct PairFacts {
 /// time (measured: 200 loads for 200 tasks on two hosts); with it a load is at most about
 /// 1/(1 + QUANTUM_LOADS) of a host's time. The price: a backlog may wait up to this many load
 /// times for a host (interactive calls are single and not held). Measured on two hosts with
-/// four models (bench `swap`): 8 gave 0.88–0.90 of the bound and 8–17 loads at loads of 2–6
-/// tasks, 20 gives 0.95–0.98 and 4–8 loads.
-pub const QUANTUM_LOADS: u32 = 20;
+/// four models of 50 tasks (bench `swap`): 8 gave 0.88–0.90 of the bound and 8–17 loads at
+/// loads of 2–6 tasks; 20 gave 0.95–0.98 and 8 loads at 2× (each host left a backlog 400 s
+/// in to load an overdue one, and came back); 30 gives 0.98 and 4 loads. Larger batteries
+/// still rotate, at most once per quantum.
+pub const QUANTUM_LOADS: u32 = 30;
+
+/// The longest a burst of submissions is waited for before a model is loaded on one more
+/// host (a first copy never waits). A battery arrives a task at a time over milliseconds;
+/// deciding extra copies on the first tasks of the first model gives that model every free
+/// host before the other models are seen (measured: 4 hosts, 4 models sent model by model,
+/// 20× loads: 0.75 of the bound with 6 loads; waiting for the burst: one model per host).
+pub const COLLATION_MAX: Duration = Duration::from_millis(250);
+
+/// How long after the last submission an extra copy of a model waits: [`COLLATION_MAX`], or
+/// a twentieth of the load when that is shorter (a wait must stay small against the load it
+/// is meant to save).
+pub fn collation_window(load: Duration) -> Duration {
+    COLLATION_MAX.min(load / 20)
+}
+
+/// Whether a load is worth ordering work by: at least a quarter of the model's task. Below
+/// that, ordering by how much sooner a switch finishes the work is ordering by backlog per
+/// host, which loses to scarcity first on load-free fleets (bench `efficiency`: 16 hosts,
+/// 1,000 tasks, 0.883 -> 0.840).
+pub fn costly(load: Duration, service: Duration) -> bool {
+    load * 4 >= service
+}
 
 /// Whether a free slot may start the model here now; `false` means the slot stays idle
 /// rather than load a model a warm host will serve sooner.
-///
-/// A switch moves this host from the model it evicts (`r`, backlog `Wr` over `kr` hosts) to
-/// the new one (`m`, `Wm` over `km` warm hosts). Each model's time to clear its backlog is
-/// about `W / k`; the switch is worth it when it lowers the later of the two by more than one
-/// load, its own load included: `max(Wr / (kr - 1), L + Wm / (km + 1)) + L < max(Wr / kr,
-/// Wm / km)`. With nothing of `r` waiting this is `Wm / km - Wm / (km + 1) > 2 L`: another copy
-/// only while the backlog per warm host is well worth the load. A model no host holds
-/// (`km = 0`) is loaded unless that strands `r`.
 pub fn allowed(f: &PairFacts) -> bool {
     // A switch that costs nothing evicts nothing of value: the load-blind rules decide.
-    if f.warm || f.load.is_zero() || (f.overdue && !f.protected) {
-        return true;
-    }
+    f.warm || f.load.is_zero() || (f.overdue && !f.protected) || switch_gain(f).is_some()
+}
+
+/// How much sooner the waiting work finishes if this host loads the model now (the later of
+/// the two backlogs' finishing times, less one load of margin); `None` when it does not.
+///
+/// A switch moves this host from the model it evicts (`r`, backlog `Wr` over `kr` hosts) to
+/// the new one (`m`, `Wm` over `km` hosts holding or loading it, the first ready in `d`).
+/// Each model's time to clear its backlog is about `W / k`; the switch is worth it when it
+/// lowers the later of the two by more than one load, its own load included:
+/// `max(Wr / (kr - 1), L + Wm / (km + 1)) + L < max(Wr / kr, d + Wm / km)`. With nothing of
+/// `r` waiting this is `d + Wm / km - Wm / (km + 1) > 2 L`: another copy only while the
+/// backlog per warm host is well worth the load. A model no host holds (`km = 0`) is loaded
+/// unless that strands `r`.
+pub fn switch_gain(f: &PairFacts) -> Option<Duration> {
     let (wm, l) = (f.backlog.as_secs_f64(), f.load.as_secs_f64());
     let km = f.warm_elsewhere as f64;
-    let m_now = if km == 0.0 { f64::INFINITY } else { wm / km };
+    let m_now = if km == 0.0 {
+        f64::INFINITY
+    } else {
+        f.warm_ready_in.as_secs_f64() + wm / km
+    };
     let m_after = l + wm / (km + 1.0);
     let wr = f.evicted_backlog.as_secs_f64();
     let kr = f.evicted_holders as f64;
@@ -84,24 +123,39 @@ pub fn allowed(f: &PairFacts) -> bool {
     };
     // A margin of one more load: estimates are rough, and a move that only breaks even
     // invites the move back (measured: 16 hosts, 8 models, 95 loads for a minimum of 16).
-    r_after.max(m_after) + l < r_now.max(m_now)
+    let gain = r_now.max(m_now) - (r_after.max(m_after) + l);
+    (gain > 0.0).then(|| Duration::from_secs_f64(gain.min(1e9)))
 }
 
 /// Order of models among those with an allowed pair: lower first.
 /// Overdue models first, oldest first among them (DESIGN invariant 5: with `max_bypass` 0 this
-/// is plain FIFO); then models no host runs, then fewest hosts listing it, then oldest head.
+/// is plain FIFO); then models no host runs; then a switch that finishes the waiting work
+/// sooner (`gain`, from [`switch_gain`]; the largest first) before work a host holds warm,
+/// else a battery sent model by model keeps every early model's hosts and the later models
+/// wait behind it (measured: 16 hosts, 8 models, 20× loads, 0.65 of the bound); then fewest
+/// hosts listing it, then oldest head.
 pub fn model_key(
     overdue: bool,
     running_hosts: usize,
+    gain: Option<Duration>,
     coverage: usize,
     head: TaskId,
-) -> (bool, bool, usize, TaskId) {
+) -> ModelKey {
     if overdue {
-        (false, false, 0, head)
+        (false, false, Reverse(Duration::ZERO), 0, head)
     } else {
-        (true, running_hosts > 0, coverage, head)
+        (
+            true,
+            running_hosts > 0,
+            Reverse(gain.unwrap_or_default()),
+            coverage,
+            head,
+        )
     }
 }
+
+/// See [`model_key`].
+pub type ModelKey = (bool, bool, Reverse<Duration>, usize, TaskId);
 
 /// Order of hosts for one model: lower first. A cold host with room for the model comes before
 /// one that must evict a model for it (a client alternating two models one call at a time
@@ -136,6 +190,7 @@ mod tests {
             overdue: false,
             warm: false,
             warm_elsewhere: 1,
+            warm_ready_in: Duration::ZERO,
             backlog: Duration::from_secs(10),
             load: Duration::from_secs(30),
             protected: false,
@@ -227,5 +282,57 @@ mod tests {
         let room = host_key(false, Duration::from_secs(30), false, 4, 0, false, 1);
         let evicting = host_key(false, Duration::from_secs(30), true, 1, 0, true, 0);
         assert!(room < evicting, "an empty host before evicting a model");
+    }
+
+    #[test]
+    fn a_holder_still_loading_counts_with_its_remaining_load() {
+        // 490 s of work, one other host loading it with 200 s to go; this host would evict a
+        // model with 460 s waiting over 4 hosts. Without the remaining load the backlog looks
+        // like 490 s and the move (445 s + a 200 s margin) is refused.
+        let f = PairFacts {
+            warm_elsewhere: 1,
+            warm_ready_in: Duration::from_secs(200),
+            backlog: Duration::from_secs(490),
+            load: Duration::from_secs(200),
+            evicted_backlog: Duration::from_secs(460),
+            evicted_holders: 4,
+            ..facts()
+        };
+        assert!(switch_gain(&f).is_some());
+        assert!(
+            switch_gain(&PairFacts {
+                warm_ready_in: Duration::ZERO,
+                ..f
+            })
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn a_switch_that_finishes_sooner_goes_before_older_warm_work() {
+        let head_old = TaskId(1);
+        let head_new = TaskId(500);
+        let warm = model_key(false, 3, None, 16, head_old);
+        let switch = model_key(false, 1, Some(Duration::from_secs(40)), 16, head_new);
+        assert!(switch < warm);
+        // Overdue work still goes first, oldest first, whatever a switch would gain.
+        let overdue = model_key(true, 3, None, 16, head_new);
+        assert!(overdue < switch);
+        assert!(model_key(true, 0, None, 1, head_old) < overdue);
+    }
+
+    #[test]
+    fn a_cheap_load_is_not_worth_ordering_by() {
+        assert!(costly(Duration::from_secs(5), Duration::from_secs(10)));
+        assert!(!costly(Duration::from_millis(1), Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn extra_copies_wait_a_small_part_of_a_load() {
+        assert_eq!(collation_window(Duration::from_secs(30)), COLLATION_MAX);
+        assert_eq!(
+            collation_window(Duration::from_millis(400)),
+            Duration::from_millis(20)
+        );
     }
 }

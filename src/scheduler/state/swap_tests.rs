@@ -215,6 +215,49 @@ fn an_interleaved_battery_on_hosts_that_hold_one_model_loads_each_model_about_on
 }
 
 #[test]
+fn a_battery_sent_model_by_model_gives_each_model_a_host_before_any_gets_two() {
+    // Four empty hosts, four models of 20 tasks sent a a a … b b b … at one instant, a load
+    // costing 20 tasks. Each model's first tasks alone would be worth extra copies; the
+    // later models arrive microseconds after. One model per host is the schedule the bound
+    // allows; any extra copy of an early model makes a later one wait a whole load more.
+    let all: &[&str] = &["a", "b", "c", "d"];
+    let hosts = [(all, &[][..]); 4];
+    let mut run = Run::new(&hosts, S, 20 * S, Duration::from_secs(30));
+    for m in all {
+        for _ in 0..20 {
+            run.submit(m);
+        }
+    }
+    let makespan = run.finish();
+    assert_eq!(run.loads(), 4, "one load per host and model");
+    assert!(
+        makespan <= 20 * S + 20 * S + 2 * S,
+        "each host loads once and runs its model's 20 tasks: {makespan:?}"
+    );
+}
+
+#[test]
+fn a_model_being_loaded_does_not_pull_a_second_host_ahead_of_a_model_none_serves() {
+    // Two hosts, four models sent model by model; a load (60 s) lasts longer than
+    // max_bypass (30 s). While a host loads c, c's backlog is being served, not passed over:
+    // the next free host goes to d, which no host serves, not to a second copy of c.
+    let all: &[&str] = &["a", "b", "c", "d"];
+    let mut run = Run::new(
+        &[(all, &[]), (all, &[])],
+        S,
+        60 * S,
+        Duration::from_secs(30),
+    );
+    for m in all {
+        for _ in 0..30 {
+            run.submit(m);
+        }
+    }
+    run.finish();
+    assert_eq!(run.loads(), 4, "each model loaded once");
+}
+
+#[test]
 fn warm_hosts_keep_their_models_on_an_interleaved_battery() {
     let ab: &[&str] = &["a", "b"];
     let mut run = Run::new(&[(ab, &["a"]), (ab, &["b"])], S, 5 * S, LONG);
