@@ -38,6 +38,8 @@ pub struct PairFacts {
     pub warm_ready_in: Duration,
     /// The model's waiting work: waiting tasks × expected service time.
     pub backlog: Duration,
+    /// The load takes the place of a resident model (the host has no room beside it).
+    pub evicts: bool,
     /// The waiting work of the model a load here evicts (zero when it evicts none, or one
     /// with nothing waiting), and the hosts holding that model, this one included.
     pub evicted_backlog: Duration,
@@ -70,7 +72,8 @@ pub const QUANTUM_LOADS: u32 = 30;
 /// 20× loads: 0.75 of the bound with 6 loads; waiting for the burst: one model per host).
 pub const COLLATION_MAX: Duration = Duration::from_millis(250);
 
-/// How long after the last submission an extra copy of a model waits: [`COLLATION_MAX`], or
+/// How long after the last submission an extra copy of a model waits, on a host that lists
+/// other models too (a host that serves only this model has nothing to keep for others): [`COLLATION_MAX`], or
 /// a twentieth of the load when that is shorter (a wait must stay small against the load it
 /// is meant to save).
 pub fn collation_window(load: Duration) -> Duration {
@@ -98,7 +101,8 @@ pub fn allowed(f: &PairFacts) -> bool {
 /// A switch moves this host from the model it evicts (`r`, backlog `Wr` over `kr` hosts) to
 /// the new one (`m`, `Wm` over `km` hosts holding or loading it, the first ready in `d`).
 /// Each model's time to clear its backlog is about `W / k`; the switch is worth it when it
-/// lowers the later of the two by more than one load, its own load included:
+/// lowers the later of the two by more than one load (no margin on a host with room: it
+/// evicts nothing), its own load included:
 /// `max(Wr / (kr - 1), L + Wm / (km + 1)) + L < max(Wr / kr, d + Wm / km)`. With nothing of
 /// `r` waiting this is `d + Wm / km - Wm / (km + 1) > 2 L`: another copy only while the
 /// backlog per warm host is well worth the load. A model no host holds (`km = 0`) is loaded
@@ -121,9 +125,11 @@ pub fn switch_gain(f: &PairFacts) -> Option<Duration> {
     } else {
         (wr / kr, wr / (kr - 1.0))
     };
-    // A margin of one more load: estimates are rough, and a move that only breaks even
-    // invites the move back (measured: 16 hosts, 8 models, 95 loads for a minimum of 16).
-    let gain = r_now.max(m_now) - (r_after.max(m_after) + l);
+    // A margin of one more load when the load evicts a model: estimates are rough, and a
+    // move that only breaks even invites the move back (measured: 16 hosts, 8 models, 95
+    // loads for a minimum of 16). A host with room evicts nothing there is to come back for.
+    let margin = if f.evicts { l } else { 0.0 };
+    let gain = r_now.max(m_now) - (r_after.max(m_after) + margin);
     (gain > 0.0).then(|| Duration::from_secs_f64(gain.min(1e9)))
 }
 
@@ -194,6 +200,7 @@ mod tests {
             backlog: Duration::from_secs(10),
             load: Duration::from_secs(30),
             protected: false,
+            evicts: true,
             evicted_backlog: Duration::ZERO,
             evicted_holders: 0,
         }
@@ -319,6 +326,20 @@ mod tests {
         let overdue = model_key(true, 3, None, 16, head_new);
         assert!(overdue < switch);
         assert!(model_key(true, 0, None, 1, head_old) < overdue);
+    }
+
+    #[test]
+    fn a_host_with_room_needs_no_margin_for_another_copy() {
+        // One other host loading the model (30 s to go), one more task waiting: a second
+        // empty host finishes it sooner (30 + 5 < 30 + 10) and evicts nothing.
+        let f = PairFacts {
+            warm_ready_in: Duration::from_secs(30),
+            backlog: Duration::from_secs(10),
+            evicts: false,
+            ..facts()
+        };
+        assert!(switch_gain(&f).is_some());
+        assert!(switch_gain(&PairFacts { evicts: true, ..f }).is_none());
     }
 
     #[test]

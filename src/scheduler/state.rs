@@ -1101,6 +1101,7 @@ impl<T: Queueable> DispatchState<T> {
                         warm_ready_in,
                         backlog: self.costs.model_service(model) * (queue.len() as u32),
                         load,
+                        evicts: evicted.is_some(),
                         // A lone call always gets the next host that can switch; only a
                         // backlog waits for a host's quantum (a battery would otherwise rotate).
                         protected: queue.len() > 1 && self.protected(i, now),
@@ -1113,7 +1114,10 @@ impl<T: Queueable> DispatchState<T> {
                     };
                     gain = placement::switch_gain(&facts)
                         .filter(|_| placement::costly(load, self.costs.model_service(model)));
-                    placement::allowed(&facts) && !(settling && !overdue && warm_elsewhere > 0)
+                    // Hold an extra copy for the burst to settle, on a host other models
+                    // might need.
+                    let hold = settling && !overdue && warm_elsewhere > 0 && h.models.len() > 1;
+                    placement::allowed(&facts) && !hold
                 };
                 if !allowed {
                     continue;
