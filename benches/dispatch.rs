@@ -153,7 +153,7 @@ impl Queueable for Job {
     fn abandoned(&self) -> bool {
         false
     }
-    fn notify_position(&self, _position: usize) {}
+    fn notify_position(&self, _position: usize, _starts_in: Option<Duration>) {}
 }
 
 fn completed() -> Release<Job> {

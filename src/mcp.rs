@@ -220,7 +220,7 @@ impl PrixServer {
                 Some(TaskEvent::Finished(result)) => break Ok(result),
                 Some(TaskEvent::Failed(error)) => break Err(error),
                 None => break Err(DispatchError::scheduler_stopped()),
-                Some(TaskEvent::Queued { position }) => {
+                Some(TaskEvent::Queued { position, .. }) => {
                     progress
                         .send(format!("queued for {model}: position {position}"))
                         .await;

@@ -376,9 +376,11 @@ impl InferenceTask {
 /// What a client hears about its task, in order; `Finished` and `Failed` are terminal.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskEvent {
-    /// Waiting; `position` 1 means next in line for this model.
+    /// Waiting; `position` 1 means next in line for this model; `starts_in` the scheduler's
+    /// rough estimate of when it starts (from the learned service and load times).
     Queued {
         position: usize,
+        starts_in: Option<std::time::Duration>,
     },
     /// A host slot took the task.
     Started {

@@ -438,3 +438,25 @@ async fn a_finished_stream_without_done_reaches_openai_clients_with_done() {
     drop(front);
     fleet.shutdown().await;
 }
+
+/// A server that ignores `stream: true` answers with one JSON document, whole, at the end: its
+/// arrival is no first-token time. Taken as one, every such task looked like a model load to
+/// the cost model (a load as long as the task, a task priced at nothing), and a host added to
+/// the fleet was never thought worth a load.
+#[tokio::test]
+async fn a_whole_json_answer_reports_no_first_token_time() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let document = json!({"id": "x", "object": "chat.completion", "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "whole"}}]});
+    let content = sim_directive(json!({"raw": {"status": 200,
+        "content_type": "application/json", "chunks": [document.to_string()]}}));
+    let result: CompletionResult = fleet
+        .dispatcher
+        .run(spec("m", &content, json!({})), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(result.text, "whole");
+    assert_eq!(result.ttft_ms, None, "no first token was seen apart");
+    fleet.shutdown().await;
+}

@@ -364,7 +364,11 @@ async fn an_edited_config_reloads_the_running_daemon_without_overlap() {
     );
     running.await.unwrap();
     openai_calls(&base, 8).await;
-    assert!(!b.chat_records().is_empty(), "the added host serves");
+    assert!(
+        !b.chat_records().is_empty(),
+        "the added host serves: {}",
+        serve.log()
+    );
     common::assert_host_invariants(&a.chat_records(), 1);
     common::assert_host_invariants(&b.chat_records(), 1);
     assert_eq!(

@@ -273,6 +273,10 @@ impl HostClient {
                 Ok(Ok(bytes)) => bytes,
             };
             reader.apply(&String::from_utf8_lossy(&bytes))?;
+            // One document arrives when the answer is whole: its arrival is no first-token
+            // time, and taken as one it made every task look like a model load (the cost
+            // model then priced a task at nothing and a backlog at microseconds).
+            reader.ttft = None;
             reader.stream.done =
                 reader.stream.finish_reason.is_some() || reader.stream.has_output();
             let output = reader.finish(None)?;

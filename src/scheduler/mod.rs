@@ -48,8 +48,11 @@ impl Queueable for InferenceTask {
     fn abandoned(&self) -> bool {
         InferenceTask::abandoned(self)
     }
-    fn notify_position(&self, position: usize) {
-        self.emit(TaskEvent::Queued { position });
+    fn notify_position(&self, position: usize, starts_in: Option<Duration>) {
+        self.emit(TaskEvent::Queued {
+            position,
+            starts_in,
+        });
     }
 }
 

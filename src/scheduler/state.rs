@@ -31,8 +31,9 @@ pub trait Queueable {
     fn attempts(&self) -> u32;
     /// The client is gone: nothing to retry for.
     fn abandoned(&self) -> bool;
-    /// Tells the client where it stands; 1 = next for its model.
-    fn notify_position(&self, position: usize);
+    /// Tells the client where it stands: 1 = next for its model, and when it is expected to
+    /// start (`None` when nothing is known to estimate with).
+    fn notify_position(&self, position: usize, starts_in: Option<Duration>);
 }
 
 /// Index of a host in configuration order.
@@ -502,7 +503,9 @@ impl<T: Queueable> DispatchState<T> {
         let h = &mut self.hosts[host.0];
         // A load in progress is the only task on its host: its end ends the gate. Without a
         // first byte the host may still be loading: the next request for that model keeps it.
-        if h.loading.take().is_some() {
+        // A completed answer (one JSON document: its first byte was its end) shows the model
+        // is loaded.
+        if h.loading.take().is_some() && !matches!(release.outcome, Outcome::Completed) {
             h.gate_model = h.current_model.clone();
         }
         debug_assert!(
@@ -961,7 +964,10 @@ impl<T: Queueable> DispatchState<T> {
             queue.range(..id).count() + 1
         };
         if position <= POSITION_UPDATES {
-            queue[&id].notify_position(position);
+            let starts_in = self.starts_in(&model, position, now);
+            if let Some(queue) = self.queues.get(&model) {
+                queue[&id].notify_position(position, starts_in);
+            }
         }
         self.index.insert(id, model);
         self.waiting += 1;
@@ -1037,7 +1043,7 @@ impl<T: Queueable> DispatchState<T> {
 
             if let Some(queue) = self.queues.get(&model) {
                 for (i, t) in queue.values().take(POSITION_UPDATES).enumerate() {
-                    t.notify_position(i + 1);
+                    t.notify_position(i + 1, self.starts_in(&model, i + 1, now));
                 }
             }
         }
@@ -1196,6 +1202,26 @@ impl<T: Queueable> DispatchState<T> {
             ready_in = Some(ready_in.map_or(remaining, |r| r.min(remaining)));
         }
         (count, ready_in.unwrap_or_default())
+    }
+
+    /// When the task at `position` in `model`'s line is expected to start: the hosts that
+    /// hold or load the model share the line (each task the model's pooled service time),
+    /// after the first of them is ready; a model no host holds first pays a load. A rough
+    /// figure for progress messages; placement does not use it.
+    fn starts_in(&self, model: &str, position: usize, now: Instant) -> Option<Duration> {
+        let service = self.costs.model_service(model);
+        let (holders, ready_in) = self.holders(model, usize::MAX, now);
+        let (k, ready_in) = if holders == 0 {
+            let load = (0..self.hosts.len())
+                .filter(|&i| self.hosts[i].can_take(model))
+                .map(|i| self.load_estimate(i, model))
+                .min()?;
+            (1, load)
+        } else {
+            (holders, ready_in)
+        };
+        let ahead = position.saturating_sub(1) as u32;
+        Some(ready_in + service * ahead / k as u32)
     }
 
     /// Whether `host` keeps the model it loaded last: within its quantum, with tasks of it

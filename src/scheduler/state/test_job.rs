@@ -1,5 +1,7 @@
 //! The task the state machine's unit tests queue: an id, a model, an arrival time.
 
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::Queueable;
@@ -41,5 +43,5 @@ impl Queueable for Job {
     fn abandoned(&self) -> bool {
         false
     }
-    fn notify_position(&self, _: usize) {}
+    fn notify_position(&self, _: usize, _: Option<Duration>) {}
 }

@@ -37,7 +37,7 @@ impl Queueable for T {
     fn abandoned(&self) -> bool {
         self.abandoned.get()
     }
-    fn notify_position(&self, position: usize) {
+    fn notify_position(&self, position: usize, _: Option<Duration>) {
         self.position.set(position);
     }
 }
