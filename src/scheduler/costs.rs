@@ -38,6 +38,9 @@ struct Learned {
     load: Option<Ewma>,
     warm_ttft: Option<Ewma>,
     service: Option<Ewma>,
+    /// A cold task's whole time, seen without a first token (a non-streamed answer) before
+    /// any warm one: its load is learned once a warm task shows the service time.
+    cold_total: Option<f64>,
 }
 
 /// What a finished task showed: needed a load or not, its first-token time, its whole time
@@ -138,9 +141,23 @@ impl CostModel {
                 Ewma::add(&mut entry.warm_ttft, ttft);
                 Some(total)
             }
-            // No first token seen (an empty answer): its time is still its service.
-            None if !seen.cold => Some(total),
-            None => None,
+            // No first token seen (an empty or non-streamed answer): a warm task's time is its
+            // service; a cold one's is its load plus a service, so its load is what it took
+            // beyond a warm task's (learned now, or when the first warm task shows it).
+            None if !seen.cold => {
+                if let Some(cold) = entry.cold_total.take() {
+                    Ewma::add(&mut entry.load, (cold - total).max(0.0));
+                }
+                Some(total)
+            }
+            None => {
+                let warm = entry.service.map(|e| e.0);
+                match warm.or_else(|| self.pooled.get(model).map(|p| p.mean)) {
+                    Some(warm) => Ewma::add(&mut entry.load, (total - warm).max(0.0)),
+                    None => entry.cold_total = Some(total),
+                }
+                None
+            }
         };
         if let Some(service) = service {
             Ewma::add(&mut entry.service, service);
@@ -375,6 +392,28 @@ mod tests {
         // A model never run: the median of the pairs' figures (2, 10, 12 s).
         let other = c.model_service("b").as_secs_f64();
         assert!((other - 10.0).abs() < 0.01, "the fleet's median: {other}");
+    }
+
+    #[test]
+    fn a_load_is_learned_from_answers_without_a_first_token() {
+        // Non-streamed answers: the cold task took 7 s, warm ones take 2 s.
+        let mut c = CostModel::new(vec![Duration::from_secs(30); 2]);
+        let whole = |cold, ms_| Observed {
+            cold,
+            ttft: None,
+            service: ms(ms_),
+        };
+        c.observe(0, "a", whole(true, 7000));
+        assert_eq!(
+            c.load(0, "a"),
+            Duration::from_secs(30),
+            "nothing to compare yet"
+        );
+        c.observe(0, "a", whole(false, 2000));
+        assert_eq!(c.load(0, "a"), Duration::from_secs(5));
+        // Once a service time is known, a cold task teaches its load at once.
+        c.observe(1, "a", whole(true, 3000));
+        assert_eq!(c.load(1, "a"), Duration::from_secs(1));
     }
 
     #[test]
