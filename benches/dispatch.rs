@@ -35,6 +35,7 @@ use prix_dispatch::config::{Config, ConfigSource, HostConfig};
 use prix_dispatch::demo::makespan_lower_bound;
 use prix_dispatch::http::{HttpOptions, serve};
 use prix_dispatch::scheduler::costs::Observed;
+use prix_dispatch::scheduler::fair::QueueKey;
 use prix_dispatch::scheduler::state::{
     Decision, DispatchState, HostId, HostSignal, Limits, ManifestReport, Outcome, Queueable,
     Release,
@@ -132,6 +133,10 @@ struct Job {
     kind: usize,
     at: Instant,
     work: Duration,
+    /// Who sent it (fair share); one client unless a section says otherwise.
+    client: &'static str,
+    priority: i32,
+    key: Option<QueueKey>,
 }
 
 impl Queueable for Job {
@@ -154,6 +159,18 @@ impl Queueable for Job {
         false
     }
     fn notify_position(&self, _position: usize, _starts_in: Option<Duration>) {}
+    fn client_id(&self) -> &str {
+        self.client
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
+    fn queue_key(&self) -> Option<QueueKey> {
+        self.key
+    }
+    fn set_queue_key(&mut self, key: QueueKey) {
+        self.key = Some(key);
+    }
 }
 
 fn completed() -> Release<Job> {
@@ -459,6 +476,9 @@ fn simulate(fleet: &Fleet, jobs: &[Spec], max_bypass: Duration) -> SimResult {
             kind: spec.kind,
             at: t0,
             work: spec.work,
+            client: "bench",
+            priority: 0,
+            key: None,
         };
         let d = des.state.submit(job, t0);
         des.apply(d);
@@ -1439,6 +1459,9 @@ fn scale_run(hosts: usize, queued: usize, max_bypass: Duration, iterations: usiz
             kind,
             at: now,
             work: Duration::ZERO,
+            client: "bench",
+            priority: 0,
+            key: None,
         }
     };
     while waiting < queued {
@@ -1576,6 +1599,9 @@ fn memory_child(queued: usize) {
                 kind,
                 at: t0,
                 work: Duration::ZERO,
+                client: "bench",
+                priority: 0,
+                key: None,
             },
             t0,
         );

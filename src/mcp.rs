@@ -189,6 +189,7 @@ impl PrixServer {
             Err(e) => return Ok(error_result(&e)),
         };
         spec.client = Some(self.client.id());
+        spec.client_id = format!("mcp:{}", self.client.id());
         if let Some(info) = ctx.peer.peer_info() {
             self.client.set_name(&info.client_info.name);
         }

@@ -144,6 +144,10 @@ pub struct CompletionRequest {
     /// Key for this request only; overrides the host's configured key.
     #[serde(default)]
     pub api_key: Option<ApiKey>,
+    /// Lower runs earlier, default 0 (vLLM's convention): a call with priority -1 goes ahead
+    /// of waiting batch work; a waiting task's claim grows with its wait, so none starves.
+    #[serde(default, deserialize_with = "params::optional_whole_number")]
+    pub priority: Option<i64>,
     /// Parameters this daemon does not know; ignored (and logged at debug).
     #[serde(flatten)]
     #[schemars(skip)]
@@ -202,7 +206,18 @@ pub struct TaskSpec {
     pub queue_timeout: Option<Duration>,
     /// The connected client that asked (see `clients`), for status pages.
     pub client: Option<u64>,
+    /// Who asked, for fair share between clients: `mcp:<session>` for an MCP session (each
+    /// bridged stdio launch is one), `user:<id>` for an OpenAI request's `user` field,
+    /// `header:<name>` for an `X-Prix-Client` header, `key:<hash>` per bearer token, else
+    /// [`ANONYMOUS`].
+    pub client_id: String,
+    /// Lower runs earlier (vLLM's `priority` convention); 0 by default. Interactive work
+    /// uses negative values.
+    pub priority: i32,
 }
+
+/// The client id of a request that names no client.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// The host-side timeouts of one task, with the daemon's defaults filled in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,6 +305,10 @@ impl CompletionRequest {
                 "repeat_penalty must be a positive number, got {p}"
             )));
         }
+        let priority = match self.priority {
+            None => 0,
+            Some(p) => check_priority(p)?,
+        };
         Ok(TaskSpec {
             model: self.model_id,
             body: TaskBody::Chat(ChatParams {
@@ -307,7 +326,20 @@ impl CompletionRequest {
             first_token_timeout,
             queue_timeout,
             client: None,
+            client_id: ANONYMOUS.to_string(),
+            priority,
         })
+    }
+}
+
+/// A request's `priority`, checked: an integer within ±1,000,000.
+pub fn check_priority(p: i64) -> Result<i32, DispatchError> {
+    if p.abs() <= 1_000_000 {
+        Ok(p as i32)
+    } else {
+        Err(DispatchError::invalid(format!(
+            "priority must be an integer from -1000000 to 1000000 (lower runs earlier), got {p}"
+        )))
     }
 }
 
@@ -340,6 +372,8 @@ pub struct InferenceTask {
     /// Whether `first_output` was fired: after the first byte, a plain load per event
     /// instead of the token's lock.
     pub first_fired: std::sync::atomic::AtomicBool,
+    /// Its place in the fair-share line, given by the scheduler at submission.
+    pub queue_key: Option<crate::scheduler::fair::QueueKey>,
 }
 
 impl InferenceTask {

@@ -165,6 +165,9 @@ impl Sim {
             kind,
             at: self.now,
             work,
+            client: "bench",
+            priority: 0,
+            key: None,
         };
         let d = self.state.submit(job, self.now);
         self.apply(d);

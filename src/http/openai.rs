@@ -8,14 +8,14 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::App;
 use crate::error::{DispatchError, ErrorKind};
 use crate::scheduler::TaskHandle;
-use crate::task::{TaskBody, TaskEvent, TaskSpec};
+use crate::task::{ANONYMOUS, TaskBody, TaskEvent, TaskSpec, check_priority};
 
 /// `GET /v1/models`: a fresh (single-flight) read of every host, as `list_models` does, so a
 /// client never sees a stale or not-yet-read list.
@@ -42,14 +42,31 @@ pub(super) async fn models(State(app): State<App>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-pub(super) async fn chat_completions(State(app): State<App>, body: Bytes) -> Response {
+pub(super) async fn chat_completions(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let ChatRequest {
         model,
         stream,
         max_tokens,
+        user,
+        priority,
     } = match parse(&body) {
         Ok(r) => r,
         Err(e) => return error_response(&e),
+    };
+    // `priority` is the daemon's; a host without priority scheduling refuses it (vLLM answers
+    // 400 unless started with `--scheduling-policy priority`), so it is taken out. Only then
+    // is the body written again.
+    let body = if priority.is_some() {
+        match without_priority(&body) {
+            Ok(b) => b,
+            Err(e) => return error_response(&e),
+        }
+    } else {
+        body
     };
     let spec = TaskSpec {
         model,
@@ -62,6 +79,8 @@ pub(super) async fn chat_completions(State(app): State<App>, body: Bytes) -> Res
         first_token_timeout: None,
         queue_timeout: None,
         client: None,
+        client_id: client_id(user.as_deref(), &headers),
+        priority: priority.unwrap_or(0),
     };
     let submitted = Instant::now();
     let mut handle = match app.dispatcher.submit(spec) {
@@ -150,6 +169,47 @@ struct ChatRequest {
     stream: bool,
     /// `max_completion_tokens`, else `max_tokens`.
     max_tokens: Option<u64>,
+    /// OpenAI's end-user id, which names the client for fair share.
+    user: Option<String>,
+    /// Lower runs earlier (vLLM's convention).
+    priority: Option<i32>,
+}
+
+/// Who sent an OpenAI request, for fair share: its `user` field (OpenAI's end-user id), else
+/// an `X-Prix-Client` header, else its bearer token (hashed: the id is shown on status pages),
+/// else [`ANONYMOUS`].
+pub fn client_id(user: Option<&str>, headers: &HeaderMap) -> String {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    if let Some(user) = user.filter(|u| !u.trim().is_empty()) {
+        return format!("user:{user}");
+    }
+    if let Some(name) = headers
+        .get("x-prix-client")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.trim().is_empty())
+    {
+        return format!("header:{name}");
+    }
+    if let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        let mut hasher = DefaultHasher::new();
+        token.hash(&mut hasher);
+        return format!("key:{:08x}", hasher.finish() as u32);
+    }
+    ANONYMOUS.to_string()
+}
+
+/// The request body without its `priority` field.
+fn without_priority(body: &[u8]) -> Result<Bytes, DispatchError> {
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|e| DispatchError::invalid(format!("the request body is not JSON: {e}")))?;
+    if let Some(request) = value.as_object_mut() {
+        request.remove("priority");
+    }
+    Ok(Bytes::from(value.to_string()))
 }
 
 /// A chat request: a JSON object with a model and messages.
@@ -185,8 +245,31 @@ fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
             )));
         }
     }
+    let user = match request.get("user") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(u)) => Some(u.clone()),
+        Some(other) => {
+            return Err(DispatchError::invalid(format!(
+                "\"user\" must be a string (an id for the end user), got {other}"
+            )));
+        }
+    };
+    let priority = match request.get("priority") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            crate::params::whole_number(v)
+                .map_err(|_| {
+                    DispatchError::invalid(format!(
+                        "\"priority\" must be an integer (lower runs earlier), got {v}"
+                    ))
+                })
+                .and_then(check_priority)?,
+        ),
+    };
     Ok(ChatRequest {
         model,
+        user,
+        priority,
         stream: request.get("stream") == Some(&Value::Bool(true)),
         // A whole-number float (`2.0`, as some clients send) is that integer: without it the
         // runaway-stream guard, which counts against it, would be off.

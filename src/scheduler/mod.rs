@@ -6,6 +6,7 @@
 //! is shared and none is held across I/O.
 
 pub mod costs;
+pub mod fair;
 pub mod placement;
 pub mod state;
 
@@ -47,6 +48,18 @@ impl Queueable for InferenceTask {
     }
     fn abandoned(&self) -> bool {
         InferenceTask::abandoned(self)
+    }
+    fn client_id(&self) -> &str {
+        &self.spec.client_id
+    }
+    fn priority(&self) -> i32 {
+        self.spec.priority
+    }
+    fn queue_key(&self) -> Option<fair::QueueKey> {
+        self.queue_key
+    }
+    fn set_queue_key(&mut self, key: fair::QueueKey) {
+        self.queue_key = Some(key);
     }
     fn notify_position(&self, position: usize, starts_in: Option<Duration>) {
         self.emit(TaskEvent::Queued {
@@ -340,6 +353,7 @@ impl Scheduler {
             cancel: cancel.clone(),
             events: events_tx,
             first_output: None,
+            queue_key: None,
             first_fired: Default::default(),
         };
         self.tx

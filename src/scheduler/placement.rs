@@ -22,8 +22,6 @@
 use std::cmp::Reverse;
 use std::time::Duration;
 
-use crate::task::TaskId;
-
 /// What is known about running `model`'s next task on one free host.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PairFacts {
@@ -139,29 +137,30 @@ pub fn switch_gain(f: &PairFacts) -> Option<Duration> {
 /// sooner (`gain`, from [`switch_gain`]; the largest first) before work a host holds warm,
 /// else a battery sent model by model keeps every early model's hosts and the later models
 /// wait behind it (measured: 16 hosts, 8 models, 20× loads, 0.65 of the bound); then fewest
-/// hosts listing it, then oldest head.
+/// hosts listing it, then `order`: for overdue models the oldest task's arrival, else the
+/// aged fair-share rank of the model's next task ([`super::fair`]).
 pub fn model_key(
     overdue: bool,
     running_hosts: usize,
     gain: Option<Duration>,
     coverage: usize,
-    head: TaskId,
+    order: super::fair::Order,
 ) -> ModelKey {
     if overdue {
-        (false, false, Reverse(Duration::ZERO), 0, head)
+        (false, false, Reverse(Duration::ZERO), 0, order)
     } else {
         (
             true,
             running_hosts > 0,
             Reverse(gain.unwrap_or_default()),
             coverage,
-            head,
+            order,
         )
     }
 }
 
 /// See [`model_key`].
-pub type ModelKey = (bool, bool, Reverse<Duration>, usize, TaskId);
+pub type ModelKey = (bool, bool, Reverse<Duration>, usize, super::fair::Order);
 
 /// Order of hosts for one model: lower first. A cold host with room for the model comes before
 /// one that must evict a model for it (a client alternating two models one call at a time
@@ -317,8 +316,8 @@ mod tests {
 
     #[test]
     fn a_switch_that_finishes_sooner_goes_before_older_warm_work() {
-        let head_old = TaskId(1);
-        let head_new = TaskId(500);
+        let head_old = (0, 1);
+        let head_new = (0, 500);
         let warm = model_key(false, 3, None, 16, head_old);
         let switch = model_key(false, 1, Some(Duration::from_secs(40)), 16, head_new);
         assert!(switch < warm);

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use costs::{CostModel, Observed};
+use fair::{FairShare, ModelQueue};
 
 use crate::error::{DispatchError, ErrorKind};
 pub use crate::error::{HostSignal, ManifestFailure};
@@ -34,6 +35,14 @@ pub trait Queueable {
     /// Tells the client where it stands: 1 = next for its model, and when it is expected to
     /// start (`None` when nothing is known to estimate with).
     fn notify_position(&self, position: usize, starts_in: Option<Duration>);
+    /// Who asked, for fair share between clients (see [`super::fair`]).
+    fn client_id(&self) -> &str;
+    /// Lower runs earlier; 0 by default.
+    fn priority(&self) -> i32;
+    /// Its place in its model's line, given when it was submitted and kept when it comes back
+    /// (a retry), so it goes back to that place.
+    fn queue_key(&self) -> Option<fair::QueueKey>;
+    fn set_queue_key(&mut self, key: fair::QueueKey);
 }
 
 /// Index of a host in configuration order.
@@ -337,9 +346,10 @@ pub struct RunningTask {
 pub struct DispatchState<T> {
     hosts: Vec<Host>,
     limits: Limits,
-    /// Per model, waiting tasks in arrival order: the head is the oldest. A retried task keeps
-    /// its id, so it goes back to its place at the front.
-    queues: HashMap<String, BTreeMap<TaskId, T>>,
+    /// Per model, waiting tasks in fair-share order and in arrival order ([`fair`]).
+    queues: HashMap<String, ModelQueue<T>>,
+    /// The virtual clock of fair share and each client's finish tag.
+    fair: FairShare,
     /// The model of each waiting task, for O(log n) cancellation.
     index: HashMap<TaskId, String>,
     deadlines: BTreeSet<(Instant, TaskId)>,
@@ -388,6 +398,7 @@ impl<T: Queueable> DispatchState<T> {
             hosts,
             limits,
             queues: HashMap::new(),
+            fair: FairShare::default(),
             index: HashMap::new(),
             deadlines: BTreeSet::new(),
             unserved_since: HashMap::new(),
@@ -424,8 +435,15 @@ impl<T: Queueable> DispatchState<T> {
         self.counters.cancelled += 1;
     }
 
-    pub fn submit(&mut self, task: T, now: Instant) -> Vec<Decision<T>> {
+    pub fn submit(&mut self, mut task: T, now: Instant) -> Vec<Decision<T>> {
         let mut out = Vec::new();
+        // Its turn is taken on arrival, even if it first waits for a manifest read: a client's
+        // tasks stay first come, first served.
+        let cost = self.costs.model_service(task.model());
+        let key = self
+            .fair
+            .key(task.client_id(), task.priority(), cost, task.id());
+        task.set_queue_key(key);
         self.counters.submitted += 1;
         if self.closing {
             self.fail(task, shutting_down(), &mut out);
@@ -625,7 +643,7 @@ impl<T: Queueable> DispatchState<T> {
             .collect();
         for model in orphaned {
             let error = self.unavailable_error(&model, None);
-            let ids: Vec<TaskId> = self.queues[&model].keys().copied().collect();
+            let ids: Vec<TaskId> = self.queues[&model].ids().collect();
             for id in ids {
                 let task = self.remove_queued(&model, id);
                 self.fail(task, error.clone(), &mut out);
@@ -676,7 +694,7 @@ impl<T: Queueable> DispatchState<T> {
             .map(|(m, since)| (m.clone(), *since))
             .collect();
         for (model, since) in unserved {
-            while let Some(task) = self.queues.get(&model).and_then(|q| q.values().next()) {
+            while let Some((_, task)) = self.queues.get(&model).and_then(|q| q.oldest()) {
                 if self.host_wait_deadline(task, since) > now {
                     break;
                 }
@@ -709,7 +727,7 @@ impl<T: Queueable> DispatchState<T> {
     pub fn next_deadline(&self) -> Option<Instant> {
         let queue = self.deadlines.first().map(|(d, _)| *d);
         let host_wait = self.unserved_since.iter().filter_map(|(model, since)| {
-            let head = self.queues.get(model)?.values().next()?;
+            let (_, head) = self.queues.get(model)?.oldest()?;
             Some(self.host_wait_deadline(head, *since))
         });
         let cooling = self.hosts.iter().filter_map(|h| h.cooling_until);
@@ -724,7 +742,7 @@ impl<T: Queueable> DispatchState<T> {
             .swap_aware
             .then(|| {
                 self.queues.iter().filter_map(|(model, queue)| {
-                    let head = queue.values().next()?;
+                    let (_, head) = queue.oldest()?;
                     let at = self.overdue_at(model, head)?;
                     // Only a moment still to come: one already past changes nothing more.
                     self.last_dispatch
@@ -766,7 +784,7 @@ impl<T: Queueable> DispatchState<T> {
         let mut all: Vec<T> = std::mem::take(&mut self.parked);
         all.append(&mut self.parked_next);
         for (_, queue) in self.queues.drain() {
-            all.extend(queue.into_values());
+            all.extend(queue.into_tasks());
         }
         self.index.clear();
         self.deadlines.clear();
@@ -954,19 +972,17 @@ impl<T: Queueable> DispatchState<T> {
         if !self.hosts.iter().any(|h| h.serves(&model)) {
             self.unserved_since.entry(model.clone()).or_insert(now);
         }
+        // Given at submission; a task queued some other way goes in at the current virtual
+        // time, near the front.
+        let key = task
+            .queue_key()
+            .unwrap_or_else(|| self.fair.requeue_key(task.priority(), id));
         let queue = self.queues.entry(model.clone()).or_default();
-        // New tasks join at the back; only a retried task goes back into the line.
-        let at_back = queue.last_key_value().is_none_or(|(last, _)| *last < id);
-        queue.insert(id, task);
-        let position = if at_back {
-            queue.len()
-        } else {
-            queue.range(..id).count() + 1
-        };
+        let position = queue.insert(key, task.enqueued_at(), task);
         if position <= POSITION_UPDATES {
             let starts_in = self.starts_in(&model, position, now);
-            if let Some(queue) = self.queues.get(&model) {
-                queue[&id].notify_position(position, starts_in);
+            if let Some(task) = self.queues.get(&model).and_then(|q| q.get(id)) {
+                task.notify_position(position, starts_in);
             }
         }
         self.index.insert(id, model);
@@ -980,7 +996,7 @@ impl<T: Queueable> DispatchState<T> {
             .queues
             .get_mut(model)
             .expect("indexed model has a queue");
-        let task = queue.remove(&id).expect("indexed task is queued");
+        let (_, task) = queue.remove(id).expect("indexed task is queued");
         if queue.is_empty() {
             self.queues.remove(model);
             self.unserved_since.remove(model);
@@ -1012,6 +1028,9 @@ impl<T: Queueable> DispatchState<T> {
             let Some((id, model, host)) = choice else {
                 return;
             };
+            if let Some(key) = self.queues.get(&model).and_then(|q| q.key(id)) {
+                self.fair.started(key);
+            }
             let task = self.remove_queued(&model, id);
 
             let h = &mut self.hosts[host.0];
@@ -1052,36 +1071,59 @@ impl<T: Queueable> DispatchState<T> {
     /// Placement before swap-awareness (the benchmarks' baseline): the oldest overdue task,
     /// else the scarcest model's oldest, on the least versatile idle host.
     fn choose_load_blind(&self, held: &[bool], now: Instant) -> Option<(TaskId, String, HostId)> {
-        let mut best: Option<((u8, usize, TaskId), &str, HostId)> = None;
+        type Key = (u8, usize, fair::Order);
+        let mut best: Option<(Key, TaskId, &str, HostId)> = None;
         for (model, queue) in &self.queues {
-            let Some((&id, head)) = queue.first_key_value() else {
+            let Some((id, overdue, order, _)) = self.next_of(model, queue, now) else {
                 continue;
             };
             let Some(host) = self.pick_host(model, held) else {
                 continue;
             };
-            let key = if self.overdue(model, head, now) {
-                (0, 0, id)
+            let key = if overdue {
+                (0, 0, order)
             } else {
-                (1, self.coverage.get(model).copied().unwrap_or(0), id)
+                (1, self.coverage.get(model).copied().unwrap_or(0), order)
             };
-            if best.is_none_or(|(k, _, _)| key < k) {
-                best = Some((key, model, host));
+            if best.is_none_or(|(k, _, _, _)| key < k) {
+                best = Some((key, id, model, host));
             }
         }
-        best.map(|((_, _, id), model, host)| (id, model.to_string(), host))
+        best.map(|(_, id, model, host)| (id, model.to_string(), host))
+    }
+
+    /// A model's next task, whether the model is overdue, its place among models (lower
+    /// first), and whether it is urgent (priority below 0): overdue, the task that has waited
+    /// longest, by arrival; else the task priority and fair share put first, by its aged
+    /// order ([`fair`]).
+    fn next_of(
+        &self,
+        model: &str,
+        queue: &ModelQueue<T>,
+        now: Instant,
+    ) -> Option<(TaskId, bool, fair::Order, bool)> {
+        let (oldest_id, oldest) = queue.oldest()?;
+        if self.overdue(model, oldest, now) {
+            return Some((
+                oldest_id,
+                true,
+                (0, oldest_id.0 as i64),
+                oldest.priority() < 0,
+            ));
+        }
+        let (id, task, order) = queue.next(now)?;
+        Some((id, false, order, task.priority() < 0))
     }
 
     /// Swap-aware placement: every (model, free host) pair is judged by [`placement`].
     fn choose_swap_aware(&self, held: &[bool], now: Instant) -> Option<(TaskId, String, HostId)> {
         use placement::ModelKey;
         type HostKey = (bool, Duration, bool, usize, usize, bool, usize);
-        let mut best: Option<(ModelKey, HostKey, &str, HostId)> = None;
+        let mut best: Option<(ModelKey, HostKey, TaskId, &str, HostId)> = None;
         for (model, queue) in &self.queues {
-            let Some((&id, head)) = queue.first_key_value() else {
+            let Some((id, overdue, order, urgent)) = self.next_of(model, queue, now) else {
                 continue;
             };
-            let overdue = self.overdue(model, head, now);
             let mut host_best: Option<(HostKey, HostId, Option<Duration>)> = None;
             for (i, h) in self.hosts.iter().enumerate() {
                 if held[i] || !h.can_take(model) {
@@ -1101,7 +1143,9 @@ impl<T: Queueable> DispatchState<T> {
                         .last_arrival
                         .is_some_and(|at| now < at + placement::collation_window(load));
                     let facts = placement::PairFacts {
-                        overdue,
+                        // An urgent call (priority < 0) takes the next host that can switch,
+                        // as an overdue one does (it is single; a quantum holds only backlogs).
+                        overdue: overdue || urgent,
                         warm,
                         warm_elsewhere,
                         warm_ready_in,
@@ -1154,13 +1198,13 @@ impl<T: Queueable> DispatchState<T> {
                 running,
                 gain,
                 self.coverage.get(model).copied().unwrap_or(0),
-                id,
+                order,
             );
-            if best.is_none_or(|(k, hk, _, _)| (key, host_key) < (k, hk)) {
-                best = Some((key, host_key, model, host));
+            if best.is_none_or(|(k, hk, _, _, _)| (key, host_key) < (k, hk)) {
+                best = Some((key, host_key, id, model, host));
             }
         }
-        best.map(|(key, _, model, host)| (key.4, model.to_string(), host))
+        best.map(|(_, _, id, model, host)| (id, model.to_string(), host))
     }
 
     /// Expected load time of `model` on `host`: the cost model's, except that a host which does
@@ -1249,7 +1293,7 @@ impl<T: Queueable> DispatchState<T> {
     fn held_for_drain(&self, now: Instant) -> Vec<bool> {
         let mut held = vec![false; self.hosts.len()];
         for (model, queue) in &self.queues {
-            let Some(head) = queue.values().next() else {
+            let Some((_, head)) = queue.oldest() else {
                 continue;
             };
             if self.hosts.iter().any(|h| h.can_take(model)) {
@@ -1407,6 +1451,7 @@ fn with_attempts(mut error: DispatchError, attempts: u32) -> DispatchError {
 }
 
 pub use super::costs;
+use super::fair;
 use super::placement;
 
 /// A host's load time until one is learned (`[[host]] load_seconds`): the middle of the
@@ -1414,6 +1459,8 @@ use super::placement;
 pub const DEFAULT_LOAD: Duration = Duration::from_secs(30);
 
 mod busy_elsewhere;
+#[cfg(test)]
+mod fair_tests;
 mod fleet;
 #[cfg(test)]
 mod fleet_tests;

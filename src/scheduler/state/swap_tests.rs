@@ -15,17 +15,17 @@ use crate::error::HostSignal;
 use super::test_job::Job;
 
 /// A simulated GPU: what it really holds, and every load it made.
-struct Gpu {
+pub(super) struct Gpu {
     models: Vec<String>,
     resident: Vec<String>,
     loads: usize,
 }
 
-struct Run {
+pub(super) struct Run {
     state: DispatchState<Job>,
     gpus: Vec<Gpu>,
-    t0: Instant,
-    now: Instant,
+    pub(super) t0: Instant,
+    pub(super) now: Instant,
     next: u64,
     /// (finish time, host, task, model, cold, ttft)
     running: Vec<(Instant, usize, u64, String, bool, Duration)>,
@@ -34,11 +34,20 @@ struct Run {
     /// First bytes still to report: (time, host, task).
     first_bytes: Vec<(Instant, usize, u64)>,
     started_on: BTreeMap<u64, usize>,
+    /// When each task started and ended.
+    pub(super) started_at: BTreeMap<u64, Instant>,
+    pub(super) ended_at: BTreeMap<u64, Instant>,
+    models_of: BTreeMap<u64, String>,
 }
 
 impl Run {
     /// One-slot hosts; `hosts[i]` lists those models and holds `resident[i]` at the start.
-    fn new(hosts: &[(&[&str], &[&str])], task: Duration, load: Duration, bypass: Duration) -> Run {
+    pub(super) fn new(
+        hosts: &[(&[&str], &[&str])],
+        task: Duration,
+        load: Duration,
+        bypass: Duration,
+    ) -> Run {
         let t0 = Instant::now();
         let mut state = DispatchState::new(
             hosts.iter().enumerate().map(|(i, _)| (format!("h{i}"), 1)),
@@ -77,6 +86,9 @@ impl Run {
             load,
             first_bytes: Vec::new(),
             started_on: BTreeMap::new(),
+            started_at: BTreeMap::new(),
+            ended_at: BTreeMap::new(),
+            models_of: BTreeMap::new(),
         };
         for i in 0..hosts.len() {
             let d = run.state.worker_idle(HostId(i), t0);
@@ -85,9 +97,15 @@ impl Run {
         run
     }
 
-    fn submit(&mut self, model: &str) -> u64 {
+    pub(super) fn submit(&mut self, model: &str) -> u64 {
+        self.submit_from(model, "c", 0)
+    }
+
+    /// A task from `client` with `priority`; returns its id.
+    pub(super) fn submit_from(&mut self, model: &str, client: &str, priority: i32) -> u64 {
         self.next += 1;
-        let job = Job::new(self.next, model, self.now);
+        let job = Job::from(self.next, model, self.now, client, priority);
+        self.models_of.insert(self.next, model.to_string());
         let d = self.state.submit(job, self.now);
         self.apply(d);
         self.next
@@ -120,6 +138,7 @@ impl Run {
                     ttft,
                 ));
                 self.started_on.insert(task.id, host.0);
+                self.started_at.insert(task.id, self.now);
                 assert!(
                     self.running.iter().filter(|r| r.1 == host.0).count() <= 1,
                     "slot bound broken on h{}",
@@ -130,7 +149,14 @@ impl Run {
     }
 
     /// Runs until nothing runs and nothing waits; returns the makespan.
-    fn finish(&mut self) -> Duration {
+    pub(super) fn finish(&mut self) -> Duration {
+        self.run_until(None);
+        assert_eq!(self.state.waiting().count(), 0, "every task ran");
+        self.now - self.t0
+    }
+
+    /// Runs the events due up to `until` (all of them with `None`), then stands at `until`.
+    pub(super) fn run_until(&mut self, until: Option<Instant>) {
         loop {
             let next_fb = self.first_bytes.iter().map(|f| f.0).min();
             let next_end = self.running.iter().map(|r| r.0).min();
@@ -138,6 +164,9 @@ impl Run {
             let Some(at) = [next_fb, next_end, next_tick].into_iter().flatten().min() else {
                 break;
             };
+            if until.is_some_and(|u| at > u) {
+                break;
+            }
             self.now = self.now.max(at);
             if let Some(i) = self.first_bytes.iter().position(|f| f.0 <= self.now) {
                 let (_, host, id) = self.first_bytes.swap_remove(i);
@@ -146,7 +175,8 @@ impl Run {
                 continue;
             }
             if let Some(i) = self.running.iter().position(|r| r.0 <= self.now) {
-                let (_, host, _, model, cold, ttft) = self.running.swap_remove(i);
+                let (_, host, id, model, cold, ttft) = self.running.swap_remove(i);
+                self.ended_at.insert(id, self.now);
                 let d = self.state.released(
                     HostId(host),
                     Release {
@@ -175,11 +205,17 @@ impl Run {
                 break;
             }
         }
-        assert_eq!(self.state.waiting().count(), 0, "every task ran");
-        self.now - self.t0
+        if let Some(u) = until {
+            self.now = self.now.max(u);
+        }
     }
 
-    fn loads(&self) -> usize {
+    /// The model of task `id`, as submitted.
+    pub(super) fn state_model(&self, id: u64) -> &str {
+        &self.models_of[&id]
+    }
+
+    pub(super) fn loads(&self) -> usize {
         self.gpus.iter().map(|g| g.loads).sum()
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::Queueable;
+use crate::scheduler::fair::QueueKey;
 use crate::task::TaskId;
 
 #[derive(Debug)]
@@ -12,6 +13,9 @@ pub(super) struct Job {
     pub id: u64,
     pub model: String,
     pub at: Instant,
+    pub client: String,
+    pub priority: i32,
+    pub key: Option<QueueKey>,
 }
 
 impl Job {
@@ -20,6 +24,18 @@ impl Job {
             id,
             model: model.to_string(),
             at,
+            client: "c".to_string(),
+            priority: 0,
+            key: None,
+        }
+    }
+
+    /// The same, from `client` with `priority`.
+    pub fn from(id: u64, model: &str, at: Instant, client: &str, priority: i32) -> Job {
+        Job {
+            client: client.to_string(),
+            priority,
+            ..Job::new(id, model, at)
         }
     }
 }
@@ -44,4 +60,16 @@ impl Queueable for Job {
         false
     }
     fn notify_position(&self, _: usize, _: Option<Duration>) {}
+    fn client_id(&self) -> &str {
+        &self.client
+    }
+    fn priority(&self) -> i32 {
+        self.priority
+    }
+    fn queue_key(&self) -> Option<QueueKey> {
+        self.key
+    }
+    fn set_queue_key(&mut self, key: QueueKey) {
+        self.key = Some(key);
+    }
 }

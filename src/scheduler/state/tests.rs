@@ -16,6 +16,7 @@ struct T {
     position: Rc<Cell<usize>>,
     /// The client's cancellation token (the real task's `abandoned()`).
     abandoned: Rc<Cell<bool>>,
+    key: Option<fair::QueueKey>,
 }
 
 impl Queueable for T {
@@ -39,6 +40,18 @@ impl Queueable for T {
     }
     fn notify_position(&self, position: usize, _: Option<Duration>) {
         self.position.set(position);
+    }
+    fn client_id(&self) -> &str {
+        "c"
+    }
+    fn priority(&self) -> i32 {
+        0
+    }
+    fn queue_key(&self) -> Option<fair::QueueKey> {
+        self.key
+    }
+    fn set_queue_key(&mut self, key: fair::QueueKey) {
+        self.key = Some(key);
     }
 }
 
@@ -228,6 +241,7 @@ impl Harness {
             attempts: 0,
             position: Rc::new(Cell::new(0)),
             abandoned,
+            key: None,
         }
     }
 
@@ -323,12 +337,7 @@ impl Harness {
         // A task that still waits was waiting when the newer tasks of its model started
         // (tasks enter the queue before the matching, in the same event).
         for (model, newest) in newest_start {
-            if let Some((&oldest, _)) = self
-                .state
-                .queues
-                .get(&model)
-                .and_then(|q| q.first_key_value())
-            {
+            if let Some((oldest, _)) = self.state.queues.get(&model).and_then(|q| q.oldest()) {
                 assert!(
                     oldest.0 > newest,
                     "FIFO broken: task {newest} of {model} started while the older task {} waits",
@@ -588,7 +597,7 @@ impl Harness {
                 && s.deadlines.iter().all(|(at, id)| s
                     .index
                     .get(id)
-                    .and_then(|m| s.queues[m].get(id))
+                    .and_then(|m| s.queues[m].get(*id))
                     .is_some_and(|t| t.deadline == Some(*at))),
             "the deadlines drifted from the queued tasks"
         );
