@@ -29,6 +29,7 @@ struct Inner {
     /// The connection pool every host client shares (reloads included).
     http: reqwest::Client,
     max_request_bytes: usize,
+    progress_interval: std::time::Duration,
     metrics: Arc<Metrics>,
     clients: Clients,
     /// Becomes true if the scheduler actor panicked.
@@ -124,6 +125,7 @@ impl Dispatcher {
                 scheduler,
                 http,
                 max_request_bytes: config.server.max_request_bytes,
+                progress_interval: config.server.progress_interval,
                 metrics,
                 clients: Clients::default(),
                 crashed,
@@ -164,6 +166,12 @@ impl Dispatcher {
     /// Largest request a front end should accept, in bytes.
     pub fn max_request_bytes(&self) -> usize {
         self.inner.max_request_bytes
+    }
+
+    /// Longest silence a front end allows itself towards a client waiting on a task, if the
+    /// client asked for progress (`[server] progress_interval_seconds`).
+    pub fn progress_interval(&self) -> std::time::Duration {
+        self.inner.progress_interval
     }
 
     /// Resolves if the scheduler panics (the process should then exit non-zero so that a

@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod http;
 pub mod local;
 pub mod mcp;
+pub mod mcp_progress;
 pub mod metrics;
 pub mod ownership;
 pub mod params;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::JsonObject;
-use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam, ProgressToken};
+use rmcp::model::{CallToolResult, ContentBlock};
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
@@ -21,10 +21,16 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
 use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
+use crate::mcp_progress::{Phase, Progress};
 use crate::params;
+use crate::scheduler::TaskHandle;
 use crate::task::{CompletionRequest, CompletionResult, TaskEvent};
 use std::sync::Arc;
 
@@ -170,6 +176,36 @@ impl PrixServer {
         request: CompletionRequest,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
+        let (mut handle, model) = match self.submit(request, &ctx.peer) {
+            Ok(submitted) => submitted,
+            Err(refused) => return Ok(refused),
+        };
+        let mut progress = Progress::new(ctx.peer.clone(), ctx.meta.get_progress_token());
+        // The client cancelled, or went away: dropping the handle takes the task out of the
+        // queue or off its host. rmcp sends no response for a cancelled request.
+        let stop = async {
+            tokio::select! {
+                _ = ctx.ct.cancelled() => {}
+                _ = self.gone.cancelled() => {}
+            }
+        };
+        let interval = self.dispatcher.progress_interval();
+        match follow(&mut handle, &model, &mut progress, interval, stop, |_| {}).await {
+            Some(outcome) => Ok(call_result(outcome)),
+            None => {
+                handle.cancel();
+                Err(McpError::internal_error("request cancelled", None))
+            }
+        }
+    }
+
+    /// Checks a request and puts it in the queue: its handle and model, or the tool error
+    /// that refuses it.
+    fn submit(
+        &self,
+        request: CompletionRequest,
+        peer: &Peer<RoleServer>,
+    ) -> Result<(TaskHandle, String), CallToolResult> {
         let model = request.model_id.clone();
         if !request.unknown.is_empty() {
             let names: Vec<&String> = request.unknown.keys().collect();
@@ -182,65 +218,71 @@ impl PrixServer {
                 "request too large: {size} bytes of messages and tools, over the limit of {limit} \
                  ([server] max_request_bytes); shorten the conversation or raise the limit"
             ));
-            return Ok(error_result(&error));
+            return Err(error_result(&error));
         }
-        let mut spec = match request.into_spec() {
-            Ok(spec) => spec,
-            Err(e) => return Ok(error_result(&e)),
-        };
+        let mut spec = request.into_spec().map_err(|e| error_result(&e))?;
         spec.client = Some(self.client.id());
-        if let Some(info) = ctx.peer.peer_info() {
+        if let Some(info) = peer.peer_info() {
             self.client.set_name(&info.client_info.name);
         }
-        let mut handle = match self.dispatcher.submit(spec) {
-            Ok(h) => h,
-            Err(e) => return Ok(error_result(&e)),
-        };
-        let mut progress = Progress {
-            peer: ctx.peer.clone(),
-            token: ctx.meta.get_progress_token(),
-            count: 0,
-        };
-        let outcome = loop {
-            let event = tokio::select! {
-                biased;
-                // The client cancelled: dropping the handle takes the task out of the queue or
-                // off its host. rmcp sends no response for a cancelled request.
-                _ = ctx.ct.cancelled() => {
-                    handle.cancel();
-                    return Err(McpError::internal_error("request cancelled", None));
-                }
-                _ = self.gone.cancelled() => {
-                    handle.cancel();
-                    return Err(McpError::internal_error("the client went away", None));
-                }
-                event = handle.next() => event,
-            };
-            match event {
-                Some(TaskEvent::Finished(result)) => break Ok(result),
-                Some(TaskEvent::Failed(error)) => break Err(error),
-                None => break Err(DispatchError::scheduler_stopped()),
-                Some(TaskEvent::Queued { position, .. }) => {
-                    progress
-                        .send(format!("queued for {model}: position {position}"))
-                        .await;
-                }
-                Some(TaskEvent::Started { host }) => {
-                    progress.send(format!("running {model} on {host}")).await;
-                }
-                Some(TaskEvent::Delta(text)) => progress.send(text).await,
-                Some(
-                    TaskEvent::ReasoningDelta(_) | TaskEvent::Answer { .. } | TaskEvent::Bytes(_),
-                ) => {}
+        let handle = self.dispatcher.submit(spec).map_err(|e| error_result(&e))?;
+        Ok((handle, model))
+    }
+}
+
+/// Follows a submitted task to its end: sends its text deltas and phases as progress (at
+/// least every `interval` while the client has a token), tells `on_phase` of every phase
+/// change, and returns the outcome; `None` if `stop` resolved first (the caller cancels).
+pub(crate) async fn follow(
+    handle: &mut TaskHandle,
+    model: &str,
+    progress: &mut Progress,
+    interval: Duration,
+    stop: impl Future<Output = ()>,
+    mut on_phase: impl FnMut(&Phase),
+) -> Option<Result<CompletionResult, DispatchError>> {
+    tokio::pin!(stop);
+    let mut phase = Phase::Submitted;
+    on_phase(&phase);
+    loop {
+        let keep_alive = progress.last_sent() + interval;
+        let event = tokio::select! {
+            biased;
+            _ = &mut stop => return None,
+            // Before the events: a host streaming only reasoning must not starve it.
+            _ = tokio::time::sleep_until(keep_alive), if progress.wanted() => {
+                progress.send(phase.message(model, Instant::now())).await;
+                continue;
             }
+            event = handle.next() => event,
         };
-        Ok(match outcome {
-            Ok(result) => {
-                let text = completion_text(&result);
-                structured(&result, Some(text))
+        let Some(event) = event else {
+            return Some(Err(DispatchError::scheduler_stopped()));
+        };
+        if let Some(next) = phase.after(&event) {
+            phase = next;
+            on_phase(&phase);
+        }
+        match event {
+            TaskEvent::Finished(result) => return Some(Ok(result)),
+            TaskEvent::Failed(error) => return Some(Err(error)),
+            TaskEvent::Delta(text) => progress.send(text).await,
+            TaskEvent::Queued { .. } | TaskEvent::Started { .. } => {
+                progress.send(phase.message(model, Instant::now())).await;
             }
-            Err(error) => error_result(&error),
-        })
+            TaskEvent::ReasoningDelta(_) | TaskEvent::Answer { .. } | TaskEvent::Bytes(_) => {}
+        }
+    }
+}
+
+/// A completion's outcome as the tool result a plain call returns.
+pub(crate) fn call_result(outcome: Result<CompletionResult, DispatchError>) -> CallToolResult {
+    match outcome {
+        Ok(result) => {
+            let text = completion_text(&result);
+            structured(&result, Some(text))
+        }
+        Err(error) => error_result(&error),
     }
 }
 
@@ -281,26 +323,6 @@ impl<T: JsonSchema> JsonSchema for Args<T> {
         let mut schema = T::json_schema(generator);
         params::strip_null(&mut schema);
         schema
-    }
-}
-
-/// Progress notifications for one call: `progress` strictly increases, and all are sent
-/// (awaited) before the result, so none can follow it.
-struct Progress {
-    peer: Peer<RoleServer>,
-    token: Option<ProgressToken>,
-    count: u64,
-}
-
-impl Progress {
-    async fn send(&mut self, message: String) {
-        let Some(token) = &self.token else { return };
-        self.count += 1;
-        let param =
-            ProgressNotificationParam::new(token.clone(), self.count as f64).with_message(message);
-        if let Err(e) = self.peer.notify_progress(param).await {
-            tracing::debug!(error = %e, "progress notification not delivered");
-        }
     }
 }
 
