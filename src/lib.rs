@@ -17,6 +17,7 @@ pub mod http;
 pub mod local;
 pub mod mcp;
 pub mod mcp_progress;
+pub mod mcp_tasks;
 pub mod metrics;
 pub mod ownership;
 pub mod params;

@@ -6,9 +6,14 @@
 use std::collections::BTreeMap;
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::JsonObject;
-use rmcp::model::{CallToolResult, ContentBlock};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, Implementation,
+    ServerCapabilities, ServerConfig, Task, TaskPayload, TaskStatus,
+};
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
@@ -28,7 +33,9 @@ use tokio::time::Instant;
 use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
+use crate::error::ErrorKind;
 use crate::mcp_progress::{Phase, Progress};
+use crate::mcp_tasks::{Snapshot, State, iso8601};
 use crate::params;
 use crate::scheduler::TaskHandle;
 use crate::task::{CompletionRequest, CompletionResult, TaskEvent};
@@ -41,6 +48,9 @@ pub struct PrixServer {
     client: Arc<ClientGuard>,
     /// Fired when the client is gone: its tasks stop at once.
     gone: CancellationToken,
+    /// Whose MCP tasks this session sees: its client's, or (HTTP, where a stateless request
+    /// is a session of its own) anyone's who holds the task id.
+    task_owner: Option<u64>,
     tool_router: ToolRouter<Self>,
 }
 
@@ -64,7 +74,9 @@ impl PrixServer {
     /// Its calls are cancelled one by one, by rmcp, when their streams close.
     pub fn for_http(dispatcher: Dispatcher) -> Self {
         let client = dispatcher.clients().connect("http", None);
-        Self::for_client(dispatcher, client, CancellationToken::new())
+        let mut server = Self::for_client(dispatcher, client, CancellationToken::new());
+        server.task_owner = None;
+        server
     }
 
     /// A session of a registered client whose tasks stop when `gone` fires.
@@ -75,6 +87,7 @@ impl PrixServer {
     ) -> Self {
         Self {
             dispatcher,
+            task_owner: Some(client.id()),
             client: Arc::new(client),
             gone,
             tool_router: Self::tool_router(),
@@ -385,15 +398,188 @@ pub fn error_result(error: &DispatchError) -> CallToolResult {
     result
 }
 
-#[tool_handler(
-    router = self.tool_router,
-    name = "prix-dispatch",
-    instructions = "Dispatches chat completions to a fleet of local GPU inference servers (LM \
-    Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
-    idle GPU while work waits. Use complete_stream for completions, list_models to see what \
-    each host serves, dispatch_status for queue and slot state."
-)]
-impl ServerHandler for PrixServer {}
+const INSTRUCTIONS: &str = "Dispatches chat completions to a fleet of local GPU inference servers \
+    (LM Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
+    idle GPU while work waits. Use complete_stream for completions, list_models to see what each \
+    host serves, dispatch_status for queue and slot state. Clients that declare the \
+    io.modelcontextprotocol/tasks extension get complete and complete_stream as tasks.";
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for PrixServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "prix-dispatch",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(INSTRUCTIONS.to_string())
+    }
+
+    /// `complete` and `complete_stream` from a client that declared the tasks extension
+    /// (SEP-2663) become tasks; everything else is an ordinary call.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let as_task = TASK_TOOLS.contains(&request.name.as_ref())
+            && context
+                .client_capabilities()
+                .is_some_and(|caps| caps.supports_tasks());
+        if as_task {
+            return Ok(self.start_task(request, &context.peer));
+        }
+        let call = ToolCallContext::new(self, request, context);
+        self.tool_router.call(call).await
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        let tasks = self.dispatcher.mcp_tasks();
+        let task = tasks
+            .get(&request.task_id, self.task_owner)
+            .map_err(|e| McpError::invalid_params(e.to_string(), None))?;
+        Ok(GetTaskResult::new(detailed(&task)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.dispatcher
+            .mcp_tasks()
+            .cancel(&request.task_id, self.task_owner)
+            .map_err(|e| McpError::invalid_params(e.to_string(), None))?;
+        Ok(())
+    }
+}
+
+/// The tools that run as tasks when the client can take one.
+const TASK_TOOLS: [&str; 2] = ["complete", "complete_stream"];
+
+impl PrixServer {
+    /// Submits the call and answers at once with its task (or with the tool error that
+    /// refuses it, as a plain call would); the call runs on, detached, until it ends or is
+    /// cancelled (`tasks/cancel`, or its client going away).
+    fn start_task(
+        &self,
+        request: CallToolRequestParams,
+        peer: &Peer<RoleServer>,
+    ) -> CallToolResponse {
+        let args = Args::<CompletionRequest> {
+            raw: request.arguments.unwrap_or_default(),
+            _of: PhantomData,
+        };
+        let request = match args.parse() {
+            Ok(request) => request,
+            Err(e) => return error_result(&e).into(),
+        };
+        let tasks = self.dispatcher.mcp_tasks().clone();
+        let (task, cancel) = match tasks.create(self.task_owner, &request.model_id) {
+            Ok(created) => created,
+            Err(e) => {
+                return error_result(&DispatchError::new(ErrorKind::QueueFull, e.to_string()))
+                    .into();
+            }
+        };
+        let (mut handle, model) = match self.submit(request, peer) {
+            Ok(submitted) => submitted,
+            Err(refused) => {
+                // Refused before it was queued: the task ends with the refusal as its result.
+                tasks.update(&task.id, crate::mcp_tasks::State::Failed(refused));
+                return CallToolResponse::Task(CreateTaskResult::new(wire_task(&task)));
+            }
+        };
+        let id = task.id.clone();
+        let interval = self.dispatcher.progress_interval();
+        let gone = self.gone.clone();
+        // The result goes to the store, not to this request: a progress token would be
+        // stale once the task handle is answered, so no progress is sent.
+        let mut progress = Progress::new(peer.clone(), None);
+        tokio::spawn(async move {
+            let stop = async {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = gone.cancelled() => {}
+                }
+            };
+            let on_phase = |phase: &Phase| {
+                tasks.update(&id, crate::mcp_tasks::State::Active(phase.clone()));
+            };
+            let end =
+                match follow(&mut handle, &model, &mut progress, interval, stop, on_phase).await {
+                    Some(Ok(result)) => crate::mcp_tasks::State::Completed(call_result(Ok(result))),
+                    Some(Err(error)) => crate::mcp_tasks::State::Failed(error_result(&error)),
+                    None => {
+                        handle.cancel();
+                        crate::mcp_tasks::State::Cancelled
+                    }
+                };
+            tracing::debug!(task = %id, status = end.status(), "MCP task ended");
+            tasks.update(&id, end);
+        });
+        CallToolResponse::Task(CreateTaskResult::new(wire_task(&task)))
+    }
+}
+
+/// A stored task as the spec's `Task`: a working task's status message is its phase
+/// ("queued for m: position 2, starts in about 40 s", "loading m on gpu1").
+fn wire_task(task: &Snapshot) -> Task {
+    let mut wire = Task::new(
+        task.id.clone(),
+        TaskStatus::Working,
+        iso8601(task.created),
+        iso8601(task.updated),
+    )
+    .with_ttl_ms(task.ttl.as_millis() as u64)
+    .with_poll_interval_ms(crate::mcp_tasks::POLL_INTERVAL.as_millis() as u64);
+    let message = match &task.state {
+        State::Active(phase) => phase.message(&task.model, Instant::now()),
+        State::Completed(_) => "completed".to_string(),
+        State::Failed(result) => format!("failed: {}", result_text(result)),
+        State::Cancelled => "cancelled".to_string(),
+    };
+    wire = wire.with_status_message(message);
+    wire
+}
+
+/// The spec's `DetailedTask` of `tasks/get`. A call that ended in a tool error is
+/// `completed` with its `isError: true` result, as SEP-2663 has it (`failed` is for a
+/// JSON-RPC error, which these tools never return); its status message says it failed.
+fn detailed(task: &Snapshot) -> DetailedTask {
+    let payload = match &task.state {
+        State::Active(_) => TaskPayload::Working,
+        State::Completed(result) | State::Failed(result) => TaskPayload::Completed {
+            result: result_object(result),
+        },
+        State::Cancelled => TaskPayload::Cancelled,
+    };
+    DetailedTask::new(wire_task(task), payload)
+}
+
+fn result_object(result: &CallToolResult) -> JsonObject {
+    match serde_json::to_value(result) {
+        Ok(Value::Object(map)) => map,
+        _ => JsonObject::new(),
+    }
+}
+
+fn result_text(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect()
+}
 
 /// Serves MCP over stdin/stdout in this process until the client closes stdin.
 pub async fn serve_stdio(
