@@ -79,7 +79,17 @@ pub struct ServerSettings {
     pub connect: Option<String>,
     /// An MCP-over-HTTP session with no call in flight for this long is closed.
     pub session_idle: Duration,
+    /// Longest gap between two progress notifications of an MCP call that carries a
+    /// progress token, from submission to its result (`progress_interval_seconds`, default
+    /// 10 s): clients that reset their timeout on progress then never time out while the
+    /// task waits in the queue, its model loads, or the model thinks.
+    pub progress_interval: Duration,
 }
+
+/// Default of `[server] progress_interval_seconds`: well under the shortest per-call timeouts
+/// of MCP clients (Claude Desktop's is about 60 s; the TypeScript SDK's default is 60 s,
+/// `DEFAULT_REQUEST_TIMEOUT_MSEC` in `@modelcontextprotocol/sdk` `shared/protocol.js`).
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct QueueSettings {
@@ -155,6 +165,7 @@ impl Default for ServerSettings {
             idle_exit: Duration::from_secs(600),
             connect: None,
             session_idle: crate::http::sessions::DEFAULT_SESSION_IDLE,
+            progress_interval: DEFAULT_PROGRESS_INTERVAL,
         }
     }
 }
@@ -221,6 +232,7 @@ struct FileServer {
     idle_exit_seconds: Option<f64>,
     connect: Option<String>,
     session_idle_seconds: Option<f64>,
+    progress_interval_seconds: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -345,6 +357,10 @@ impl Config {
         if let Some(s) = file.server.session_idle_seconds {
             server.session_idle =
                 seconds(s, "[server] session_idle_seconds", false).map_err(&invalid)?;
+        }
+        if let Some(s) = file.server.progress_interval_seconds {
+            server.progress_interval =
+                seconds(s, "[server] progress_interval_seconds", false).map_err(&invalid)?;
         }
         if !server.listen.ip().is_loopback() && server.allowed_hosts.is_empty() {
             return Err(invalid(format!(

@@ -29,6 +29,9 @@ struct Inner {
     /// The connection pool every host client shares (reloads included).
     http: reqwest::Client,
     max_request_bytes: usize,
+    progress_interval: std::time::Duration,
+    /// MCP tasks of every session (a stateless HTTP request is a session of its own).
+    mcp_tasks: Arc<crate::mcp_tasks::TaskStore>,
     metrics: Arc<Metrics>,
     clients: Clients,
     /// Becomes true if the scheduler actor panicked.
@@ -124,6 +127,8 @@ impl Dispatcher {
                 scheduler,
                 http,
                 max_request_bytes: config.server.max_request_bytes,
+                progress_interval: config.server.progress_interval,
+                mcp_tasks: Arc::default(),
                 metrics,
                 clients: Clients::default(),
                 crashed,
@@ -164,6 +169,17 @@ impl Dispatcher {
     /// Largest request a front end should accept, in bytes.
     pub fn max_request_bytes(&self) -> usize {
         self.inner.max_request_bytes
+    }
+
+    /// Longest silence a front end allows itself towards a client waiting on a task, if the
+    /// client asked for progress (`[server] progress_interval_seconds`).
+    pub fn progress_interval(&self) -> std::time::Duration {
+        self.inner.progress_interval
+    }
+
+    /// The MCP tasks (task-augmented tool calls) of every client.
+    pub fn mcp_tasks(&self) -> &Arc<crate::mcp_tasks::TaskStore> {
+        &self.inner.mcp_tasks
     }
 
     /// Resolves if the scheduler panics (the process should then exit non-zero so that a

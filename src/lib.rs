@@ -16,6 +16,8 @@ pub mod fleet;
 pub mod http;
 pub mod local;
 pub mod mcp;
+pub mod mcp_progress;
+pub mod mcp_tasks;
 pub mod metrics;
 pub mod ownership;
 pub mod params;

@@ -6,9 +6,14 @@
 use std::collections::BTreeMap;
 
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::JsonObject;
-use rmcp::model::{CallToolResult, ContentBlock, ProgressNotificationParam, ProgressToken};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, Implementation,
+    ServerCapabilities, ServerConfig, Task, TaskPayload, TaskStatus,
+};
 use rmcp::service::{Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
@@ -21,10 +26,18 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
 use crate::clients::ClientGuard;
 use crate::dispatcher::{Dispatcher, HostStatus};
 use crate::error::DispatchError;
+use crate::error::ErrorKind;
+use crate::mcp_progress::{Phase, Progress};
+use crate::mcp_tasks::{Snapshot, State, iso8601};
 use crate::params;
+use crate::scheduler::TaskHandle;
 use crate::task::{CompletionRequest, CompletionResult, TaskEvent};
 use std::sync::Arc;
 
@@ -35,6 +48,9 @@ pub struct PrixServer {
     client: Arc<ClientGuard>,
     /// Fired when the client is gone: its tasks stop at once.
     gone: CancellationToken,
+    /// Whose MCP tasks this session sees: its client's, or (HTTP, where a stateless request
+    /// is a session of its own) anyone's who holds the task id.
+    task_owner: Option<u64>,
     tool_router: ToolRouter<Self>,
 }
 
@@ -58,7 +74,9 @@ impl PrixServer {
     /// Its calls are cancelled one by one, by rmcp, when their streams close.
     pub fn for_http(dispatcher: Dispatcher) -> Self {
         let client = dispatcher.clients().connect("http", None);
-        Self::for_client(dispatcher, client, CancellationToken::new())
+        let mut server = Self::for_client(dispatcher, client, CancellationToken::new());
+        server.task_owner = None;
+        server
     }
 
     /// A session of a registered client whose tasks stop when `gone` fires.
@@ -69,6 +87,7 @@ impl PrixServer {
     ) -> Self {
         Self {
             dispatcher,
+            task_owner: Some(client.id()),
             client: Arc::new(client),
             gone,
             tool_router: Self::tool_router(),
@@ -170,6 +189,36 @@ impl PrixServer {
         request: CompletionRequest,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
+        let (mut handle, model) = match self.submit(request, &ctx.peer) {
+            Ok(submitted) => submitted,
+            Err(refused) => return Ok(refused),
+        };
+        let mut progress = Progress::new(ctx.peer.clone(), ctx.meta.get_progress_token());
+        // The client cancelled, or went away: dropping the handle takes the task out of the
+        // queue or off its host. rmcp sends no response for a cancelled request.
+        let stop = async {
+            tokio::select! {
+                _ = ctx.ct.cancelled() => {}
+                _ = self.gone.cancelled() => {}
+            }
+        };
+        let interval = self.dispatcher.progress_interval();
+        match follow(&mut handle, &model, &mut progress, interval, stop, |_| {}).await {
+            Some(outcome) => Ok(call_result(outcome)),
+            None => {
+                handle.cancel();
+                Err(McpError::internal_error("request cancelled", None))
+            }
+        }
+    }
+
+    /// Checks a request and puts it in the queue: its handle and model, or the tool error
+    /// that refuses it.
+    fn submit(
+        &self,
+        request: CompletionRequest,
+        peer: &Peer<RoleServer>,
+    ) -> Result<(TaskHandle, String), CallToolResult> {
         let model = request.model_id.clone();
         if !request.unknown.is_empty() {
             let names: Vec<&String> = request.unknown.keys().collect();
@@ -182,66 +231,72 @@ impl PrixServer {
                 "request too large: {size} bytes of messages and tools, over the limit of {limit} \
                  ([server] max_request_bytes); shorten the conversation or raise the limit"
             ));
-            return Ok(error_result(&error));
+            return Err(error_result(&error));
         }
-        let mut spec = match request.into_spec() {
-            Ok(spec) => spec,
-            Err(e) => return Ok(error_result(&e)),
-        };
+        let mut spec = request.into_spec().map_err(|e| error_result(&e))?;
         spec.client = Some(self.client.id());
         spec.client_id = format!("mcp:{}", self.client.id());
-        if let Some(info) = ctx.peer.peer_info() {
+        if let Some(info) = peer.peer_info() {
             self.client.set_name(&info.client_info.name);
         }
-        let mut handle = match self.dispatcher.submit(spec) {
-            Ok(h) => h,
-            Err(e) => return Ok(error_result(&e)),
-        };
-        let mut progress = Progress {
-            peer: ctx.peer.clone(),
-            token: ctx.meta.get_progress_token(),
-            count: 0,
-        };
-        let outcome = loop {
-            let event = tokio::select! {
-                biased;
-                // The client cancelled: dropping the handle takes the task out of the queue or
-                // off its host. rmcp sends no response for a cancelled request.
-                _ = ctx.ct.cancelled() => {
-                    handle.cancel();
-                    return Err(McpError::internal_error("request cancelled", None));
-                }
-                _ = self.gone.cancelled() => {
-                    handle.cancel();
-                    return Err(McpError::internal_error("the client went away", None));
-                }
-                event = handle.next() => event,
-            };
-            match event {
-                Some(TaskEvent::Finished(result)) => break Ok(result),
-                Some(TaskEvent::Failed(error)) => break Err(error),
-                None => break Err(DispatchError::scheduler_stopped()),
-                Some(TaskEvent::Queued { position, .. }) => {
-                    progress
-                        .send(format!("queued for {model}: position {position}"))
-                        .await;
-                }
-                Some(TaskEvent::Started { host }) => {
-                    progress.send(format!("running {model} on {host}")).await;
-                }
-                Some(TaskEvent::Delta(text)) => progress.send(text).await,
-                Some(
-                    TaskEvent::ReasoningDelta(_) | TaskEvent::Answer { .. } | TaskEvent::Bytes(_),
-                ) => {}
+        let handle = self.dispatcher.submit(spec).map_err(|e| error_result(&e))?;
+        Ok((handle, model))
+    }
+}
+
+/// Follows a submitted task to its end: sends its text deltas and phases as progress (at
+/// least every `interval` while the client has a token), tells `on_phase` of every phase
+/// change, and returns the outcome; `None` if `stop` resolved first (the caller cancels).
+pub(crate) async fn follow(
+    handle: &mut TaskHandle,
+    model: &str,
+    progress: &mut Progress,
+    interval: Duration,
+    stop: impl Future<Output = ()>,
+    mut on_phase: impl FnMut(&Phase),
+) -> Option<Result<CompletionResult, DispatchError>> {
+    tokio::pin!(stop);
+    let mut phase = Phase::Submitted;
+    on_phase(&phase);
+    loop {
+        let keep_alive = progress.last_sent() + interval;
+        let event = tokio::select! {
+            biased;
+            _ = &mut stop => return None,
+            // Before the events: a host streaming only reasoning must not starve it.
+            _ = tokio::time::sleep_until(keep_alive), if progress.wanted() => {
+                progress.send(phase.message(model, Instant::now())).await;
+                continue;
             }
+            event = handle.next() => event,
         };
-        Ok(match outcome {
-            Ok(result) => {
-                let text = completion_text(&result);
-                structured(&result, Some(text))
+        let Some(event) = event else {
+            return Some(Err(DispatchError::scheduler_stopped()));
+        };
+        if let Some(next) = phase.after(&event) {
+            phase = next;
+            on_phase(&phase);
+        }
+        match event {
+            TaskEvent::Finished(result) => return Some(Ok(result)),
+            TaskEvent::Failed(error) => return Some(Err(error)),
+            TaskEvent::Delta(text) => progress.send(text).await,
+            TaskEvent::Queued { .. } | TaskEvent::Started { .. } => {
+                progress.send(phase.message(model, Instant::now())).await;
             }
-            Err(error) => error_result(&error),
-        })
+            TaskEvent::ReasoningDelta(_) | TaskEvent::Answer { .. } | TaskEvent::Bytes(_) => {}
+        }
+    }
+}
+
+/// A completion's outcome as the tool result a plain call returns.
+pub(crate) fn call_result(outcome: Result<CompletionResult, DispatchError>) -> CallToolResult {
+    match outcome {
+        Ok(result) => {
+            let text = completion_text(&result);
+            structured(&result, Some(text))
+        }
+        Err(error) => error_result(&error),
     }
 }
 
@@ -282,26 +337,6 @@ impl<T: JsonSchema> JsonSchema for Args<T> {
         let mut schema = T::json_schema(generator);
         params::strip_null(&mut schema);
         schema
-    }
-}
-
-/// Progress notifications for one call: `progress` strictly increases, and all are sent
-/// (awaited) before the result, so none can follow it.
-struct Progress {
-    peer: Peer<RoleServer>,
-    token: Option<ProgressToken>,
-    count: u64,
-}
-
-impl Progress {
-    async fn send(&mut self, message: String) {
-        let Some(token) = &self.token else { return };
-        self.count += 1;
-        let param =
-            ProgressNotificationParam::new(token.clone(), self.count as f64).with_message(message);
-        if let Err(e) = self.peer.notify_progress(param).await {
-            tracing::debug!(error = %e, "progress notification not delivered");
-        }
     }
 }
 
@@ -364,15 +399,188 @@ pub fn error_result(error: &DispatchError) -> CallToolResult {
     result
 }
 
-#[tool_handler(
-    router = self.tool_router,
-    name = "prix-dispatch",
-    instructions = "Dispatches chat completions to a fleet of local GPU inference servers (LM \
-    Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
-    idle GPU while work waits. Use complete_stream for completions, list_models to see what \
-    each host serves, dispatch_status for queue and slot state."
-)]
-impl ServerHandler for PrixServer {}
+const INSTRUCTIONS: &str = "Dispatches chat completions to a fleet of local GPU inference servers \
+    (LM Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
+    idle GPU while work waits. Use complete_stream for completions, list_models to see what each \
+    host serves, dispatch_status for queue and slot state. Clients that declare the \
+    io.modelcontextprotocol/tasks extension get complete and complete_stream as tasks.";
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for PrixServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            "prix-dispatch",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .with_instructions(INSTRUCTIONS.to_string())
+    }
+
+    /// `complete` and `complete_stream` from a client that declared the tasks extension
+    /// (SEP-2663) become tasks; everything else is an ordinary call.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let as_task = TASK_TOOLS.contains(&request.name.as_ref())
+            && context
+                .client_capabilities()
+                .is_some_and(|caps| caps.supports_tasks());
+        if as_task {
+            return Ok(self.start_task(request, &context.peer));
+        }
+        let call = ToolCallContext::new(self, request, context);
+        self.tool_router.call(call).await
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        let tasks = self.dispatcher.mcp_tasks();
+        let task = tasks
+            .get(&request.task_id, self.task_owner)
+            .map_err(|e| McpError::invalid_params(e.to_string(), None))?;
+        Ok(GetTaskResult::new(detailed(&task)))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        self.dispatcher
+            .mcp_tasks()
+            .cancel(&request.task_id, self.task_owner)
+            .map_err(|e| McpError::invalid_params(e.to_string(), None))?;
+        Ok(())
+    }
+}
+
+/// The tools that run as tasks when the client can take one.
+const TASK_TOOLS: [&str; 2] = ["complete", "complete_stream"];
+
+impl PrixServer {
+    /// Submits the call and answers at once with its task (or with the tool error that
+    /// refuses it, as a plain call would); the call runs on, detached, until it ends or is
+    /// cancelled (`tasks/cancel`, or its client going away).
+    fn start_task(
+        &self,
+        request: CallToolRequestParams,
+        peer: &Peer<RoleServer>,
+    ) -> CallToolResponse {
+        let args = Args::<CompletionRequest> {
+            raw: request.arguments.unwrap_or_default(),
+            _of: PhantomData,
+        };
+        let request = match args.parse() {
+            Ok(request) => request,
+            Err(e) => return error_result(&e).into(),
+        };
+        let tasks = self.dispatcher.mcp_tasks().clone();
+        let (task, cancel) = match tasks.create(self.task_owner, &request.model_id) {
+            Ok(created) => created,
+            Err(e) => {
+                return error_result(&DispatchError::new(ErrorKind::QueueFull, e.to_string()))
+                    .into();
+            }
+        };
+        let (mut handle, model) = match self.submit(request, peer) {
+            Ok(submitted) => submitted,
+            Err(refused) => {
+                // Refused before it was queued: the task ends with the refusal as its result.
+                tasks.update(&task.id, crate::mcp_tasks::State::Failed(refused));
+                return CallToolResponse::Task(CreateTaskResult::new(wire_task(&task)));
+            }
+        };
+        let id = task.id.clone();
+        let interval = self.dispatcher.progress_interval();
+        let gone = self.gone.clone();
+        // The result goes to the store, not to this request: a progress token would be
+        // stale once the task handle is answered, so no progress is sent.
+        let mut progress = Progress::new(peer.clone(), None);
+        tokio::spawn(async move {
+            let stop = async {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = gone.cancelled() => {}
+                }
+            };
+            let on_phase = |phase: &Phase| {
+                tasks.update(&id, crate::mcp_tasks::State::Active(phase.clone()));
+            };
+            let end =
+                match follow(&mut handle, &model, &mut progress, interval, stop, on_phase).await {
+                    Some(Ok(result)) => crate::mcp_tasks::State::Completed(call_result(Ok(result))),
+                    Some(Err(error)) => crate::mcp_tasks::State::Failed(error_result(&error)),
+                    None => {
+                        handle.cancel();
+                        crate::mcp_tasks::State::Cancelled
+                    }
+                };
+            tracing::debug!(task = %id, status = end.status(), "MCP task ended");
+            tasks.update(&id, end);
+        });
+        CallToolResponse::Task(CreateTaskResult::new(wire_task(&task)))
+    }
+}
+
+/// A stored task as the spec's `Task`: a working task's status message is its phase
+/// ("queued for m: position 2, starts in about 40 s", "loading m on gpu1").
+fn wire_task(task: &Snapshot) -> Task {
+    let mut wire = Task::new(
+        task.id.clone(),
+        TaskStatus::Working,
+        iso8601(task.created),
+        iso8601(task.updated),
+    )
+    .with_ttl_ms(task.ttl.as_millis() as u64)
+    .with_poll_interval_ms(crate::mcp_tasks::POLL_INTERVAL.as_millis() as u64);
+    let message = match &task.state {
+        State::Active(phase) => phase.message(&task.model, Instant::now()),
+        State::Completed(_) => "completed".to_string(),
+        State::Failed(result) => format!("failed: {}", result_text(result)),
+        State::Cancelled => "cancelled".to_string(),
+    };
+    wire = wire.with_status_message(message);
+    wire
+}
+
+/// The spec's `DetailedTask` of `tasks/get`. A call that ended in a tool error is
+/// `completed` with its `isError: true` result, as SEP-2663 has it (`failed` is for a
+/// JSON-RPC error, which these tools never return); its status message says it failed.
+fn detailed(task: &Snapshot) -> DetailedTask {
+    let payload = match &task.state {
+        State::Active(_) => TaskPayload::Working,
+        State::Completed(result) | State::Failed(result) => TaskPayload::Completed {
+            result: result_object(result),
+        },
+        State::Cancelled => TaskPayload::Cancelled,
+    };
+    DetailedTask::new(wire_task(task), payload)
+}
+
+fn result_object(result: &CallToolResult) -> JsonObject {
+    match serde_json::to_value(result) {
+        Ok(Value::Object(map)) => map,
+        _ => JsonObject::new(),
+    }
+}
+
+fn result_text(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect()
+}
 
 /// Serves MCP over stdin/stdout in this process until the client closes stdin.
 pub async fn serve_stdio(

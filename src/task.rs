@@ -416,9 +416,12 @@ pub enum TaskEvent {
         position: usize,
         starts_in: Option<std::time::Duration>,
     },
-    /// A host slot took the task.
+    /// A host slot took the task and the request is on its way to `host`.
     Started {
         host: String,
+        /// The scheduler believes `host` does not hold the model, so the request starts with
+        /// a model load (its first byte comes only after the load).
+        cold: bool,
     },
     Delta(String),
     ReasoningDelta(String),

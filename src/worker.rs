@@ -53,6 +53,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
         let result = if sent {
             task.emit(TaskEvent::Started {
                 host: client.name.clone(),
+                cold,
             });
             if cold || client.may_show_slots() {
                 // The scheduler hears of the first byte: for a cold load it opens the host's

@@ -252,7 +252,7 @@ async fn wait_started(
 ) -> (prix_dispatch::scheduler::TaskHandle, String) {
     loop {
         match handle.next().await {
-            Some(TaskEvent::Started { host }) => return (handle, host),
+            Some(TaskEvent::Started { host, .. }) => return (handle, host),
             Some(TaskEvent::Failed(e)) => panic!("failed: {e}"),
             None | Some(TaskEvent::Finished(_)) => panic!("ended before starting"),
             _ => {}

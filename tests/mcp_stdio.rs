@@ -149,7 +149,9 @@ async fn tools_progress_and_results_over_stdio() {
     );
     let messages: Vec<String> = progress.iter().filter_map(|p| p.message.clone()).collect();
     assert!(
-        messages.iter().any(|m| m.starts_with("running m on gpu0")),
+        messages
+            .iter()
+            .any(|m| m.starts_with("running m on gpu0") || m == "loading m on gpu0"),
         "{messages:?}"
     );
     let deltas: String = messages

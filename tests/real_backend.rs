@@ -308,7 +308,7 @@ async fn real_llama_servers_one_request_per_server() {
             let mut deltas = 0;
             while deltas < 4 {
                 match tokio::time::timeout(Duration::from_secs(30), handle.next()).await {
-                    Ok(Some(TaskEvent::Started { host: h })) => host = Some(h),
+                    Ok(Some(TaskEvent::Started { host: h, .. })) => host = Some(h),
                     Ok(Some(TaskEvent::Delta(_))) => deltas += 1,
                     Ok(Some(TaskEvent::Finished(r))) => {
                         panic!("finished before the cancel: {r:?}")

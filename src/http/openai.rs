@@ -91,7 +91,7 @@ pub(super) async fn chat_completions(
     let mut queue_wait_ms = 0.0;
     let content_type = loop {
         match handle.next().await {
-            Some(TaskEvent::Started { host: h }) => {
+            Some(TaskEvent::Started { host: h, .. }) => {
                 host = h;
                 queue_wait_ms = submitted.elapsed().as_secs_f64() * 1e3;
             }

@@ -263,7 +263,7 @@ pub async fn run(
     let mut streamed = String::new();
     let result = dispatcher
         .run(task, |event| match event {
-            TaskEvent::Started { host } => started = Some((host.clone(), Instant::now())),
+            TaskEvent::Started { host, .. } => started = Some((host.clone(), Instant::now())),
             TaskEvent::Delta(text) => {
                 first_delta.get_or_insert_with(Instant::now);
                 deltas += 1;
