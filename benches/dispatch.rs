@@ -44,6 +44,8 @@ use prix_dispatch::sim::{Behaviour, SimConfig, SimHost};
 use prix_dispatch::task::TaskId;
 use tokio::time::Instant;
 
+#[path = "dispatch/fair.rs"]
+mod fair;
 #[path = "dispatch/swap.rs"]
 mod swap;
 
@@ -1683,7 +1685,7 @@ fn main() {
                 .flat_map(|v| v.split(',').map(str::to_string).collect::<Vec<_>>()),
         )
         .collect();
-    let known = ["efficiency", "swap", "overhead", "scale"];
+    let known = ["efficiency", "swap", "fair", "overhead", "scale"];
     for n in &names {
         assert!(
             known.contains(&n.as_str()),
@@ -1716,6 +1718,10 @@ fn main() {
         section_header("Hosts that pay for switching models");
         ok &= swap::swap(3);
         println!("\nload average at end: {}", loadavg());
+    }
+    if want("fair") {
+        section_header("Many clients on one fleet");
+        ok &= fair::fair(5);
     }
     if want("overhead") {
         section_header("Overhead");

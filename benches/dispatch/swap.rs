@@ -104,9 +104,13 @@ type Running = (u64, usize, bool, Duration, Duration);
 /// (when, sequence, kind: 0 first byte / 1 completion, host, task id).
 type Event = (Instant, u64, u8, usize, u64);
 
-struct Sim {
+pub(crate) struct Sim {
     state: DispatchState<Job>,
-    now: Instant,
+    pub(crate) now: Instant,
+    /// When each task ended (by id).
+    pub(crate) ended: std::collections::HashMap<u64, Instant>,
+    /// When each task started (by id).
+    pub(crate) started: std::collections::HashMap<u64, Instant>,
     load: Duration,
     resident: Vec<Option<usize>>,
     /// (when, seq, kind, host, task id): kind 0 = first byte, 1 = completion.
@@ -119,7 +123,25 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(hosts: usize, models: usize, load: Duration, swap_aware: bool, t0: Instant) -> Sim {
+    pub(crate) fn new(
+        hosts: usize,
+        models: usize,
+        load: Duration,
+        swap_aware: bool,
+        t0: Instant,
+    ) -> Sim {
+        Sim::holding(hosts, models, load, swap_aware, t0, None)
+    }
+
+    /// Hosts that hold model `resident` at the start (none with `None`).
+    pub(crate) fn holding(
+        hosts: usize,
+        models: usize,
+        load: Duration,
+        swap_aware: bool,
+        t0: Instant,
+        resident: Option<usize>,
+    ) -> Sim {
         let names = model_names(models);
         let state = DispatchState::new(
             (0..hosts).map(|i| (format!("h{i}"), 1)),
@@ -132,8 +154,10 @@ impl Sim {
         let mut sim = Sim {
             state,
             now: t0,
+            ended: Default::default(),
+            started: Default::default(),
             load,
-            resident: vec![None; hosts],
+            resident: vec![resident; hosts],
             events: BinaryHeap::new(),
             seq: 0,
             running: vec![Vec::new(); hosts],
@@ -142,11 +166,16 @@ impl Sim {
         };
         let d = sim.state.start();
         sim.apply(d);
+        let names_for_report: Vec<String> = sim.names.iter().map(|n| n.to_string()).collect();
         let reports = (0..hosts)
             .map(|i| ManifestReport {
                 host: HostId(i),
                 models: Ok(sim.names.iter().map(|n| n.to_string()).collect()),
-                loaded: Some(Vec::new()),
+                loaded: Some(
+                    resident
+                        .map(|k| vec![names_for_report[k].clone()])
+                        .unwrap_or_default(),
+                ),
             })
             .collect();
         let d = sim.state.manifests_read(reports, t0);
@@ -159,14 +188,26 @@ impl Sim {
     }
 
     fn submit(&mut self, id: u64, kind: usize, work: Duration) {
+        self.submit_from(id, kind, work, "bench", 0);
+    }
+
+    /// A task from `client` with `priority`.
+    pub(crate) fn submit_from(
+        &mut self,
+        id: u64,
+        kind: usize,
+        work: Duration,
+        client: &'static str,
+        priority: i32,
+    ) {
         let job = Job {
             id,
             model: self.names[kind].clone(),
             kind,
             at: self.now,
             work,
-            client: "bench",
-            priority: 0,
+            client,
+            priority,
             key: None,
         };
         let d = self.state.submit(job, self.now);
@@ -195,6 +236,7 @@ impl Sim {
                     self.resident[h] = Some(task.kind);
                 }
                 // The worker reports what the scheduler believed; the first token tells the truth.
+                self.started.insert(task.id, self.now);
                 self.running[h].push((task.id, task.kind, believed_cold, ttft, ttft + task.work));
                 self.seq += 1;
                 self.events
@@ -213,13 +255,25 @@ impl Sim {
 
     /// Runs until nothing runs and nothing is due (a gated client then submits its next
     /// batch).
-    fn run(&mut self) {
+    pub(crate) fn run(&mut self) {
+        self.run_until(None);
+    }
+
+    /// Runs the events due up to `until` (all with `None`), then stands at `until`.
+    pub(crate) fn run_until(&mut self, until: Option<Instant>) {
         loop {
             let next_event = self.events.peek().map(|Reverse(e)| e.0);
             let next_tick = self.state.next_deadline();
             let Some(at) = [next_event, next_tick].into_iter().flatten().min() else {
+                if let Some(u) = until {
+                    self.now = self.now.max(u);
+                }
                 return;
             };
+            if until.is_some_and(|u| at > u) {
+                self.now = self.now.max(until.unwrap_or(at));
+                return;
+            }
             self.now = self.now.max(at);
             if next_event.is_some_and(|e| e <= self.now) {
                 let Reverse((_, _, kind, h, id)) = self.events.pop().expect("peeked");
@@ -233,6 +287,7 @@ impl Sim {
                     .position(|r| r.0 == id)
                     .expect("running");
                 let (_, model, cold, ttft, service) = self.running[h].swap_remove(at);
+                self.ended.insert(id, self.now);
                 self.result.completed += 1;
                 let release = Release {
                     outcome: Outcome::Completed,

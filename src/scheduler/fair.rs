@@ -91,6 +91,9 @@ impl FairShare {
 pub struct ModelQueue<T> {
     by_rank: BTreeMap<QueueKey, T>,
     by_id: BTreeMap<TaskId, (QueueKey, Instant)>,
+    /// When a task of each priority last started from this line: aging counts the time a
+    /// priority has been passed over, not the time its tasks have waited.
+    served: BTreeMap<i32, Instant>,
 }
 
 impl<T> Default for ModelQueue<T> {
@@ -98,6 +101,7 @@ impl<T> Default for ModelQueue<T> {
         Self {
             by_rank: BTreeMap::new(),
             by_id: BTreeMap::new(),
+            served: BTreeMap::new(),
         }
     }
 }
@@ -157,25 +161,33 @@ impl<T> ModelQueue<T> {
         Some((id, &self.by_rank[key]))
     }
 
-    /// The task to run next and its aged order: the first in key order, unless the task
-    /// that has waited longest has aged past it (one step of priority per [`PRIORITY_STEP`]
-    /// waited). Among tasks of one priority the oldest is also first in its client's line, so
-    /// comparing these two bounds every wait.
+    /// A task of `priority` started from this line at `now`.
+    pub fn started(&mut self, priority: i32, now: Instant) {
+        self.served.insert(priority, now);
+    }
+
+    /// The task to run next and its place among models' next tasks: the first in key order,
+    /// unless the task that has waited longest is of a worse priority that has been passed
+    /// over long enough to reach the first one's (one step per [`PRIORITY_STEP`] without a
+    /// start of its priority); then it goes first. Age alone does not count: a battery's
+    /// tasks are always the oldest, and would otherwise put every urgent call, or within a
+    /// priority every newcomer's call, behind all of them again.
     pub fn next(&self, now: Instant) -> Option<(TaskId, &T, Order)> {
         let (head_key, head) = self.by_rank.first_key_value()?;
-        let aged = |key: &QueueKey| {
-            let waited = now.saturating_duration_since(self.by_id[&key.id].1);
-            let steps = (waited.as_secs() / PRIORITY_STEP.as_secs()).min(i32::MAX as u64) as i32;
-            (key.priority.saturating_sub(steps), key.rank)
-        };
-        let head_order = aged(head_key);
-        let (&oldest_id, (oldest_key, _)) = self.by_id.first_key_value()?;
-        let oldest_order = aged(oldest_key);
-        if oldest_id != head_key.id && (oldest_order, oldest_id) < (head_order, head_key.id) {
-            Some((oldest_id, &self.by_rank[oldest_key], oldest_order))
-        } else {
-            Some((head_key.id, head, head_order))
+        let (&oldest_id, (oldest_key, at)) = self.by_id.first_key_value()?;
+        let since = self
+            .served
+            .get(&oldest_key.priority)
+            .map_or(*at, |s| (*s).max(*at));
+        let waited = now.saturating_duration_since(since);
+        let steps = (waited.as_secs() / PRIORITY_STEP.as_secs()).min(i32::MAX as u64) as i32;
+        if oldest_key.priority > head_key.priority
+            && oldest_key.priority.saturating_sub(steps) <= head_key.priority
+        {
+            let order = (head_key.priority, oldest_key.rank.min(head_key.rank));
+            return Some((oldest_id, &self.by_rank[oldest_key], order));
         }
+        Some((head_key.id, head, (head_key.priority, head_key.rank)))
     }
 }
 

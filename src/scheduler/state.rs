@@ -1028,8 +1028,11 @@ impl<T: Queueable> DispatchState<T> {
             let Some((id, model, host)) = choice else {
                 return;
             };
-            if let Some(key) = self.queues.get(&model).and_then(|q| q.key(id)) {
+            if let Some(queue) = self.queues.get_mut(&model)
+                && let Some(key) = queue.key(id)
+            {
                 self.fair.started(key);
+                queue.started(key.priority, now);
             }
             let task = self.remove_queued(&model, id);
 

@@ -138,3 +138,34 @@ fn random_clients_priorities_and_arrivals_keep_order_and_bound_every_wait() {
         }
     }
 }
+
+#[test]
+fn a_flood_of_urgent_calls_passes_a_batch_task_over_for_one_step_at_most() {
+    // One host, one-second tasks; a batch task, then two priority -1 calls a second from
+    // other clients for three minutes: the batch task starts once its priority has been
+    // passed over for one step.
+    let m: &[&str] = &["m"];
+    let mut run = Run::new(&[(m, m)], S, 5 * S, Duration::from_secs(3600));
+    run.submit_from("m", "x", -1);
+    let batch = run.submit_from("m", "batch", 0);
+    let mut n = 0;
+    let t0 = run.now;
+    while run.now - t0 < Duration::from_secs(180) {
+        n += 1;
+        let client = if n % 2 == 0 { "x" } else { "y" };
+        run.submit_from("m", client, -1);
+        run.submit_from("m", client, -1);
+        let t = run.now + S;
+        run.run_until(Some(t));
+    }
+    run.finish();
+    let waited = run.started_at[&batch] - t0;
+    assert!(
+        waited >= Duration::from_secs(30),
+        "urgent calls went first for a while: {waited:?}"
+    );
+    assert!(
+        waited <= super::fair::PRIORITY_STEP + 2 * S,
+        "the batch task waited {waited:?}"
+    );
+}
