@@ -66,6 +66,9 @@ pub struct DispatchStatus {
     pub closing: bool,
     /// Connected MCP clients and the tasks each has queued and running.
     pub clients: Vec<ClientStatus>,
+    /// Every client fair share tells apart (MCP sessions, OpenAI users, headers, keys): its
+    /// queued, running and served (completed) tasks.
+    pub fair_share: Vec<crate::scheduler::state::ShareStatus>,
     pub counters: Counters,
     /// What placement knows of switching costs: per host and model, learned load, warm
     /// first-token and service times in seconds.
@@ -239,6 +242,7 @@ impl Dispatcher {
             awaiting_manifest: snapshot.awaiting_manifest,
             closing: snapshot.closing,
             clients: self.inner.clients.list(&snapshot.tasks_by_client),
+            fair_share: snapshot.fair_share,
             counters: snapshot.counters,
             costs: snapshot.costs,
         })

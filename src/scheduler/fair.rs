@@ -191,6 +191,34 @@ impl<T> ModelQueue<T> {
     }
 }
 
+/// Tasks completed per client, for status pages; at most [`MAX_CLIENTS`] clients are kept
+/// (the ones served least are forgotten first).
+#[derive(Debug, Default)]
+pub struct Served(HashMap<String, u64>);
+
+impl Served {
+    pub fn record(&mut self, client: &str) {
+        if let Some(n) = self.0.get_mut(client) {
+            *n += 1;
+            return;
+        }
+        if self.0.len() >= MAX_CLIENTS
+            && let Some(least) = self
+                .0
+                .iter()
+                .min_by_key(|(_, n)| **n)
+                .map(|(k, _)| k.clone())
+        {
+            self.0.remove(&least);
+        }
+        self.0.insert(client.to_string(), 1);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.0.iter().map(|(k, n)| (k.as_str(), *n))
+    }
+}
+
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }

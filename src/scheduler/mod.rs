@@ -10,7 +10,7 @@ pub mod fair;
 pub mod placement;
 pub mod state;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -312,6 +312,7 @@ impl Scheduler {
             running: hosts.iter().map(|_| Vec::new()).collect(),
             hosts: hosts.into_iter().map(|h| Arc::new(h.client)).collect(),
             refresh_waiters: Vec::new(),
+            served: fair::Served::default(),
             close_waiters: Vec::new(),
             tx: tx.clone(),
         };
@@ -438,6 +439,8 @@ struct RunningEntry {
     id: TaskId,
     model: String,
     client: Option<u64>,
+    /// Who asked, for fair share.
+    client_id: String,
     since: Instant,
     /// The host sent its first byte: it is surely processing it (for `/slots` counts).
     answering: bool,
@@ -455,6 +458,8 @@ struct Actor {
     close_waiters: Vec<oneshot::Sender<()>>,
     /// Per host, what runs there and since when: for status pages, not for decisions.
     running: Vec<Vec<RunningEntry>>,
+    /// Tasks completed per client, for status pages.
+    served: fair::Served,
     tx: mpsc::UnboundedSender<Command>,
 }
 
@@ -516,6 +521,12 @@ impl Actor {
                     task,
                     release,
                 }) => {
+                    if release.retry.is_none()
+                        && matches!(release.outcome, state::Outcome::Completed)
+                        && let Some(r) = self.running[host.0].iter().find(|r| r.id == task)
+                    {
+                        self.served.record(&r.client_id);
+                    }
                     self.running[host.0].retain(|r| r.id != task);
                     self.state.released(host, *release, now)
                 }
@@ -581,6 +592,7 @@ impl Actor {
                         id: task.id,
                         model: task.spec.model.clone(),
                         client: task.spec.client,
+                        client_id: task.spec.client_id.clone(),
                         since: Instant::now(),
                         answering: false,
                     });
@@ -676,6 +688,30 @@ impl Actor {
         for client in self.running.iter().flatten().filter_map(|r| r.client) {
             by_client.entry(client).or_default().1 += 1;
         }
+        let mut share: BTreeMap<String, state::ShareStatus> = BTreeMap::new();
+        fn entry<'a>(
+            share: &'a mut BTreeMap<String, state::ShareStatus>,
+            id: &str,
+        ) -> &'a mut state::ShareStatus {
+            share
+                .entry(id.to_string())
+                .or_insert_with(|| state::ShareStatus {
+                    client: id.to_string(),
+                    queued: 0,
+                    running: 0,
+                    served: 0,
+                })
+        }
+        for task in self.state.waiting() {
+            entry(&mut share, &task.spec.client_id).queued += 1;
+        }
+        for r in self.running.iter().flatten() {
+            entry(&mut share, &r.client_id).running += 1;
+        }
+        for (id, n) in self.served.iter() {
+            entry(&mut share, id).served = n;
+        }
+        snapshot.fair_share = share.into_values().collect();
         snapshot
     }
 

@@ -277,6 +277,17 @@ pub struct Counters {
     pub retried: u64,
 }
 
+/// One client as fair share sees it (`mcp:<session>`, `user:<id>`, `header:<name>`,
+/// `key:<hash>` or `anonymous`; see [`crate::task::TaskSpec::client_id`]).
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ShareStatus {
+    pub client: String,
+    pub queued: usize,
+    pub running: usize,
+    /// Tasks of it this daemon completed since it started.
+    pub served: u64,
+}
+
 /// A point-in-time view for `list_models`, `dispatch_status` and tests.
 #[derive(Debug, Clone, Serialize)]
 pub struct Snapshot {
@@ -289,6 +300,8 @@ pub struct Snapshot {
     pub counters: Counters,
     /// Per client id, (queued, running) tasks (filled in by the actor).
     pub tasks_by_client: BTreeMap<u64, (usize, usize)>,
+    /// Every client fair share tells apart, with its tasks (filled in by the actor).
+    pub fair_share: Vec<ShareStatus>,
     /// The cost model: load, warm first-token and service times learned per host and model.
     pub costs: Vec<costs::LearnedCost>,
 }
@@ -847,6 +860,7 @@ impl<T: Queueable> DispatchState<T> {
             closing: self.closing,
             counters: self.counters,
             tasks_by_client: BTreeMap::new(),
+            fair_share: Vec::new(),
             costs: self.costs.learned(|i| self.hosts[i].name.clone()),
         }
     }
