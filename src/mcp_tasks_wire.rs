@@ -354,6 +354,9 @@ impl TaskWire {
                     State::Completed(result) | State::Failed(result) => {
                         let mut result = serde_json::to_value(result).unwrap_or(json!({}));
                         if let Some(object) = result.as_object_mut() {
+                            // A 2026-07-28 field rmcp's serialisation adds (its wire layer
+                            // strips it for older protocols); the 2025-11-25 result has none.
+                            object.remove("resultType");
                             object.insert(
                                 "_meta".to_string(),
                                 json!({ RELATED_TASK_META_KEY: {"taskId": task_id} }),
