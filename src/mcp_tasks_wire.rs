@@ -24,8 +24,9 @@
 //! SEP-2663 tasks and plain calls.
 //!
 //! The core ([`route`], [`patch_response`], [`task_json`]) is pure; [`TaskWire`] executes
-//! what it takes; [`serve_stream`] puts it on a byte stream (stdio, bridge sockets), and
-//! `http::tasks_layer` on Streamable HTTP.
+//! what it takes; [`serve_stream`] puts it on a byte stream (stdio, bridge sockets). It is not
+//! on Streamable HTTP yet: there rmcp answers alone (no `execution` in `tools/list`, so the TS
+//! SDK makes plain calls).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
