@@ -18,6 +18,7 @@ pub mod local;
 pub mod mcp;
 pub mod mcp_progress;
 pub mod mcp_tasks;
+pub mod mcp_tasks_wire;
 pub mod metrics;
 pub mod ownership;
 pub mod params;

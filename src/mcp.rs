@@ -21,9 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::marker::PhantomData;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::AsyncRead;
 use tokio_util::sync::CancellationToken;
 
 use std::future::Future;
@@ -189,7 +187,7 @@ impl PrixServer {
         request: CompletionRequest,
         ctx: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
-        let (mut handle, model) = match self.submit(request, &ctx.peer) {
+        let (mut handle, model) = match self.submit(request, Some(&ctx.peer)) {
             Ok(submitted) => submitted,
             Err(refused) => return Ok(refused),
         };
@@ -217,7 +215,7 @@ impl PrixServer {
     fn submit(
         &self,
         request: CompletionRequest,
-        peer: &Peer<RoleServer>,
+        peer: Option<&Peer<RoleServer>>,
     ) -> Result<(TaskHandle, String), CallToolResult> {
         let model = request.model_id.clone();
         if !request.unknown.is_empty() {
@@ -236,7 +234,7 @@ impl PrixServer {
         let mut spec = request.into_spec().map_err(|e| error_result(&e))?;
         spec.client = Some(self.client.id());
         spec.client_id = format!("mcp:{}", self.client.id());
-        if let Some(info) = peer.peer_info() {
+        if let Some(info) = peer.and_then(|peer| peer.peer_info()) {
             self.client.set_name(&info.client_info.name);
         }
         let handle = self.dispatcher.submit(spec).map_err(|e| error_result(&e))?;
@@ -403,7 +401,8 @@ const INSTRUCTIONS: &str = "Dispatches chat completions to a fleet of local GPU 
     (LM Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
     idle GPU while work waits. Use complete_stream for completions, list_models to see what each \
     host serves, dispatch_status for queue and slot state. Clients that declare the \
-    io.modelcontextprotocol/tasks extension get complete and complete_stream as tasks.";
+    io.modelcontextprotocol/tasks extension, or (over stdio) send task on tools/call, get complete \
+    and complete_stream as tasks.";
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for PrixServer {
@@ -465,7 +464,7 @@ impl ServerHandler for PrixServer {
 }
 
 /// The tools that run as tasks when the client can take one.
-const TASK_TOOLS: [&str; 2] = ["complete", "complete_stream"];
+pub(crate) const TASK_TOOLS: [&str; 2] = ["complete", "complete_stream"];
 
 impl PrixServer {
     /// Submits the call and answers at once with its task (or with the tool error that
@@ -476,37 +475,57 @@ impl PrixServer {
         request: CallToolRequestParams,
         peer: &Peer<RoleServer>,
     ) -> CallToolResponse {
+        match self.launch_task(request.arguments.unwrap_or_default(), None, Some(peer)) {
+            Ok(task) => CallToolResponse::Task(CreateTaskResult::new(wire_task(&task))),
+            Err(Refused::Invalid(result)) => result.into(),
+            Err(Refused::Full(e)) => {
+                error_result(&DispatchError::new(ErrorKind::QueueFull, e.to_string())).into()
+            }
+        }
+    }
+
+    /// Starts `complete` / `complete_stream` with `arguments` as a task in the store, run
+    /// detached through the same submit + [`follow`] path as a plain call; returns the new
+    /// task at once. A call the queue refuses (unknown model, too large) is still a task,
+    /// failed with the plain call's refusal as its result; arguments that do not parse are
+    /// refused without a task. `ttl` is the client's wish (2025-11-25 form), `peer` the
+    /// rmcp peer when started from an rmcp request (it names the client).
+    pub(crate) fn launch_task(
+        &self,
+        arguments: JsonObject,
+        ttl: Option<Duration>,
+        peer: Option<&Peer<RoleServer>>,
+    ) -> Result<Snapshot, Refused> {
         let args = Args::<CompletionRequest> {
-            raw: request.arguments.unwrap_or_default(),
+            raw: arguments,
             _of: PhantomData,
         };
-        let request = match args.parse() {
-            Ok(request) => request,
-            Err(e) => return error_result(&e).into(),
-        };
+        let request = args
+            .parse()
+            .map_err(|e| Refused::Invalid(error_result(&e)))?;
         let tasks = self.dispatcher.mcp_tasks().clone();
-        let (task, cancel) = match tasks.create(self.task_owner, &request.model_id) {
-            Ok(created) => created,
-            Err(e) => {
-                return error_result(&DispatchError::new(ErrorKind::QueueFull, e.to_string()))
-                    .into();
-            }
-        };
+        let (task, cancel) = tasks
+            .create(self.task_owner, &request.model_id, ttl)
+            .map_err(Refused::Full)?;
         let (mut handle, model) = match self.submit(request, peer) {
             Ok(submitted) => submitted,
             Err(refused) => {
                 // Refused before it was queued: the task ends with the refusal as its result.
-                tasks.update(&task.id, crate::mcp_tasks::State::Failed(refused));
-                return CallToolResponse::Task(CreateTaskResult::new(wire_task(&task)));
+                tasks.update(&task.id, State::Failed(refused));
+                return Ok(task);
             }
         };
         let id = task.id.clone();
         let interval = self.dispatcher.progress_interval();
         let gone = self.gone.clone();
-        // The result goes to the store, not to this request: a progress token would be
-        // stale once the task handle is answered, so no progress is sent.
-        let mut progress = Progress::new(peer.clone(), None);
+        // Kept until the task ends: an HTTP task outlives the request that started it, and
+        // its client stays listed (fair share, status) while it runs.
+        let client = self.client.clone();
+        // The result goes to the store, not to a request: a progress token would be stale
+        // once the task handle is answered, so no progress is sent.
+        let mut progress = Progress::silent();
         tokio::spawn(async move {
+            let _client = client;
             let stop = async {
                 tokio::select! {
                     _ = cancel.cancelled() => {}
@@ -514,22 +533,41 @@ impl PrixServer {
                 }
             };
             let on_phase = |phase: &Phase| {
-                tasks.update(&id, crate::mcp_tasks::State::Active(phase.clone()));
+                tasks.update(&id, State::Active(phase.clone()));
             };
             let end =
                 match follow(&mut handle, &model, &mut progress, interval, stop, on_phase).await {
-                    Some(Ok(result)) => crate::mcp_tasks::State::Completed(call_result(Ok(result))),
-                    Some(Err(error)) => crate::mcp_tasks::State::Failed(error_result(&error)),
+                    Some(Ok(result)) => State::Completed(call_result(Ok(result))),
+                    Some(Err(error)) => State::Failed(error_result(&error)),
                     None => {
                         handle.cancel();
-                        crate::mcp_tasks::State::Cancelled
+                        State::Cancelled
                     }
                 };
             tracing::debug!(task = %id, status = end.status(), "MCP task ended");
             tasks.update(&id, end);
         });
-        CallToolResponse::Task(CreateTaskResult::new(wire_task(&task)))
+        Ok(task)
     }
+
+    /// Whose tasks this session sees (see `task_owner`).
+    pub(crate) fn task_owner(&self) -> Option<u64> {
+        self.task_owner
+    }
+
+    /// The dispatcher this session feeds.
+    pub(crate) fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+}
+
+/// Why a call could not become a task.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// Its arguments do not parse: the plain call's tool error.
+    Invalid(CallToolResult),
+    /// The store is full.
+    Full(crate::mcp_tasks::TaskError),
 }
 
 /// A stored task as the spec's `Task`: a working task's status message is its phase
@@ -543,14 +581,19 @@ fn wire_task(task: &Snapshot) -> Task {
     )
     .with_ttl_ms(task.ttl.as_millis() as u64)
     .with_poll_interval_ms(crate::mcp_tasks::POLL_INTERVAL.as_millis() as u64);
-    let message = match &task.state {
+    wire = wire.with_status_message(status_message(task));
+    wire
+}
+
+/// A task's status message in both wire forms: a working task's phase ("queued for m:
+/// position 2, starts in about 40 s", "loading m on gpu1", ...), else how it ended.
+pub(crate) fn status_message(task: &Snapshot) -> String {
+    match &task.state {
         State::Active(phase) => phase.message(&task.model, Instant::now()),
         State::Completed(_) => "completed".to_string(),
         State::Failed(result) => format!("failed: {}", result_text(result)),
         State::Cancelled => "cancelled".to_string(),
-    };
-    wire = wire.with_status_message(message);
-    wire
+    }
 }
 
 /// The spec's `DetailedTask` of `tasks/get`. A call that ended in a tool error is
@@ -613,14 +656,13 @@ where
 {
     use rmcp::ServiceExt;
     let gone = CancellationToken::new();
-    let reader = SignalEof {
-        inner: reader,
-        eof: gone.clone(),
-    };
     let id = client.id();
-    let service = PrixServer::for_client(dispatcher, client, gone.clone())
-        .serve((reader, writer))
-        .await?;
+    let server = PrixServer::for_client(dispatcher, client, gone.clone());
+    // The 2025-11-25 task form is answered in front of rmcp (see `mcp_tasks_wire`); the
+    // layer also fires `gone` when the client closes its side.
+    let wire = crate::mcp_tasks_wire::TaskWire::new(server.clone());
+    let (reader, writer) = crate::mcp_tasks_wire::serve_stream(wire, reader, writer, gone.clone());
+    let service = server.serve((reader, writer)).await?;
     let reason = service.waiting().await;
     gone.cancel();
     tracing::info!(
@@ -629,29 +671,4 @@ where
         "MCP client went away; its tasks are cancelled"
     );
     Ok(())
-}
-
-/// Stdin that fires a token when it reaches end of file.
-struct SignalEof<R> {
-    inner: R,
-    eof: CancellationToken,
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for SignalEof<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let wanted = buf.remaining() > 0;
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &polled
-            && wanted
-            && buf.filled().len() == before
-        {
-            self.eof.cancel();
-        }
-        polled
-    }
 }

@@ -104,7 +104,8 @@ impl Phase {
 /// Progress notifications for one call: `progress` strictly increases, and every one is sent
 /// (awaited) before the result, so none can follow it. Without a token nothing is sent.
 pub struct Progress {
-    peer: Peer<RoleServer>,
+    /// None for a silent call.
+    peer: Option<Peer<RoleServer>>,
     token: Option<ProgressToken>,
     count: u64,
     last: Instant,
@@ -113,8 +114,19 @@ pub struct Progress {
 impl Progress {
     pub fn new(peer: Peer<RoleServer>, token: Option<ProgressToken>) -> Self {
         Self {
-            peer,
+            peer: Some(peer),
             token,
+            count: 0,
+            last: Instant::now(),
+        }
+    }
+
+    /// A call nobody hears progress of: a task started outside an rmcp request (the
+    /// 2025-11-25 task form, `mcp_tasks_wire`), whose result goes to the store.
+    pub fn silent() -> Self {
+        Self {
+            peer: None,
+            token: None,
             count: 0,
             last: Instant::now(),
         }
@@ -131,12 +143,14 @@ impl Progress {
     }
 
     pub async fn send(&mut self, message: String) {
-        let Some(token) = &self.token else { return };
+        let (Some(token), Some(peer)) = (&self.token, &self.peer) else {
+            return;
+        };
         self.count += 1;
         self.last = Instant::now();
         let param =
             ProgressNotificationParam::new(token.clone(), self.count as f64).with_message(message);
-        if let Err(e) = self.peer.notify_progress(param).await {
+        if let Err(e) = peer.notify_progress(param).await {
             tracing::debug!(error = %e, "progress notification not delivered");
         }
     }

@@ -2,14 +2,17 @@
 //! client (issue 13 item 5). This is the store, without any protocol: what each task is doing,
 //! its result once done, expiry after its time-to-live, and a bound on how many are kept.
 //!
-//! The wire form served is the `io.modelcontextprotocol/tasks` extension (SEP-2663; the types
-//! are rmcp 3.11's `rmcp::model::task`); see `mcp.rs` for the handlers.
+//! Two wire forms are served from this one store: the `io.modelcontextprotocol/tasks`
+//! extension (SEP-2663; the types are rmcp 3.11's `rmcp::model::task`; handlers in `mcp.rs`),
+//! and the 2025-11-25 experimental form (`params.task` on `tools/call`, `tasks/get`,
+//! `tasks/result`, `tasks/list`, `tasks/cancel`; served in front of rmcp by `mcp_tasks_wire.rs`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rmcp::model::CallToolResult;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -85,18 +88,20 @@ struct Entry {
     created: SystemTime,
     updated: SystemTime,
     born: Instant,
+    /// This task's time-to-live: the store's, or less if the client asked for less.
+    ttl: Duration,
     cancel: CancellationToken,
 }
 
 impl Entry {
-    fn snapshot(&self, id: &str, ttl: Duration) -> Snapshot {
+    fn snapshot(&self, id: &str) -> Snapshot {
         Snapshot {
             id: id.to_string(),
             model: self.model.clone(),
             state: self.state.clone(),
             created: self.created,
             updated: self.updated,
-            ttl,
+            ttl: self.ttl,
         }
     }
 }
@@ -108,6 +113,8 @@ pub struct TaskStore {
     tasks: Mutex<HashMap<String, Entry>>,
     ttl: Duration,
     max: usize,
+    /// Woken at every change of state, for [`TaskStore::wait_end`].
+    changed: Notify,
 }
 
 impl Default for TaskStore {
@@ -122,10 +129,11 @@ impl TaskStore {
             tasks: Mutex::new(HashMap::new()),
             ttl,
             max,
+            changed: Notify::new(),
         }
     }
 
-    /// Time-to-live of every task, from its creation.
+    /// The longest time-to-live of a task, from its creation (the default one).
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
@@ -137,15 +145,17 @@ impl TaskStore {
 
     /// Drops finished tasks past their time-to-live. A task still working is never dropped.
     fn purge(&self, tasks: &mut HashMap<String, Entry>) {
-        let ttl = self.ttl;
-        tasks.retain(|_, e| !(e.state.is_terminal() && e.born.elapsed() >= ttl));
+        tasks.retain(|_, e| !(e.state.is_terminal() && e.born.elapsed() >= e.ttl));
     }
 
-    /// A new working task for `model`: its id, and the token that cancels it.
+    /// A new working task for `model`: its id, and the token that cancels it. `ttl` is the
+    /// client's wish (the 2025-11-25 form's `task.ttl`); it may shorten the store's
+    /// time-to-live, never lengthen it (the spec lets a server pick its own).
     pub fn create(
         &self,
         owner: Option<u64>,
         model: &str,
+        ttl: Option<Duration>,
     ) -> Result<(Snapshot, CancellationToken), TaskError> {
         let mut tasks = self.lock();
         self.purge(&mut tasks);
@@ -174,9 +184,10 @@ impl TaskStore {
             created: now,
             updated: now,
             born: Instant::now(),
+            ttl: ttl.map_or(self.ttl, |asked| asked.min(self.ttl)),
             cancel: cancel.clone(),
         };
-        let snapshot = entry.snapshot(&id, self.ttl);
+        let snapshot = entry.snapshot(&id);
         tasks.insert(id, entry);
         Ok((snapshot, cancel))
     }
@@ -190,6 +201,7 @@ impl TaskStore {
         {
             entry.state = state;
             entry.updated = SystemTime::now();
+            self.changed.notify_waiters();
         }
     }
 
@@ -198,7 +210,7 @@ impl TaskStore {
         let mut tasks = self.lock();
         self.purge(&mut tasks);
         match tasks.get(id) {
-            Some(entry) if visible(entry, owner) => Ok(entry.snapshot(id, self.ttl)),
+            Some(entry) if visible(entry, owner) => Ok(entry.snapshot(id)),
             _ => Err(TaskError::NotFound(id.to_string())),
         }
     }
@@ -210,9 +222,7 @@ impl TaskStore {
         let mut seen: Vec<(&String, &Entry)> =
             tasks.iter().filter(|(_, e)| visible(e, owner)).collect();
         seen.sort_by_key(|(_, e)| e.born);
-        seen.into_iter()
-            .map(|(id, e)| e.snapshot(id, self.ttl))
-            .collect()
+        seen.into_iter().map(|(id, e)| e.snapshot(id)).collect()
     }
 
     /// Cancels a working task: it is marked cancelled at once and its token fired, which
@@ -233,7 +243,25 @@ impl TaskStore {
         entry.state = State::Cancelled;
         entry.updated = SystemTime::now();
         entry.cancel.cancel();
-        Ok(entry.snapshot(id, self.ttl))
+        let snapshot = entry.snapshot(id);
+        self.changed.notify_waiters();
+        Ok(snapshot)
+    }
+
+    /// The task `id` once it has ended (the 2025-11-25 form's `tasks/result` blocks so).
+    /// A task that expires or disappears meanwhile is `NotFound`.
+    pub async fn wait_end(&self, id: &str, owner: Option<u64>) -> Result<Snapshot, TaskError> {
+        loop {
+            // Registered before the look, so a change between the look and the wait wakes us.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let task = self.get(id, owner)?;
+            if task.state.is_terminal() {
+                return Ok(task);
+            }
+            changed.await;
+        }
     }
 
     /// Cancels every working task of `owner` (its client went away).
@@ -246,6 +274,7 @@ impl TaskStore {
                 entry.cancel.cancel();
             }
         }
+        self.changed.notify_waiters();
     }
 }
 
@@ -291,6 +320,26 @@ mod tests {
         State::Completed(CallToolResult::success(vec![ContentBlock::text("hi")]))
     }
 
+    #[tokio::test]
+    async fn a_shorter_ttl_is_kept_and_waiting_ends_with_the_task() {
+        let store = std::sync::Arc::new(TaskStore::default());
+        let (task, _) = store
+            .create(None, "m", Some(Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(task.ttl, Duration::from_secs(5));
+        let (long, _) = store.create(None, "m", Some(DEFAULT_TTL * 2)).unwrap();
+        assert_eq!(long.ttl, DEFAULT_TTL, "never longer than the store's");
+        let waiter = {
+            let store = store.clone();
+            let id = task.id.clone();
+            tokio::spawn(async move { store.wait_end(&id, None).await })
+        };
+        tokio::task::yield_now().await;
+        store.update(&task.id, done());
+        let ended = waiter.await.unwrap().unwrap();
+        assert_eq!(ended.state, done());
+    }
+
     #[test]
     fn timestamps_are_iso_8601_utc() {
         let at = |s: u64| iso8601(SystemTime::UNIX_EPOCH + Duration::from_secs(s));
@@ -302,7 +351,7 @@ mod tests {
     #[test]
     fn a_task_is_seen_by_its_owner_only_and_ends_once() {
         let store = TaskStore::default();
-        let (task, cancel) = store.create(Some(1), "m").unwrap();
+        let (task, cancel) = store.create(Some(1), "m", None).unwrap();
         assert_eq!(
             store.get(&task.id, Some(1)).unwrap().state.status(),
             "working"
@@ -332,11 +381,14 @@ mod tests {
     #[test]
     fn finished_tasks_make_room_and_expire_working_ones_never() {
         let store = TaskStore::new(DEFAULT_TTL, 2);
-        let (a, _) = store.create(None, "m").unwrap();
-        let (b, _) = store.create(None, "m").unwrap();
-        assert!(matches!(store.create(None, "m"), Err(TaskError::Full(2))));
+        let (a, _) = store.create(None, "m", None).unwrap();
+        let (b, _) = store.create(None, "m", None).unwrap();
+        assert!(matches!(
+            store.create(None, "m", None),
+            Err(TaskError::Full(2))
+        ));
         store.update(&a.id, done());
-        store.create(None, "m").unwrap();
+        store.create(None, "m", None).unwrap();
         assert!(
             store.get(&a.id, None).is_err(),
             "the oldest finished task made room"
@@ -345,8 +397,8 @@ mod tests {
 
         // With no time-to-live a finished task is gone at once; a working one stays.
         let store = TaskStore::new(Duration::ZERO, 10);
-        let (done_task, _) = store.create(None, "m").unwrap();
-        let (working, _) = store.create(None, "m").unwrap();
+        let (done_task, _) = store.create(None, "m", None).unwrap();
+        let (working, _) = store.create(None, "m", None).unwrap();
         store.update(&done_task.id, done());
         assert!(store.get(&done_task.id, None).is_err(), "expired");
         assert!(store.get(&working.id, None).is_ok(), "still working, kept");

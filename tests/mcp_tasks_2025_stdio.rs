@@ -1,0 +1,311 @@
+//! MCP tasks in the 2025-11-25 experimental form, raw JSON-RPC over the stdio of the built
+//! `prix-dispatch stdio --standalone` against a simulated one-slot host: `tools/call` with
+//! `task: {ttl}` answered at once with a task; `tasks/get` shows the queued phase, then the
+//! running one; `tasks/list` lists them; `tasks/cancel` of a queued and of a running task
+//! (the host's records show the running request stopped, the queued one never sent, and a
+//! later call still runs: the slot came back); `tasks/result` of a completed task equals a
+//! plain call's result; an unknown task id and a bad ttl are JSON-RPC errors that say why.
+
+use std::time::{Duration, Instant};
+
+use prix_dispatch::sim::{Outcome, RequestRecord, SimConfig, SimHost, sim_directive};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+
+/// A bare JSON-RPC client on the daemon's stdin/stdout.
+struct Raw {
+    _child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    next_id: u64,
+    _config: TempConfig,
+}
+
+struct TempConfig(std::path::PathBuf);
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Raw {
+    async fn spawn(sim: &SimHost) -> Raw {
+        let path = std::env::temp_dir().join(format!(
+            "prix-dispatch-test-{}-tasks-2025.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &path,
+            format!("[[host]]\nname = \"gpu0\"\nurl = \"{}/v1\"\n", sim.url()),
+        )
+        .unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch"))
+            .arg("stdio")
+            .arg("--standalone")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Raw {
+            _child: child,
+            stdin,
+            lines,
+            next_id: 0,
+            _config: TempConfig(path),
+        }
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.stdin
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+
+    /// Sends a request and returns its whole answer (notifications in between are skipped).
+    async fn request(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(15), self.lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .unwrap()
+                .expect("the daemon closed stdout");
+            let message: Value = serde_json::from_str(&line).expect("stdout carries JSON only");
+            if message["id"] == json!(id) {
+                return message;
+            }
+        }
+    }
+
+    async fn result(&mut self, method: &str, params: Value) -> Value {
+        let answer = self.request(method, params).await;
+        assert!(answer.get("error").is_none(), "{method}: {answer:#}");
+        answer["result"].clone()
+    }
+}
+
+fn call(label: &str, directive: Value) -> Value {
+    json!({
+        "name": "complete",
+        "arguments": {
+            "model_id": "m",
+            "messages": [{"role": "user", "content": format!("{} {label}", sim_directive(directive))}],
+        },
+    })
+}
+
+fn as_task(mut call: Value) -> Value {
+    call["task"] = json!({"ttl": 60000});
+    call
+}
+
+fn label(record: &RequestRecord) -> String {
+    let content = record.body["messages"][0]["content"].as_str().unwrap_or("");
+    content.rsplit(' ').next().unwrap_or("").to_string()
+}
+
+/// `structuredContent` without the fields that are timings of one run.
+fn stable(result: &Value) -> Value {
+    let mut result = result.clone();
+    if let Some(data) = result["structuredContent"].as_object_mut() {
+        for timing in ["latency_ms", "ttft_ms", "queue_wait_ms"] {
+            data.remove(timing);
+        }
+    }
+    if let Some(object) = result.as_object_mut() {
+        object.remove("_meta");
+    }
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_in_the_2025_11_25_form_over_stdio() {
+    let started = Instant::now();
+    let sim = SimHost::start(SimConfig {
+        models: vec!["m".into()],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut raw = Raw::spawn(&sim).await;
+    let init = raw
+        .result(
+            "initialize",
+            json!({"protocolVersion": "2025-11-25", "capabilities": {},
+                   "clientInfo": {"name": "raw-tasks", "version": "1"}}),
+        )
+        .await;
+    assert_eq!(
+        init["capabilities"]["tasks"],
+        json!({"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}),
+        "{init:#}"
+    );
+    raw.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    let tools = raw.result("tools/list", json!({})).await;
+    for tool in tools["tools"].as_array().unwrap() {
+        let support = &tool["execution"]["taskSupport"];
+        match tool["name"].as_str().unwrap() {
+            "complete" | "complete_stream" => assert_eq!(support, "optional"),
+            _ => assert!(support.is_null(), "{tool:#}"),
+        }
+    }
+
+    // A long call takes the host's one slot; a second one waits in the queue.
+    let long = json!({"tokens": 200, "token_interval_ms": 50});
+    let created = raw
+        .result("tools/call", as_task(call("running", long.clone())))
+        .await;
+    let task = &created["task"];
+    assert_eq!(task["status"], "working", "{created:#}");
+    assert_eq!(task["ttl"], 60000);
+    assert_eq!(task["pollInterval"], 1000);
+    for field in ["createdAt", "lastUpdatedAt", "statusMessage"] {
+        assert!(task[field].is_string(), "{field}: {created:#}");
+    }
+    let running = task["taskId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = raw.result("tasks/get", json!({"taskId": running})).await;
+        let message = got["statusMessage"].as_str().unwrap().to_string();
+        if message.contains("is generating on gpu0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never generating: {got:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queued = raw
+        .result("tools/call", as_task(call("queued", long)))
+        .await["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = raw.result("tasks/get", json!({"taskId": queued})).await;
+    assert_eq!(got["status"], "working");
+    assert!(
+        got["statusMessage"]
+            .as_str()
+            .unwrap()
+            .starts_with("queued for m: position 1"),
+        "{got:#}"
+    );
+
+    let listed = raw.result("tasks/list", json!({})).await;
+    let ids: Vec<&str> = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["taskId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [running.as_str(), queued.as_str()], "{listed:#}");
+
+    // Cancelled where they are: out of the queue, off the host.
+    for id in [&queued, &running] {
+        let cancelled = raw.result("tasks/cancel", json!({"taskId": id})).await;
+        assert_eq!(cancelled["status"], "cancelled", "{cancelled:#}");
+        assert_eq!(cancelled["taskId"], json!(id));
+    }
+    let again = raw
+        .request("tasks/cancel", json!({"taskId": running}))
+        .await;
+    assert_eq!(again["error"]["code"], -32602, "{again:#}");
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has already ended (cancelled)"),
+        "{again:#}"
+    );
+    let no_result = raw.request("tasks/result", json!({"taskId": queued})).await;
+    assert!(
+        no_result["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("was cancelled"),
+        "{no_result:#}"
+    );
+
+    // A later task runs (the slot came back) and its result is a plain call's.
+    let quick = json!({"tokens": 3, "token_interval_ms": 20});
+    let after = raw
+        .result("tools/call", as_task(call("after", quick.clone())))
+        .await["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let from_task = raw.result("tasks/result", json!({"taskId": after})).await;
+    assert_eq!(
+        from_task["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        json!(after)
+    );
+    let done = raw.result("tasks/get", json!({"taskId": after})).await;
+    assert_eq!(done["status"], "completed", "{done:#}");
+    let plain = raw.result("tools/call", call("plain", quick)).await;
+    assert_eq!(plain["structuredContent"]["text"], "tok0 tok1 tok2 ");
+    assert_eq!(stable(&from_task), stable(&plain));
+
+    // A tool error is a failed task whose result is the plain call's isError result.
+    let mut unknown_model = call("nobody", json!({"tokens": 1}));
+    unknown_model["arguments"]["model_id"] = json!("no-such-model");
+    let failed = raw
+        .result("tools/call", as_task(unknown_model.clone()))
+        .await["task"]["taskId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let failed_result = raw.result("tasks/result", json!({"taskId": failed})).await;
+    assert_eq!(failed_result["isError"], true, "{failed_result:#}");
+    let got = raw.result("tasks/get", json!({"taskId": failed})).await;
+    assert_eq!(got["status"], "failed", "{got:#}");
+    let plain_failure = raw.result("tools/call", unknown_model).await;
+    assert_eq!(stable(&failed_result), stable(&plain_failure));
+
+    // Errors that say what failed and what to do.
+    let unknown = raw
+        .request("tasks/get", json!({"taskId": "no-such-task"}))
+        .await;
+    assert_eq!(unknown["error"]["code"], -32602, "{unknown:#}");
+    let message = unknown["error"]["message"].as_str().unwrap();
+    assert!(message.contains("no task no-such-task"), "{message}");
+    assert!(message.contains("start the call again"), "{message}");
+    let mut bad_ttl = call("x", json!({"tokens": 1}));
+    bad_ttl["task"] = json!({"ttl": "an hour"});
+    let bad = raw.request("tools/call", bad_ttl).await;
+    assert_eq!(bad["error"]["code"], -32602, "{bad:#}");
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ttl must be a number of milliseconds"),
+        "{bad:#}"
+    );
+
+    let seen: Vec<(String, Outcome)> = sim
+        .chat_records()
+        .iter()
+        .map(|r| (label(r), r.outcome))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("running".to_string(), Outcome::ClientDisconnected),
+            ("after".to_string(), Outcome::Completed),
+            ("plain".to_string(), Outcome::Completed),
+        ],
+        "the queued task never reached the host; the running one was stopped"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
