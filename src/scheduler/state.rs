@@ -1357,10 +1357,10 @@ impl<T: Queueable> DispatchState<T> {
     /// When `model`'s next task `head` becomes overdue (see [`Self::overdue`]); `None` with
     /// aging off (a `max_bypass` beyond any instant).
     fn overdue_at(&self, model: &str, head: &T) -> Option<Instant> {
-        // A model a host is loading is being served: its load is its start, and its first
-        // byte counts as one (`first_byte`). Otherwise a 200 s load makes its backlog overdue
-        // after 30 s and pulls a second host onto it, ahead of a model no host serves
-        // (measured: 2 hosts, 4 models sent model by model, 20× loads, 0.86 of the bound).
+        // A model a host is loading is being served, not passed over. Otherwise a 200 s load
+        // makes its backlog overdue after 30 s and pulls a second host onto it, ahead of a
+        // model no host serves (measured: 2 hosts, 4 models sent model by model, 20× loads,
+        // 0.86 of the bound).
         if self.limits.swap_aware
             && self
                 .hosts

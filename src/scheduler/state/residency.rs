@@ -59,11 +59,6 @@ impl<T: Queueable> DispatchState<T> {
         let h = &mut self.hosts[host.0];
         if h.loading == Some(task) {
             h.loading = None;
-            if let Some(model) = &h.current_model
-                && let Some(at) = self.last_started.get_mut(model)
-            {
-                *at = now;
-            }
             self.dispatch(now, &mut out);
         }
         out
