@@ -550,6 +550,15 @@ impl PrixServer {
         Ok(task)
     }
 
+    /// This session with its tasks bound to its own client: what the 2025-11-25 task layer on
+    /// Streamable HTTP uses for a session with an `Mcp-Session-Id`, so one session cannot
+    /// read, list or cancel another's tasks (`for_http` leaves them anyone's who holds the id,
+    /// which a stateless request needs).
+    pub(crate) fn owning_tasks(mut self) -> Self {
+        self.task_owner = Some(self.client.id());
+        self
+    }
+
     /// Whose tasks this session sees (see `task_owner`).
     pub(crate) fn task_owner(&self) -> Option<u64> {
         self.task_owner
