@@ -182,7 +182,10 @@ async fn initialize(layer: &TaskLayer, message: Value, request: Request, next: N
 
 fn json_response(message: &Value) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         message.to_string(),
     )
         .into_response()
@@ -390,10 +393,14 @@ mod tests {
             for (i, (b, a)) in before.iter().zip(&after).enumerate() {
                 if i == 4 {
                     assert!(a.starts_with("event: message\nid: 2\ndata: {"), "{a}");
-                    let data: Value =
-                        serde_json::from_str(a.lines().nth(2).unwrap().strip_prefix("data: ").unwrap())
-                            .unwrap();
-                    assert_eq!(data["result"]["tools"][0]["execution"]["taskSupport"], "optional");
+                    let data: Value = serde_json::from_str(
+                        a.lines().nth(2).unwrap().strip_prefix("data: ").unwrap(),
+                    )
+                    .unwrap();
+                    assert_eq!(
+                        data["result"]["tools"][0]["execution"]["taskSupport"],
+                        "optional"
+                    );
                     assert!(data["result"]["tools"][1].get("execution").is_none());
                 } else {
                     // The answer after the patched one is not looked at again.
