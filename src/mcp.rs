@@ -401,8 +401,8 @@ const INSTRUCTIONS: &str = "Dispatches chat completions to a fleet of local GPU 
     (LM Studio or any OpenAI-compatible server) from one queue: never two requests on one GPU, no \
     idle GPU while work waits. Use complete_stream for completions, list_models to see what each \
     host serves, dispatch_status for queue and slot state. Clients that declare the \
-    io.modelcontextprotocol/tasks extension, or (over stdio) send task on tools/call, get complete \
-    and complete_stream as tasks.";
+    io.modelcontextprotocol/tasks extension, or send task on tools/call (stdio, or HTTP with a \
+    session), get complete and complete_stream as tasks.";
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for PrixServer {
@@ -548,6 +548,15 @@ impl PrixServer {
             tasks.update(&id, end);
         });
         Ok(task)
+    }
+
+    /// This session with its tasks bound to its own client: what the 2025-11-25 task layer on
+    /// Streamable HTTP uses for a session with an `Mcp-Session-Id`, so one session cannot
+    /// read, list or cancel another's tasks (`for_http` leaves them anyone's who holds the id,
+    /// which a stateless request needs).
+    pub(crate) fn owning_tasks(mut self) -> Self {
+        self.task_owner = Some(self.client.id());
+        self
     }
 
     /// Whose tasks this session sees (see `task_owner`).

@@ -24,9 +24,8 @@
 //! SEP-2663 tasks and plain calls.
 //!
 //! The core ([`route`], [`patch_response`], [`task_json`]) is pure; [`TaskWire`] executes
-//! what it takes; [`serve_stream`] puts it on a byte stream (stdio, bridge sockets). It is not
-//! on Streamable HTTP yet: there rmcp answers alone (no `execution` in `tools/list`, so the TS
-//! SDK makes plain calls).
+//! what it takes; [`serve_stream`] puts it on a byte stream (stdio, bridge sockets), and
+//! `crate::http::tasks` on Streamable HTTP (`/mcp`, sessions with an `Mcp-Session-Id`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -308,6 +307,14 @@ impl TaskWire {
     /// Tasks are started as `server`'s client and seen as its owner sees them.
     pub fn new(server: PrixServer) -> Self {
         Self { server }
+    }
+
+    /// Cancels this wire's working tasks: its session ended, so no one can reach them any
+    /// more (they are bound to it) and their hosts' slots are better given back.
+    pub fn end(&self) {
+        if let Some(owner) = self.server.task_owner() {
+            self.server.dispatcher().mcp_tasks().cancel_all_of(owner);
+        }
     }
 
     /// The JSON-RPC answer to `call`. `tasks/result` waits until the task has ended.

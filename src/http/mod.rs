@@ -6,6 +6,7 @@ mod auth;
 mod openai;
 mod page;
 pub mod sessions;
+pub mod tasks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -65,9 +66,10 @@ pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationTo
         "::1".to_string(),
     ];
     allowed.extend(options.allowed_hosts.iter().cloned());
+    let sessions = Arc::new(sessions::Sessions::new(options.session_idle));
     let mcp = StreamableHttpService::new(
-        move || Ok(PrixServer::for_http(dispatcher.clone())),
-        Arc::new(sessions::Sessions::new(options.session_idle)),
+        move || Ok(tasks::built(PrixServer::for_http(dispatcher.clone()))),
+        sessions.clone(),
         StreamableHttpServerConfig::default()
             .with_cancellation_token(stop)
             .with_allowed_hosts(allowed)
@@ -82,7 +84,19 @@ pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationTo
             "/v1/chat/completions",
             axum::routing::post(openai::chat_completions),
         )
-        .nest_service("/mcp", mcp)
+        // The 2025-11-25 task form rmcp does not serve, answered in front of it.
+        .nest_service(
+            "/mcp",
+            Router::new()
+                .fallback_service(mcp)
+                .layer(axum::middleware::from_fn_with_state(
+                    tasks::TaskLayer {
+                        sessions,
+                        max_request_bytes: options.max_request_bytes,
+                    },
+                    tasks::layer,
+                )),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             app.clone(),
             auth::require_token,

@@ -12,6 +12,9 @@
 //! been in flight on it for the idle limit (`[server] session_idle_seconds`), and an expired
 //! or unknown session answers 404 (rmcp does that when `has_session` says no), so clients
 //! start a new one.
+//!
+//! Each session also keeps its 2025-11-25 task state ([`SessionTasks`], registered by the
+//! `/mcp` task layer at `initialize`); when the session ends its working tasks are cancelled.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -27,6 +30,8 @@ use rmcp::transport::streamable_http_server::session::{
 };
 use tokio::time::Instant;
 
+use super::tasks::SessionTasks;
+
 /// Default of `[server] session_idle_seconds`: longer than any wait of the daemon's own (the
 /// 600 s first-token timeout, the 300 s inactivity timeout), though those no longer matter:
 /// a session with a call in flight never expires.
@@ -37,6 +42,17 @@ pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(3600);
 struct Activity {
     last: Instant,
     in_flight: usize,
+    /// Its 2025-11-25 tasks, once the task layer has registered them.
+    tasks: Option<SessionTasks>,
+}
+
+impl Activity {
+    /// The session is over: its tasks stop (no other session can reach them).
+    fn end(self) {
+        if let Some(tasks) = self.tasks {
+            tasks.wire.end();
+        }
+    }
 }
 
 /// rmcp's in-memory sessions, expired by the daemon's rule instead of rmcp's keep-alive.
@@ -70,6 +86,21 @@ impl Sessions {
         }
     }
 
+    /// Keeps `tasks` with session `id` (no-op if it has ended meanwhile).
+    pub fn attach_tasks(&self, id: &SessionId, tasks: SessionTasks) {
+        if let Some(a) = self.activity().get_mut(id) {
+            a.tasks = Some(tasks);
+        }
+    }
+
+    /// Session `id`'s task state, if it is live and registered; counts as a use of it.
+    pub fn tasks(&self, id: &SessionId) -> Option<SessionTasks> {
+        let mut activity = self.activity();
+        let a = activity.get_mut(id)?;
+        a.last = Instant::now();
+        a.tasks.clone()
+    }
+
     /// Closes every session idle for longer than the limit with no call in flight.
     async fn expire(&self) {
         let expired: Vec<SessionId> = {
@@ -81,7 +112,9 @@ impl Sessions {
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in &expired {
-                activity.remove(id);
+                if let Some(ended) = activity.remove(id) {
+                    ended.end();
+                }
             }
             expired
         };
@@ -143,6 +176,7 @@ impl SessionManager for Sessions {
             Activity {
                 last: Instant::now(),
                 in_flight: 0,
+                tasks: None,
             },
         );
         Ok((id, transport))
@@ -166,7 +200,10 @@ impl SessionManager for Sessions {
     }
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
-        self.activity().remove(id);
+        let ended = self.activity().remove(id);
+        if let Some(ended) = ended {
+            ended.end();
+        }
         self.inner.close_session(id).await
     }
 

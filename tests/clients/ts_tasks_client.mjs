@@ -7,24 +7,30 @@
 // (shared/protocol.js:558-628). A plain call of the same with the same timeout must time out;
 // a plain call without it gives the result to compare.
 //
-// usage: node ts_tasks_client.mjs <sdk package dir> <daemon binary> <config file>
+// usage: node ts_tasks_client.mjs <sdk package dir> <daemon binary> <config file>   (stdio)
+//        node ts_tasks_client.mjs <sdk package dir> <http://…/mcp URL>             (Streamable HTTP)
 // Prints one JSON line: {ok, error, messages, statuses, task_result, plain_result, control, elapsed_ms}.
 import { pathToFileURL } from 'node:url';
 
-const [sdk, binary, config] = process.argv.slice(2);
+const [sdk, target, config] = process.argv.slice(2);
 const load = (p) => import(pathToFileURL(`${sdk}/dist/esm/${p}`).href);
 const { Client } = await load('client/index.js');
-const { StdioClientTransport } = await load('client/stdio.js');
 
-const client = new Client({ name: 'prix-ts-tasks', version: '1.0.0' });
-await client.connect(
-  new StdioClientTransport({
-    command: binary,
+let transport;
+if (/^https?:/.test(target)) {
+  const { StreamableHTTPClientTransport } = await load('client/streamableHttp.js');
+  transport = new StreamableHTTPClientTransport(new URL(target));
+} else {
+  const { StdioClientTransport } = await load('client/stdio.js');
+  transport = new StdioClientTransport({
+    command: target,
     args: ['stdio', '--standalone', '--config', config],
     env: { ...process.env, RUST_LOG: 'warn' },
     stderr: 'inherit',
-  }),
-);
+  });
+}
+const client = new Client({ name: 'prix-ts-tasks', version: '1.0.0' });
+await client.connect(transport);
 // Caches which tools run as tasks (execution.taskSupport).
 await client.listTools();
 
