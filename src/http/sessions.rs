@@ -93,12 +93,20 @@ impl Sessions {
         }
     }
 
-    /// Session `id`'s task state, if it is live and registered; counts as a use of it.
+    /// Session `id`'s task state, if it is live and registered. Looking does not count as a
+    /// use (a request rmcp answers is counted by rmcp's path; one the task layer answers by
+    /// [`Sessions::used`]); a session idle past the limit has none, so the request goes on to
+    /// rmcp, which ends the session and answers 404.
     pub fn tasks(&self, id: &SessionId) -> Option<SessionTasks> {
-        let mut activity = self.activity();
-        let a = activity.get_mut(id)?;
-        a.last = Instant::now();
-        a.tasks.clone()
+        let activity = self.activity();
+        let a = activity.get(id)?;
+        let expired = a.in_flight == 0 && a.last.elapsed() > self.idle;
+        if expired { None } else { a.tasks.clone() }
+    }
+
+    /// A request the task layer answered itself used session `id`.
+    pub fn used(&self, id: &SessionId) {
+        self.touch(id);
     }
 
     /// Closes every session idle for longer than the limit with no call in flight.

@@ -147,8 +147,12 @@ pub async fn layer(State(layer): State<TaskLayer>, request: Request, next: Next)
             let id = message.get("id").cloned().unwrap_or(Value::Null);
             patched(next.run(request).await, patch, id).await
         }
-        Route::Answer(answer) => json_response(&answer),
+        Route::Answer(answer) => {
+            layer.sessions.used(&session);
+            json_response(&answer)
+        }
         Route::Take { id, call } => {
+            layer.sessions.used(&session);
             tracing::debug!(session = %session, method = ?message.get("method"), "MCP task request taken");
             json_response(&tasks.wire.answer(&id, call).await)
         }
