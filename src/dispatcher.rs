@@ -73,6 +73,12 @@ pub struct DispatchStatus {
     /// What placement knows of switching costs: per host and model, learned load, warm
     /// first-token and service times in seconds.
     pub costs: Vec<crate::scheduler::costs::LearnedCost>,
+    /// Recent history for the status page (`/status` only; absent from `dispatch_status`,
+    /// which an LLM reads): per host its task spans of the last `window_seconds` (at most
+    /// `max_spans_per_host`) and utilisation, and the queue depth sampled every
+    /// `sample_every_seconds`. See [`crate::scheduler::timeline`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<crate::scheduler::timeline::Timeline>,
 }
 
 impl Dispatcher {
@@ -224,6 +230,16 @@ impl Dispatcher {
 
     pub async fn status(&self) -> Result<DispatchStatus, DispatchError> {
         let snapshot = self.inner.scheduler.snapshot().await?;
+        Ok(self.status_of(snapshot))
+    }
+
+    /// [`Self::status`] with the timeline the status page draws.
+    pub async fn status_with_timeline(&self) -> Result<DispatchStatus, DispatchError> {
+        let snapshot = self.inner.scheduler.snapshot_with_timeline().await?;
+        Ok(self.status_of(snapshot))
+    }
+
+    fn status_of(&self, snapshot: crate::scheduler::state::Snapshot) -> DispatchStatus {
         let hosts = snapshot
             .hosts
             .into_iter()
@@ -235,7 +251,7 @@ impl Dispatcher {
                 state,
             })
             .collect();
-        Ok(DispatchStatus {
+        DispatchStatus {
             hosts,
             queued_total: snapshot.queue.values().sum(),
             queue: snapshot.queue,
@@ -245,7 +261,8 @@ impl Dispatcher {
             fair_share: snapshot.fair_share,
             counters: snapshot.counters,
             costs: snapshot.costs,
-        })
+            timeline: snapshot.timeline,
+        }
     }
 
     /// Re-reads every host's manifest (single-flight) and waits for the result.

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::backend::slots::SlotsBusy;
 use crate::backend::{HostClient, StreamOutput};
 use crate::error::{AttemptError, DispatchError, ErrorKind, HostSignal};
-use crate::metrics::Metrics;
+use crate::metrics::{ClientClass, Metrics};
 use crate::scheduler::costs::Observed;
 use crate::scheduler::state::{HostId, Outcome};
 use crate::scheduler::{Assignment, Scheduler};
@@ -88,7 +88,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                     },
                 );
                 let result = completion(output, &task, &client.name, taken);
-                metrics.completed(&result);
+                metrics.completed(ClientClass::of(&task.spec.client_id), &result);
                 task.emit(TaskEvent::Finished(result));
             }
             Err(AttemptError {
@@ -117,7 +117,11 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                 // start while this answer travels.
                 lease.release(outcome, signal);
                 let waited = taken.saturating_duration_since(task.enqueued_at);
-                metrics.ended_early(waited.as_secs_f64(), taken.elapsed().as_secs_f64());
+                metrics.ended_early(
+                    ClientClass::of(&task.spec.client_id),
+                    waited.as_secs_f64(),
+                    taken.elapsed().as_secs_f64(),
+                );
                 task.emit(TaskEvent::Failed(error));
             }
         }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Fleet, HostPlan, HttpFront, assert_host_invariants, host, quick};
+use common::{Fleet, HostPlan, HttpFront, assert_host_invariants, host, quick, sample, samples};
 use futures::StreamExt;
 use prix_dispatch::sim::{Outcome, sim_directive};
 use serde_json::{Value, json};
@@ -303,36 +303,6 @@ async fn oversized_bodies_get_413() {
     d.shutdown().await;
 }
 
-/// Parses Prometheus text: every sample line is `name{labels} value`.
-fn samples(text: &str) -> Vec<(String, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad line {l:?}"));
-            let value: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
-            let metric = name.split('{').next().unwrap();
-            assert!(
-                metric
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                "bad name in {l:?}"
-            );
-            (name.to_string(), value)
-        })
-        .collect()
-}
-
-fn sample(all: &[(String, f64)], name: &str) -> f64 {
-    all.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn metrics_parse_and_move_when_tasks_run() {
     let d = daemon(vec![host(&["m"]).behaviour(quick(3, 1))], None, |_| {}).await;
@@ -364,7 +334,10 @@ async fn metrics_parse_and_move_when_tasks_run() {
         sample(&after, "prix_time_to_first_token_seconds_count"),
         3.0
     );
-    assert_eq!(sample(&after, "prix_queue_wait_seconds_count"), 3.0);
+    assert_eq!(
+        sample(&after, "prix_queue_wait_seconds_count{class=\"anonymous\"}"),
+        3.0
+    );
     assert_eq!(sample(&after, "prix_host_up{host=\"gpu0\"}"), 1.0);
     assert_eq!(sample(&after, "prix_host_active{host=\"gpu0\"}"), 0.0);
     // The host starts empty (the simulator lists nothing loaded): one load, then warm.

@@ -146,7 +146,7 @@ pub async fn serve(
 }
 
 async fn status(State(app): State<App>) -> Response {
-    match app.dispatcher.status().await {
+    match app.dispatcher.status_with_timeline().await {
         Ok(status) => axum::Json(status).into_response(),
         Err(e) => openai::error_response(&e),
     }

@@ -9,6 +9,7 @@ pub mod costs;
 pub mod fair;
 pub mod placement;
 pub mod state;
+pub mod timeline;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -94,7 +95,11 @@ enum Command {
         processing: Option<usize>,
     },
     Refresh(oneshot::Sender<()>),
-    Status(oneshot::Sender<Snapshot>),
+    Status {
+        /// Include the timeline (recent spans and samples): the status page wants it.
+        timeline: bool,
+        reply: oneshot::Sender<Snapshot>,
+    },
     /// A configuration reload: the new fleet, in configuration order.
     Reconfigure {
         hosts: Vec<HostConfig>,
@@ -298,6 +303,7 @@ impl Scheduler {
         settings: SchedulerSettings,
     ) -> (Scheduler, JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
         let mut state = DispatchState::new(
             hosts.iter().map(|h| (h.client.name.clone(), h.slots)),
             settings.limits,
@@ -310,6 +316,11 @@ impl Scheduler {
             waiting: hosts.iter().map(|_| VecDeque::new()).collect(),
             workers: hosts.iter().map(|h| h.slots).collect(),
             running: hosts.iter().map(|_| Vec::new()).collect(),
+            history: timeline::History::new(started),
+            host_history: hosts
+                .iter()
+                .map(|_| timeline::HostHistory::new(started))
+                .collect(),
             hosts: hosts.into_iter().map(|h| Arc::new(h.client)).collect(),
             refresh_waiters: Vec::new(),
             served: fair::Served::default(),
@@ -387,8 +398,23 @@ impl Scheduler {
         self.ask(Command::Refresh).await
     }
 
+    /// The state now, without the timeline.
     pub async fn snapshot(&self) -> Result<Snapshot, DispatchError> {
-        self.ask(Command::Status).await
+        self.ask(|reply| Command::Status {
+            timeline: false,
+            reply,
+        })
+        .await
+    }
+
+    /// The state now with its timeline ([`timeline::Timeline`]): recent spans per host and
+    /// the queue series.
+    pub async fn snapshot_with_timeline(&self) -> Result<Snapshot, DispatchError> {
+        self.ask(|reply| Command::Status {
+            timeline: true,
+            reply,
+        })
+        .await
     }
 
     /// Applies a new fleet (a configuration reload): hosts are matched by identity
@@ -444,6 +470,12 @@ struct RunningEntry {
     since: Instant,
     /// The host sent its first byte: it is surely processing it (for `/slots` counts).
     answering: bool,
+    /// When the host sent its first byte, if the worker said (cold starts, llama.cpp hosts).
+    first_byte: Option<Instant>,
+    /// Its slot row on the timeline.
+    slot: usize,
+    /// It needed a model load.
+    cold: bool,
 }
 
 struct Actor {
@@ -460,6 +492,10 @@ struct Actor {
     running: Vec<Vec<RunningEntry>>,
     /// Tasks completed per client, for status pages.
     served: fair::Served,
+    /// The queue series and the clock origin of the timeline.
+    history: timeline::History,
+    /// Per host (by `HostId`), its busy clock and recent spans.
+    host_history: Vec<timeline::HostHistory>,
     tx: mpsc::UnboundedSender<Command>,
 }
 
@@ -475,6 +511,8 @@ impl Actor {
         let mut refresh =
             tokio::time::interval_at(Instant::now() + manifest_refresh, manifest_refresh);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sample = tokio::time::interval(timeline::SAMPLE_EVERY);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.state.next_deadline();
             let command = tokio::select! {
@@ -482,6 +520,13 @@ impl Actor {
                 _ = sleep_until(deadline) => {
                     let decisions = self.state.tick(Instant::now());
                     self.carry_out(decisions);
+                    continue;
+                }
+                _ = sample.tick() => {
+                    let now = Instant::now();
+                    let queued = self.state.waiting().count();
+                    let running = self.running.iter().map(Vec::len).sum();
+                    self.history.sample(now, queued, running, self.host_history.iter_mut());
                     continue;
                 }
                 _ = refresh.tick() => {
@@ -527,7 +572,7 @@ impl Actor {
                     {
                         self.served.record(&r.client_id);
                     }
-                    self.running[host.0].retain(|r| r.id != task);
+                    self.ended(host, task, &release, now);
                     self.state.released(host, *release, now)
                 }
                 Some(Command::Cancel(id)) => self.state.cancel(id, now).1,
@@ -541,6 +586,7 @@ impl Actor {
                 Some(Command::FirstByte { host, task }) => {
                     if let Some(r) = self.running[host.0].iter_mut().find(|r| r.id == task) {
                         r.answering = true;
+                        r.first_byte.get_or_insert(now);
                     }
                     self.state.first_byte(host, task, now)
                 }
@@ -553,8 +599,8 @@ impl Actor {
                     self.state.request_manifests(&mut decisions);
                     decisions
                 }
-                Some(Command::Status(reply)) => {
-                    let _ = reply.send(self.snapshot(now));
+                Some(Command::Status { timeline, reply }) => {
+                    let _ = reply.send(self.snapshot(now, timeline));
                     continue;
                 }
                 Some(Command::Close(reply)) => {
@@ -588,14 +634,23 @@ impl Actor {
                         task: task.id,
                         scheduler: Some(self.tx.clone()),
                     };
-                    self.running[host.0].push(RunningEntry {
+                    let now = Instant::now();
+                    let running = &mut self.running[host.0];
+                    let slot = (0..)
+                        .find(|i| running.iter().all(|r| r.slot != *i))
+                        .unwrap_or_default();
+                    running.push(RunningEntry {
                         id: task.id,
                         model: task.spec.model.clone(),
                         client: task.spec.client,
                         client_id: task.spec.client_id.clone(),
-                        since: Instant::now(),
+                        since: now,
                         answering: false,
+                        first_byte: None,
+                        slot,
+                        cold,
                     });
+                    self.host_history[host.0].busy.set(now, running.len());
                     let silent_others =
                         self.running[host.0].iter().filter(|r| !r.answering).count() - 1;
                     let assignment = Assignment {
@@ -666,20 +721,82 @@ impl Actor {
         }
     }
 
-    fn snapshot(&self, now: Instant) -> Snapshot {
+    /// A task left its host: its span goes to the host's history, its time to the busy clock.
+    fn ended(
+        &mut self,
+        host: HostId,
+        task: TaskId,
+        release: &Release<InferenceTask>,
+        now: Instant,
+    ) {
+        let running = &mut self.running[host.0];
+        let Some(i) = running.iter().position(|r| r.id == task) else {
+            return;
+        };
+        let entry = running.remove(i);
+        self.host_history[host.0].busy.set(now, running.len());
+        let outcome = match (&release.retry, release.outcome) {
+            (Some(_), _) => timeline::SpanEnd::Retried,
+            (None, state::Outcome::Completed) => timeline::SpanEnd::Completed,
+            (None, state::Outcome::Failed) => timeline::SpanEnd::Failed,
+            (None, state::Outcome::Cancelled) => timeline::SpanEnd::Cancelled,
+        };
+        // A completed task's first byte is in its timings even when the worker did not say.
+        let first_byte = entry.first_byte.or_else(|| {
+            release
+                .observed
+                .as_ref()
+                .and_then(|(_, o)| o.ttft)
+                .map(|ttft| entry.since + ttft)
+        });
+        let mut span = self.span(&entry);
+        span.first_byte_ms = first_byte.map(|at| self.history.ms(at));
+        span.end_ms = Some(self.history.ms(now));
+        span.outcome = Some(outcome);
+        self.host_history[host.0].ended(span);
+    }
+
+    /// A running task as a timeline span (open: no end yet).
+    fn span(&self, r: &RunningEntry) -> timeline::TaskSpan {
+        timeline::TaskSpan {
+            task: r.id.0,
+            model: r.model.clone(),
+            slot: r.slot,
+            cold: r.cold,
+            start_ms: self.history.ms(r.since),
+            first_byte_ms: r.first_byte.map(|at| self.history.ms(at)),
+            end_ms: None,
+            outcome: None,
+        }
+    }
+
+    fn snapshot(&self, now: Instant, with_timeline: bool) -> Snapshot {
         let mut snapshot = self.state.snapshot();
         for (host, client) in snapshot.hosts.iter_mut().zip(&self.hosts) {
             host.url = client.base_url.clone();
         }
-        for (host, running) in snapshot.hosts.iter_mut().zip(&self.running) {
+        for ((host, running), history) in snapshot
+            .hosts
+            .iter_mut()
+            .zip(&self.running)
+            .zip(&self.host_history)
+        {
             host.running = running
                 .iter()
                 .map(|r| RunningTask {
                     id: r.id.0,
                     model: r.model.clone(),
                     running_ms: now.saturating_duration_since(r.since).as_secs_f64() * 1e3,
+                    slot: r.slot,
+                    loading: r.cold && r.first_byte.is_none(),
                 })
                 .collect();
+            let (busy, slot_busy) = history.busy.read(now);
+            host.busy_seconds = busy.as_secs_f64();
+            host.slot_busy_seconds = slot_busy.as_secs_f64();
+        }
+        if with_timeline {
+            snapshot.timeline = Some(self.timeline(&snapshot, now));
         }
         let by_client = &mut snapshot.tasks_by_client;
         for client in self.state.waiting().filter_map(|t| t.spec.client) {
@@ -713,6 +830,35 @@ impl Actor {
         }
         snapshot.fair_share = share.into_values().collect();
         snapshot
+    }
+
+    /// The timeline of every host in `snapshot` (retired ones with tasks included).
+    fn timeline(&self, snapshot: &Snapshot, now: Instant) -> timeline::Timeline {
+        let hosts = snapshot
+            .hosts
+            .iter()
+            .zip(&self.running)
+            .zip(&self.host_history)
+            .filter(|((h, _), _)| !h.retired || h.active > 0)
+            .map(|((h, running), history)| timeline::HostTimeline {
+                host: h.name.clone(),
+                slots: h.slots,
+                utilisation: history.utilisation(now),
+                spans: history
+                    .spans()
+                    .cloned()
+                    .chain(running.iter().map(|r| self.span(r)))
+                    .collect(),
+            })
+            .collect();
+        timeline::Timeline {
+            now_ms: self.history.ms(now),
+            window_seconds: timeline::WINDOW.as_secs_f64(),
+            max_spans_per_host: timeline::MAX_SPANS_PER_HOST,
+            sample_every_seconds: timeline::SAMPLE_EVERY.as_secs_f64(),
+            hosts,
+            queue: self.history.queue(),
+        }
     }
 
     fn read_manifests(&self) {
@@ -778,6 +924,7 @@ impl Actor {
                     self.hosts.push(client);
                     self.waiting.push(VecDeque::new());
                     self.running.push(Vec::new());
+                    self.host_history.push(timeline::HostHistory::new(now));
                     self.workers.push(0);
                     listed.push(true);
                     change.added.push(config.name.clone());

@@ -304,6 +304,9 @@ pub struct Snapshot {
     pub fair_share: Vec<ShareStatus>,
     /// The cost model: load, warm first-token and service times learned per host and model.
     pub costs: Vec<costs::LearnedCost>,
+    /// Recent task spans per host and the queue series (filled in by the actor when asked:
+    /// only the status page needs it).
+    pub timeline: Option<super::timeline::Timeline>,
 }
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
@@ -343,6 +346,11 @@ pub struct HostSnapshot {
     pub load_seconds: f64,
     /// Starts that needed a model load here (the model was not believed resident), per model.
     pub loads: BTreeMap<String, u64>,
+    /// Seconds since the daemon started during which this host had at least one request of
+    /// ours in flight (filled in by the actor; grows while a task runs).
+    pub busy_seconds: f64,
+    /// Request-seconds: each request in flight counts, so a full 2-slot host adds 2 a second.
+    pub slot_busy_seconds: f64,
     /// The host's base URL (filled in by the actor, which holds the clients).
     #[serde(skip)]
     pub url: String,
@@ -354,6 +362,10 @@ pub struct RunningTask {
     pub model: String,
     /// Milliseconds since the host was sent the task.
     pub running_ms: f64,
+    /// Its slot row (see [`super::timeline::TaskSpan::slot`]).
+    pub slot: usize,
+    /// It is loading its model (cold start) and the host has not answered yet.
+    pub loading: bool,
 }
 
 pub struct DispatchState<T> {
@@ -843,6 +855,8 @@ impl<T: Queueable> DispatchState<T> {
                     max_loaded_models: h.max_loaded,
                     loading: h.loading.is_some(),
                     loads: h.loads.clone(),
+                    busy_seconds: 0.0,
+                    slot_busy_seconds: 0.0,
                     load_seconds: self
                         .costs
                         .load(i, h.resident.last().map_or("", String::as_str))
@@ -862,6 +876,7 @@ impl<T: Queueable> DispatchState<T> {
             tasks_by_client: BTreeMap::new(),
             fair_share: Vec::new(),
             costs: self.costs.learned(|i| self.hosts[i].name.clone()),
+            timeline: None,
         }
     }
 

@@ -283,3 +283,36 @@ pub fn installed(var: &str, in_cache: &str, what: &str) -> PathBuf {
     );
     path
 }
+
+/// Parses Prometheus text: every sample line is `name{labels} value`.
+pub fn samples(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            let metric = name.split('{').next().unwrap();
+            assert!(
+                metric
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad name in {l:?}"
+            );
+            (name.to_string(), value)
+        })
+        .collect()
+}
+
+/// The value of the sample named exactly `name` (labels included), 0 when absent.
+pub fn sample(all: &[(String, f64)], name: &str) -> f64 {
+    value(all, name).unwrap_or(0.0)
+}
+
+/// The value of the sample named exactly `name` (labels included), if it is there.
+pub fn value(all: &[(String, f64)], name: &str) -> Option<f64> {
+    all.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+}
