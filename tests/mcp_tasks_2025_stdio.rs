@@ -31,9 +31,12 @@ impl Drop for TempConfig {
 
 impl Raw {
     async fn spawn(sim: &SimHost) -> Raw {
+        // One file per launch: the tests of this file run at once, each with its own host.
+        static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
-            "prix-dispatch-test-{}-tasks-2025.toml",
-            std::process::id()
+            "prix-dispatch-test-{}-tasks-2025-{}.toml",
+            std::process::id(),
+            LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(
             &path,
