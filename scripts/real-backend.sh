@@ -114,15 +114,28 @@ else
   say "building llama-server with $jobs jobs (about 5 min on 2 idle cores); log: $log"
   # Portable AVX2, not -march=native: the cached binary must not depend on the CPU that built it.
   # LLAMA_USE_PREBUILT_UI=OFF: otherwise the build downloads the web UI from outside the registries.
-  if ! {
+  # The build runs in the background with its output in the log; a line every few seconds on
+  # stderr says it is alive and how far it is (minutes of silence look like a hang).
+  {
     "$tools/bin/cmake" -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
       -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_CCACHE=OFF &&
       "$tools/bin/cmake" --build "$work/build" --target llama-server -j"$jobs"
-  } >"$log" 2>&1; then
+  } >"$log" 2>&1 &
+  build=$!
+  started=$SECONDS
+  while kill -0 "$build" 2>/dev/null; do
+    sleep "${PRIX_PROGRESS_SECONDS:-5}" & wait $! || true
+    kill -0 "$build" 2>/dev/null || break
+    # cmake prints "[ 42%] Building ..." lines; before the first, it is configuring.
+    step="$(grep -o '^\[ *[0-9]*%\]' "$log" 2>/dev/null | tail -n 1 | tr -d '[] ' || true)"
+    say "building llama-server: $((SECONDS - started)) s elapsed, ${step:-configuring} (log: $log)"
+  done
+  if ! wait "$build"; then
     tail -n 40 "$log" >&2
     die "building llama-server failed; full log in $log"
   fi
+  say "built llama-server in $((SECONDS - started)) s"
   cp "$work/build/bin/llama-server" "$server.new"
   mv -f "$server.new" "$server"
   server_ok || die "the freshly built $server does not run --version"

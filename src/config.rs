@@ -29,6 +29,8 @@ impl std::fmt::Display for ConfigSource {
     }
 }
 
+/// Why no configuration could be loaded. `main` exits with [`CONFIG_ERROR_EXIT`] on any of
+/// these and prints the message alone (no backtrace): each one already says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{source_name}: {message}")]
@@ -41,18 +43,49 @@ pub enum ConfigError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// A file named by `--config` or `$PRIX_DISPATCH_CONFIG` does not exist. Falling back to
+    /// another source would run a fleet the user did not ask for.
     #[error(
-        "no configuration found: {tried} does not exist and no LOCAL_INFERENCE_SERVER_1 / \
-         LM_STUDIO_SERVER_1 is set. Create a config file (see config/prix-dispatch.toml), pass \
-         --config FILE, or set LOCAL_INFERENCE_SERVER_1=http://HOST:1234"
+        "config file {path} (named by {named_by}) does not exist; fix the path, or remove \
+         {named_by} to use {default} or the LOCAL_INFERENCE_SERVER_N variables"
     )]
-    Missing { tried: PathBuf },
+    NamedMissing {
+        path: PathBuf,
+        named_by: &'static str,
+        default: String,
+    },
+    #[error(
+        "no configuration: {default} does not exist and LOCAL_INFERENCE_SERVER_1 is not set{ignored}. \
+         Configure prix-dispatch one of two ways: write a config file at {default} (a commented \
+         template is config/prix-dispatch.toml in the repository; --config FILE or \
+         PRIX_DISPATCH_CONFIG=FILE name another file), or set LOCAL_INFERENCE_SERVER_1=http://HOST:1234 \
+         (and _2, _3, ... for more servers), as prompt-prix does"
+    )]
+    Missing { default: String, ignored: String },
 }
+
+/// Exit status of `prix-dispatch` when its configuration is unusable (`EX_CONFIG` of BSD's
+/// sysexits.h), so a script can tell "fix the config" from a runtime failure (1).
+pub const CONFIG_ERROR_EXIT: u8 = 78;
+
+/// Environment variable naming the config file (second after `--config`).
+pub const CONFIG_ENV: &str = "PRIX_DISPATCH_CONFIG";
+
+/// Highest `LOCAL_INFERENCE_SERVER_N` looked at beyond a gap, to name what the gap ignores.
+const LAST_NUMBERED: usize = 64;
 
 /// The resolved, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub source: ConfigSource,
+    /// How the source was chosen: `--config`, `PRIX_DISPATCH_CONFIG` or `the default location`
+    /// for a file, the variables read for the environment (empty for configurations built in
+    /// code).
+    pub chosen_by: String,
+    /// What the resolution saw and did not use, one phrase each (a lower-priority source that
+    /// is also set, numbered variables past a gap): logged at every start so that nothing is
+    /// dropped silently.
+    pub ignored: Vec<String>,
     pub server: ServerSettings,
     pub queue: QueueSettings,
     pub health: HealthSettings,
@@ -281,28 +314,147 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
 
-/// The path used when none is given: `$PRIX_DISPATCH_CONFIG`, else `config/prix-dispatch.toml`.
-pub fn default_path(env: EnvLookup) -> PathBuf {
-    env("PRIX_DISPATCH_CONFIG")
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("config/prix-dispatch.toml"))
+/// The default config file inside a user's configuration directory.
+pub fn default_file(config_dir: &Path) -> PathBuf {
+    config_dir.join("prix-dispatch").join("config.toml")
+}
+
+/// The user's configuration directory where command-line tools keep theirs:
+/// `$XDG_CONFIG_HOME`, else `~/.config` (also on macOS, as CLI tools do there; `%APPDATA%` on
+/// Windows). Never the working directory: an agent host launches `stdio` from anywhere,
+/// often `/`. `None` when no home directory is known.
+pub fn user_config_dir() -> Option<PathBuf> {
+    use etcetera::BaseStrategy;
+    etcetera::choose_base_strategy()
+        .ok()
+        .map(|s| s.config_dir())
 }
 
 impl Config {
-    /// Loads `explicit` if given (it must exist); otherwise the default path if it exists;
-    /// otherwise the prompt-prix environment variables.
+    /// Resolves and loads the configuration, in this order (the first that is given wins;
+    /// whatever else is set is recorded in [`Config::ignored`]):
+    ///
+    /// 1. `explicit` (`--config`): it must exist;
+    /// 2. `$PRIX_DISPATCH_CONFIG`: it must exist;
+    /// 3. prompt-prix's `LOCAL_INFERENCE_SERVER_N` (or `LM_STUDIO_SERVER_N`) variables: set for
+    ///    this launch, so they are more specific than a user-wide file;
+    /// 4. the default file, [`default_file`] in [`user_config_dir`].
+    ///
+    /// A named file that is missing is an error, never a fallback.
     pub fn load(explicit: Option<&Path>, env: EnvLookup) -> Result<Config, ConfigError> {
+        Self::resolve(explicit, env, user_config_dir().as_deref())
+    }
+
+    /// [`Config::load`] with the user's configuration directory given (tests).
+    pub fn resolve(
+        explicit: Option<&Path>,
+        env: EnvLookup,
+        config_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let default = config_dir.map(default_file);
+        let default_shown = default.as_ref().map_or_else(
+            || {
+                "the default config file (unknown: neither XDG_CONFIG_HOME nor HOME is set)"
+                    .to_string()
+            },
+            |p| p.display().to_string(),
+        );
+        let named = env(CONFIG_ENV).filter(|p| !p.trim().is_empty());
+        let numbered = numbered_servers(env);
+        let mut ignored = numbered.ignored.clone();
+        let default_exists = default.as_ref().is_some_and(|p| p.is_file());
+        let ignore_default = |ignored: &mut Vec<String>| {
+            if default_exists {
+                ignored.push(format!("the default file {default_shown}"));
+            }
+        };
+        let ignore_numbered = |ignored: &mut Vec<String>| {
+            if let Some(first) = numbered.urls.first() {
+                ignored.push(format!(
+                    "{} (and the rest of its numbered servers)",
+                    first.0
+                ));
+            }
+        };
+        let named_file = |path: &Path, named_by: &'static str, ignored: Vec<String>| {
+            if !path.exists() {
+                return Err(ConfigError::NamedMissing {
+                    path: path.to_path_buf(),
+                    named_by,
+                    default: default_shown.clone(),
+                });
+            }
+            let mut config = Self::from_file(path, env)?;
+            config.chosen_by = named_by.to_string();
+            config.ignored = ignored;
+            Ok(config)
+        };
         if let Some(path) = explicit {
-            return Self::from_file(path, env);
+            if let Some(other) = &named {
+                ignored.push(format!("{CONFIG_ENV}={other}"));
+            }
+            ignore_numbered(&mut ignored);
+            ignore_default(&mut ignored);
+            return named_file(path, "--config", ignored);
         }
-        let path = default_path(env);
-        if path.exists() {
-            return Self::from_file(&path, env);
+        if let Some(path) = &named {
+            ignore_numbered(&mut ignored);
+            ignore_default(&mut ignored);
+            return named_file(Path::new(path), CONFIG_ENV, ignored);
         }
-        match Self::from_prompt_prix_env(env)? {
-            Some(config) => Ok(config),
-            None => Err(ConfigError::Missing { tried: path }),
+        if let Some(mut config) = Self::from_numbered(env, &numbered)? {
+            ignore_default(&mut ignored);
+            config.ignored = ignored;
+            return Ok(config);
+        }
+        match &default {
+            Some(path) if default_exists => {
+                let mut config = Self::from_file(path, env)?;
+                config.chosen_by = "the default location".to_string();
+                config.ignored = ignored;
+                Ok(config)
+            }
+            _ => Err(ConfigError::Missing {
+                default: default_shown,
+                ignored: if ignored.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (ignored: {})", ignored.join("; "))
+                },
+            }),
+        }
+    }
+
+    /// One line for the log and `check-config`: the source, how it was chosen, and what was
+    /// set but not used.
+    pub fn source_line(&self) -> String {
+        let mut line = match (&self.source, self.chosen_by.is_empty()) {
+            (ConfigSource::File(path), false) => {
+                format!(
+                    "configuration: {} (from {})",
+                    path.display(),
+                    self.chosen_by
+                )
+            }
+            (ConfigSource::Environment, false) => {
+                format!("configuration: environment variables {}", self.chosen_by)
+            }
+            (source, true) => format!("configuration: {source}"),
+        };
+        if self.ignored.is_empty() {
+            line.push_str("; nothing else ignored");
+        } else {
+            line.push_str(&format!("; ignored: {}", self.ignored.join("; ")));
+        }
+        line
+    }
+
+    /// Logs [`Config::source_line`] once, as a warning when something set was ignored.
+    pub fn log_source(&self) {
+        if self.ignored.is_empty() {
+            tracing::info!("{}", self.source_line());
+        } else {
+            tracing::warn!("{}", self.source_line());
         }
     }
 
@@ -512,6 +664,8 @@ impl Config {
         }
         Ok(Config {
             source,
+            chosen_by: String::new(),
+            ignored: Vec::new(),
             server,
             queue,
             health,
@@ -524,22 +678,22 @@ impl Config {
     /// each with an optional `_KEY`, and `LMSTUDIO_API_KEY` as the key for hosts without one.
     /// Reading stops at the first missing index, as prompt-prix does. `None` when none is set.
     pub fn from_prompt_prix_env(env: EnvLookup) -> Result<Option<Config>, ConfigError> {
-        let prefix = if env("LOCAL_INFERENCE_SERVER_1").is_some() {
-            "LOCAL_INFERENCE_SERVER_"
-        } else if env("LM_STUDIO_SERVER_1").is_some() {
-            "LM_STUDIO_SERVER_"
-        } else {
+        let numbered = numbered_servers(env);
+        let config = Self::from_numbered(env, &numbered)?;
+        Ok(config.map(|mut c| {
+            c.ignored = numbered.ignored;
+            c
+        }))
+    }
+
+    fn from_numbered(env: EnvLookup, numbered: &Numbered) -> Result<Option<Config>, ConfigError> {
+        if numbered.urls.is_empty() {
             return Ok(None);
-        };
+        }
         let global_key = env("LMSTUDIO_API_KEY").filter(|k| !k.is_empty());
-        let mut hosts = Vec::new();
-        for n in 1.. {
-            let var = format!("{prefix}{n}");
-            let Some(url) = env(&var) else { break };
-            if url.trim().is_empty() {
-                continue;
-            }
-            let base_url = normalise_base_url(&url).map_err(|why| ConfigError::Invalid {
+        let mut hosts = Vec::with_capacity(numbered.urls.len());
+        for (n, (var, url)) in numbered.urls.iter().enumerate() {
+            let base_url = normalise_base_url(url).map_err(|why| ConfigError::Invalid {
                 source_name: ConfigSource::Environment.to_string(),
                 message: format!("{var}: {why}"),
             })?;
@@ -547,18 +701,80 @@ impl Config {
                 .filter(|k| !k.is_empty())
                 .or_else(|| global_key.clone());
             hosts.push(HostConfig {
-                name: format!("server{n}"),
+                name: format!("server{}", n + 1),
                 base_url,
                 slots: 1,
                 api_key: key.map(ApiKey::new),
                 ..HostConfig::default()
             });
         }
-        if hosts.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(Config::with_hosts(ConfigSource::Environment, hosts)))
+        let mut config = Config::with_hosts(ConfigSource::Environment, hosts);
+        config.chosen_by = numbered
+            .urls
+            .iter()
+            .map(|(var, _)| var.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Some(config))
     }
+}
+
+/// The numbered server variables as prompt-prix reads them, and what that reading skips.
+#[derive(Debug, Clone, Default)]
+struct Numbered {
+    /// `(variable, url)` from `_1` up to the first gap.
+    urls: Vec<(String, String)>,
+    /// Variables that are set but not read, one phrase each.
+    ignored: Vec<String>,
+}
+
+/// Reads `LOCAL_INFERENCE_SERVER_1..` (else the legacy `LM_STUDIO_SERVER_1..`) up to the first
+/// unset or empty index, like prompt-prix, and names every variable that this leaves out (past
+/// the gap, up to `_64`; the other prefix), so that a gap is warned about, not silent.
+fn numbered_servers(env: EnvLookup) -> Numbered {
+    const PREFIXES: [&str; 2] = ["LOCAL_INFERENCE_SERVER_", "LM_STUDIO_SERVER_"];
+    let set = |var: &str| env(var).filter(|v| !v.trim().is_empty());
+    let active = PREFIXES
+        .iter()
+        .copied()
+        .find(|p| set(&format!("{p}1")).is_some());
+    let mut numbered = Numbered::default();
+    let set_from = |prefix: &str, first: usize| -> Vec<String> {
+        (first..=LAST_NUMBERED)
+            .map(|i| format!("{prefix}{i}"))
+            .filter(|var| set(var).is_some())
+            .collect()
+    };
+    for prefix in PREFIXES {
+        let (vars, why) = match active {
+            Some(a) if a == prefix => {
+                let mut n = 1;
+                while let Some(url) = set(&format!("{prefix}{n}")) {
+                    numbered.urls.push((format!("{prefix}{n}"), url));
+                    n += 1;
+                }
+                let why = format!(
+                    "{prefix}{n} is not set, and the numbering stops at the first gap, as in prompt-prix"
+                );
+                (set_from(prefix, n + 1), why)
+            }
+            // The other prefix is left out as a whole, its `_1` included.
+            Some(a) => (
+                set_from(prefix, 1),
+                format!("only one naming is read, and {a}1 is set"),
+            ),
+            None => (
+                set_from(prefix, 2),
+                format!("the numbering starts at {prefix}1, which is not set"),
+            ),
+        };
+        if !vars.is_empty() {
+            numbered
+                .ignored
+                .push(format!("{} ({why})", vars.join(", ")));
+        }
+    }
+    numbered
 }
 
 impl Config {
@@ -566,6 +782,8 @@ impl Config {
     pub fn with_hosts(source: ConfigSource, hosts: Vec<HostConfig>) -> Config {
         Config {
             source,
+            chosen_by: String::new(),
+            ignored: Vec::new(),
             server: ServerSettings::default(),
             queue: QueueSettings::default(),
             health: HealthSettings::default(),
@@ -618,6 +836,24 @@ pub fn normalise_base_url(raw: &str) -> Result<String, String> {
     }
     if parsed.query().is_some() || parsed.fragment().is_some() {
         return Err(format!("{trimmed:?} must not have a query or fragment"));
+    }
+    // An endpoint pasted in place of the server (what a client's docs show): refused with the
+    // form that works, rather than calling `.../v1/chat/completions/v1/models` at every probe.
+    let path = parsed.path().trim_end_matches('/');
+    for endpoint in [
+        "/chat/completions",
+        "/completions",
+        "/models",
+        "/embeddings",
+    ] {
+        if let Some(base_path) = path.strip_suffix(endpoint) {
+            let mut base = parsed.clone();
+            base.set_path(base_path.strip_suffix("/v1").unwrap_or(base_path));
+            return Err(format!(
+                "{trimmed:?} is an endpoint ({endpoint}), not the server's base URL; write {:?}",
+                base.as_str().trim_end_matches('/')
+            ));
+        }
     }
     let mut base = trimmed.trim_end_matches('/').to_string();
     if let Some(stripped) = base.strip_suffix("/v1") {
@@ -771,6 +1007,199 @@ mod tests {
         Config::from_toml(text, ConfigSource::File("test.toml".into()), &no_env)
     }
 
+    /// A fresh directory for one test: a user configuration directory, files named by
+    /// `--config` / `PRIX_DISPATCH_CONFIG`.
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("prix-config-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write_host(path: &Path, url: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, format!("[[host]]\nname = \"a\"\nurl = \"{url}\"\n")).unwrap();
+    }
+
+    fn vars(pairs: &[(&str, String)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    /// Each resolution case of issue 14: which source wins, what is an error, and what the
+    /// one source line says was ignored.
+    #[test]
+    fn the_source_is_resolved_in_order_and_names_what_it_ignored() {
+        let dir = scratch("resolve");
+        let home = dir.join("xdg");
+        let default = default_file(&home);
+        let named = dir.join("named.toml");
+        let explicit = dir.join("explicit.toml");
+        write_host(&named, "http://named:1");
+        write_host(&explicit, "http://explicit:1");
+        let var = |k: &'static str, v: &str| (k, v.to_string());
+
+        // Nothing at all: the error says where the file is expected and the two ways. The
+        // working directory of this test holds config/prix-dispatch.toml: never read.
+        assert!(Path::new("config/prix-dispatch.toml").exists());
+        let err = Config::resolve(None, &no_env, Some(&home)).unwrap_err();
+        assert!(matches!(err, ConfigError::Missing { .. }), "{err}");
+        let msg = err.to_string();
+        for needle in [
+            default.to_str().unwrap(),
+            "LOCAL_INFERENCE_SERVER_1=http://HOST:1234",
+            "--config FILE",
+            "PRIX_DISPATCH_CONFIG",
+        ] {
+            assert!(msg.contains(needle), "{needle:?} in {msg}");
+        }
+        let msg = Config::resolve(None, &no_env, None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("neither XDG_CONFIG_HOME nor HOME"), "{msg}");
+
+        // The default file alone.
+        write_host(&default, "http://default:1");
+        let c = Config::resolve(None, &no_env, Some(&home)).unwrap();
+        assert_eq!(c.source, ConfigSource::File(default.clone()));
+        assert_eq!(
+            c.source_line(),
+            format!(
+                "configuration: {} (from the default location); nothing else ignored",
+                default.display()
+            )
+        );
+
+        // The variables of this launch beat the user-wide default file, which is named.
+        let env = vars(&[var("LOCAL_INFERENCE_SERVER_1", "http://127.0.0.1:31234")]);
+        let c = Config::resolve(None, &env, Some(&home)).unwrap();
+        assert_eq!(c.source, ConfigSource::Environment);
+        assert_eq!(c.hosts[0].base_url, "http://127.0.0.1:31234");
+        assert_eq!(
+            c.source_line(),
+            format!(
+                "configuration: environment variables LOCAL_INFERENCE_SERVER_1; ignored: the \
+                 default file {}",
+                default.display()
+            )
+        );
+
+        // A gap: _1 and _3 without _2 reads _1 and names _3 and the gap.
+        let env = vars(&[
+            var("LOCAL_INFERENCE_SERVER_1", "http://a:1"),
+            var("LOCAL_INFERENCE_SERVER_3", "http://c:1"),
+            var("LOCAL_INFERENCE_SERVER_5", "http://e:1"),
+        ]);
+        let c = Config::resolve(None, &env, Some(&dir.join("empty"))).unwrap();
+        assert_eq!(c.hosts.len(), 1);
+        assert_eq!(
+            c.ignored,
+            [
+                "LOCAL_INFERENCE_SERVER_3, LOCAL_INFERENCE_SERVER_5 (LOCAL_INFERENCE_SERVER_2 is \
+              not set, and the numbering stops at the first gap, as in prompt-prix)"
+            ]
+        );
+        assert!(
+            c.source_line()
+                .contains("ignored: LOCAL_INFERENCE_SERVER_3")
+        );
+
+        // No _1: nothing is read, and the error names what was set.
+        let env = vars(&[var("LOCAL_INFERENCE_SERVER_2", "http://b:1")]);
+        let msg = Config::resolve(None, &env, Some(&dir.join("empty")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(
+                "LOCAL_INFERENCE_SERVER_2 (the numbering starts at LOCAL_INFERENCE_SERVER_1"
+            ),
+            "{msg}"
+        );
+
+        // The legacy names are left out when the new ones are set.
+        let env = vars(&[
+            var("LOCAL_INFERENCE_SERVER_1", "http://a:1"),
+            var("LM_STUDIO_SERVER_1", "http://old:1"),
+        ]);
+        let c = Config::resolve(None, &env, Some(&dir.join("empty"))).unwrap();
+        assert_eq!(c.hosts.len(), 1);
+        assert!(
+            c.ignored[0].starts_with("LM_STUDIO_SERVER_1 (only one naming"),
+            "{:?}",
+            c.ignored
+        );
+
+        // PRIX_DISPATCH_CONFIG beats the variables and the default; missing, it is an error,
+        // never a fallback.
+        let env = vars(&[
+            var("PRIX_DISPATCH_CONFIG", named.to_str().unwrap()),
+            var("LOCAL_INFERENCE_SERVER_1", "http://a:1"),
+        ]);
+        let c = Config::resolve(None, &env, Some(&home)).unwrap();
+        assert_eq!(c.hosts[0].base_url, "http://named:1");
+        assert_eq!(c.chosen_by, "PRIX_DISPATCH_CONFIG");
+        assert_eq!(c.ignored.len(), 2, "{:?}", c.ignored);
+        assert!(
+            c.ignored[0].starts_with("LOCAL_INFERENCE_SERVER_1"),
+            "{:?}",
+            c.ignored
+        );
+        assert!(
+            c.ignored[1].starts_with("the default file"),
+            "{:?}",
+            c.ignored
+        );
+        let env = vars(&[
+            var("PRIX_DISPATCH_CONFIG", "/tmp/prix-nope/nope.toml"),
+            var("LOCAL_INFERENCE_SERVER_1", "http://a:1"),
+        ]);
+        let err = Config::resolve(None, &env, Some(&home)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::NamedMissing {
+                    named_by: "PRIX_DISPATCH_CONFIG",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("/tmp/prix-nope/nope.toml"),
+            "{err}"
+        );
+
+        // --config beats everything, and names the rest.
+        let env = vars(&[
+            var("PRIX_DISPATCH_CONFIG", named.to_str().unwrap()),
+            var("LOCAL_INFERENCE_SERVER_1", "http://a:1"),
+        ]);
+        let c = Config::resolve(Some(&explicit), &env, Some(&home)).unwrap();
+        assert_eq!(c.hosts[0].base_url, "http://explicit:1");
+        assert_eq!(c.chosen_by, "--config");
+        assert_eq!(c.ignored.len(), 3, "{:?}", c.ignored);
+        assert!(
+            c.source_line()
+                .contains(&format!("PRIX_DISPATCH_CONFIG={}", named.display()))
+        );
+        let err = Config::resolve(Some(Path::new("/tmp/prix-nope/x.toml")), &env, Some(&home))
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ConfigError::NamedMissing {
+                    named_by: "--config",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_relative_socket_is_beside_the_configuration_file() {
         let text = |socket: &str| {
@@ -815,6 +1244,13 @@ mod tests {
             assert_eq!(normalise_base_url(raw).unwrap(), "http://h:1234", "{raw}");
         }
         assert!(normalise_base_url("h:1234").is_err());
+        let err = normalise_base_url("http://h:1234/v1/chat/completions").unwrap_err();
+        assert!(
+            err.contains("not the server's base URL; write \"http://h:1234\""),
+            "{err}"
+        );
+        let err = normalise_base_url("https://gpu/proxy/v1/models/").unwrap_err();
+        assert!(err.contains("write \"https://gpu/proxy\""), "{err}");
         assert!(normalise_base_url("ftp://h").is_err());
     }
 
@@ -941,7 +1377,7 @@ mod tests {
         };
         let c = Config::load(Some(Path::new("/nonexistent/x.toml")), &env);
         assert!(
-            matches!(c, Err(ConfigError::Read { .. })),
+            matches!(c, Err(ConfigError::NamedMissing { .. })),
             "an explicit path must exist"
         );
         let c = Config::from_prompt_prix_env(&env).unwrap().unwrap();

@@ -163,6 +163,39 @@ pub struct ManifestFailure {
     pub answered: bool,
 }
 
+impl ManifestFailure {
+    /// What to check next about the host at `base_url` (`check-config --probe`), by the kind
+    /// of failure: unreachable, refused for want of a key, or not an OpenAI-compatible server.
+    pub fn what_to_check(&self, base_url: &str) -> String {
+        let reason = self.reason.to_ascii_lowercase();
+        if !self.answered {
+            if reason.contains("timed out") || reason.contains("timeout") {
+                format!(
+                    "nothing answered at {base_url} in time: is the machine up, the port right, \
+                     and no firewall dropping it?"
+                )
+            } else {
+                format!(
+                    "is the server running and listening at {base_url}? (LM Studio: Developer > \
+                     Start Server, with \"Serve on Local Network\" for another machine; \
+                     llama-server: --host and --port); `curl {base_url}/v1/models` should list \
+                     its models"
+                )
+            }
+        } else if reason.contains("401") || reason.contains("403") {
+            "the server wants an API key: set api_key_env (or api_key) for this [[host]], or \
+             LOCAL_INFERENCE_SERVER_N_KEY / LMSTUDIO_API_KEY"
+                .to_string()
+        } else {
+            format!(
+                "{base_url} answers, but not as an OpenAI-compatible server: is the URL the \
+                 server's base (like http://127.0.0.1:1234, without /v1/chat/completions), and \
+                 is it LM Studio, llama-server, Ollama, vLLM or another server with /v1/models?"
+            )
+        }
+    }
+}
+
 impl std::fmt::Display for ManifestFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason)

@@ -34,3 +34,8 @@ pub use config::Config;
 pub use dispatcher::{DispatchStatus, Dispatcher};
 pub use error::{DispatchError, ErrorKind};
 pub use task::{CompletionRequest, CompletionResult, TaskEvent};
+
+/// `n` and the noun in its number: "1 model", "2 models", "0 models".
+pub fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}

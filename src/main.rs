@@ -37,9 +37,10 @@ enum Command {
     /// hosts of later launches too, and exits after [server] idle_exit_seconds with no clients
     /// and no tasks.
     Stdio {
-        /// Fleet configuration (TOML). Default: $PRIX_DISPATCH_CONFIG, else
-        /// config/prix-dispatch.toml, else the LOCAL_INFERENCE_SERVER_N variables.
-        #[arg(long, short)]
+        /// Fleet configuration file (TOML). Default: $PRIX_DISPATCH_CONFIG, else the
+        /// LOCAL_INFERENCE_SERVER_N variables, else ~/.config/prix-dispatch/config.toml
+        /// ($XDG_CONFIG_HOME/prix-dispatch/config.toml). A named file must exist.
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Run the queue in this process instead of joining the machine's daemon (one-off
         /// use, tests). Two standalone launches do not share a queue.
@@ -59,7 +60,10 @@ enum Command {
     /// of them is refused. It re-reads its configuration when the file changes and on SIGHUP.
     /// SIGINT/SIGTERM (or `prix-dispatch stop`) drain it gracefully.
     Serve {
-        #[arg(long, short)]
+        /// Fleet configuration file (TOML). Default: $PRIX_DISPATCH_CONFIG, else the
+        /// LOCAL_INFERENCE_SERVER_N variables, else ~/.config/prix-dispatch/config.toml
+        /// ($XDG_CONFIG_HOME/prix-dispatch/config.toml). A named file must exist.
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
         /// Exit after [server] idle_exit_seconds with no clients and no tasks (set by a
         /// `stdio` launch that starts the daemon).
@@ -87,11 +91,16 @@ enum Command {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
-    /// Validate a configuration and print the resolved fleet (keys are never printed).
+    /// Validate a configuration and print where it came from and the resolved fleet (keys are
+    /// never printed). Exits 78 when the configuration is unusable.
     CheckConfig {
-        #[arg(long, short)]
+        /// Fleet configuration file (TOML). Default: $PRIX_DISPATCH_CONFIG, else the
+        /// LOCAL_INFERENCE_SERVER_N variables, else ~/.config/prix-dispatch/config.toml
+        /// ($XDG_CONFIG_HOME/prix-dispatch/config.toml). A named file must exist.
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Also read each host's /v1/models and report what it serves.
+        /// Also read each host's /v1/models and report what it serves; exits 1 when any host
+        /// fails (a health check for scripts), with what to check next to each failure.
         #[arg(long)]
         probe: bool,
     },
@@ -137,14 +146,40 @@ fn init_logging() {
         .init();
 }
 
+/// Resolves the configuration and logs its one source line.
 fn load(path: Option<PathBuf>) -> anyhow::Result<Config> {
-    Ok(Config::load(path.as_deref(), &config::process_env)?)
+    let config = Config::load(path.as_deref(), &config::process_env)?;
+    config.log_source();
+    Ok(config)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Errors are printed as their message alone — never with a backtrace, whatever
+/// `RUST_BACKTRACE` says: each already names what failed and what to do. A configuration that
+/// cannot be used exits with [`config::CONFIG_ERROR_EXIT`], anything else with 1.
+fn main() -> std::process::ExitCode {
     init_logging();
-    match Cli::parse().command {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("prix-dispatch: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse().command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("prix-dispatch: {e:#}");
+            if e.downcast_ref::<config::ConfigError>().is_some() {
+                std::process::ExitCode::from(config::CONFIG_ERROR_EXIT)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    match command {
         Command::Stdio {
             connect: Some(url), ..
         } => {
@@ -165,13 +200,21 @@ async fn main() -> anyhow::Result<()> {
                     .map_err(anyhow::Error::from),
             )
             .await?;
+            config.log_source();
             if let Some(url) = &config.server.connect {
                 let spec =
                     told(remote::RemoteSpec::from_env(url).map_err(anyhow::Error::from)).await?;
                 remote::run(spec).await?;
-                return Ok(());
+                return Ok(std::process::ExitCode::SUCCESS);
             }
-            let spec = path
+            // The daemon this launch may start reads the file this launch resolved, whatever
+            // told it (`--config`, PRIX_DISPATCH_CONFIG or the default location), not its own
+            // guess.
+            let file = match &config.source {
+                config::ConfigSource::File(file) => Some(file.clone()),
+                config::ConfigSource::Environment => None,
+            };
+            let spec = file
                 .map(std::path::absolute)
                 .transpose()
                 .map_err(anyhow::Error::from)
@@ -254,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
             let socket = default_socket(socket)?;
             let Some(info) = bridge::ask(&socket, Op::Status).await? else {
                 println!("no prix-dispatch daemon runs at {}", socket.display());
-                std::process::exit(1);
+                return Ok(std::process::ExitCode::FAILURE);
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -266,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
             let socket = default_socket(socket)?;
             let Some(info) = bridge::ask(&socket, Op::Stop).await? else {
                 println!("no prix-dispatch daemon runs at {}", socket.display());
-                std::process::exit(1);
+                return Ok(std::process::ExitCode::FAILURE);
             };
             // Wait until the process is gone — not merely its socket, which goes first —
             // so that its host locks are released and a script can start the next daemon
@@ -296,18 +339,38 @@ async fn main() -> anyhow::Result<()> {
             let config = load(config)?;
             print!("{}", describe(&config));
             if probe {
+                println!("probe (GET /v1/models on each host):");
                 let http = prix_dispatch::backend::http_client();
+                let mut failed = 0;
                 for host in &config.hosts {
                     let client = prix_dispatch::backend::HostClient::new(host, http.clone());
                     match client.read_manifest().await {
                         Ok(models) => println!(
-                            "  {}: {} models: {}",
+                            "  {}: ok, {}{}",
                             host.name,
-                            models.len(),
-                            models.join(", ")
+                            prix_dispatch::plural(models.len(), "model", "models"),
+                            if models.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", models.join(", "))
+                            }
                         ),
-                        Err(why) => println!("  {}: FAILED: {why}", host.name),
+                        Err(why) => {
+                            failed += 1;
+                            println!(
+                                "  {}: FAILED: {why}\n    check: {}",
+                                host.name,
+                                why.what_to_check(&host.base_url)
+                            );
+                        }
                     }
+                }
+                if failed > 0 {
+                    println!(
+                        "{failed} of {} failed the probe",
+                        prix_dispatch::plural(config.hosts.len(), "host", "hosts")
+                    );
+                    return Ok(std::process::ExitCode::FAILURE);
                 }
             }
         }
@@ -325,7 +388,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{report}");
         }
     }
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// How long `prix-dispatch stop` waits for the daemon to finish its running tasks and exit.
@@ -365,7 +428,8 @@ fn has_hosts(config: &Config) -> anyhow::Result<()> {
 fn describe(config: &Config) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "configuration: {} (ok)", config.source);
+    let _ = writeln!(out, "{}", config.source_line());
+    let _ = writeln!(out, "valid: yes");
     if let Some(url) = &config.server.connect {
         let _ = writeln!(out, "stdio joins the daemon at: {url}");
     }
@@ -392,7 +456,11 @@ fn describe(config: &Config) -> String {
         config.queue.max_pending,
         config.queue.max_bypass.as_secs_f64()
     );
-    let _ = writeln!(out, "hosts ({}):", config.hosts.len());
+    let _ = writeln!(
+        out,
+        "{}:",
+        prix_dispatch::plural(config.hosts.len(), "host", "hosts")
+    );
     for h in &config.hosts {
         let key = if h.api_key.is_some() {
             "key set"

@@ -672,12 +672,19 @@ where
     let wire = crate::mcp_tasks_wire::TaskWire::new(server.clone());
     let (reader, writer) = crate::mcp_tasks_wire::serve_stream(wire, reader, writer, gone.clone());
     let service = server.serve((reader, writer)).await?;
-    let reason = service.waiting().await;
+    let reason = match service.waiting().await {
+        Ok(rmcp::service::QuitReason::Closed) => "it closed the connection".to_string(),
+        Ok(rmcp::service::QuitReason::Cancelled) => "the service was stopped".to_string(),
+        Ok(rmcp::service::QuitReason::JoinError(e)) | Err(e) => {
+            format!("the MCP service task failed: {e}")
+        }
+        // `QuitReason` is non-exhaustive: a reason added later is still named.
+        Ok(other) => format!("{other:?}"),
+    };
     gone.cancel();
     tracing::info!(
         client = id,
-        ?reason,
-        "MCP client went away; its tasks are cancelled"
+        "MCP client went away ({reason}); its tasks are cancelled"
     );
     Ok(())
 }

@@ -390,6 +390,25 @@ impl TaskWire {
 /// Ids of requests passed to rmcp whose answers need a patch.
 type Pending = Arc<Mutex<HashMap<String, Patch>>>;
 
+/// The JSON-RPC answer to a line that is not JSON: what was wrong, and the framing MCP's stdio
+/// transport wants (one message per line, no headers).
+fn parse_error(line: &[u8], error: &serde_json::Error) -> Value {
+    let text = String::from_utf8_lossy(line);
+    let framing = if text
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("content-length:")
+    {
+        " (MCP over stdio sends no Content-Length headers, unlike LSP)"
+    } else {
+        ""
+    };
+    json!({"jsonrpc": "2.0", "id": null, "error": {"code": -32700, "message": format!(
+        "Parse error: a line on stdin is not JSON ({error}){framing}; each line must be exactly \
+         one JSON-RPC message"
+    )}})
+}
+
 /// Puts the layer on a newline-delimited JSON-RPC byte stream (MCP stdio): returns the
 /// reader and writer rmcp should serve. `eof` fires when the client closes its side.
 /// Messages taken are answered on `writer` between rmcp's lines, never inside one.
@@ -434,8 +453,12 @@ where
                     }
                     route
                 }
-                // Not JSON: rmcp says what is wrong with it.
-                Err(_) => Route::Pass(None),
+                // A blank line is no message: nothing to answer.
+                Err(_) if line.trim_ascii().is_empty() => continue,
+                // Not JSON: rmcp drops such a line without a word, and the client waits
+                // forever for an answer; JSON-RPC 2.0 answers it with -32700 (id null, as the
+                // id cannot be read).
+                Err(e) => Route::Answer(parse_error(&line, &e)),
             };
             match route {
                 Route::Pass(_) => {

@@ -155,11 +155,12 @@ async fn errors_use_openai_shape_and_fitting_statuses() {
     assert_eq!(r.status(), 404);
     let e: Value = r.json().await.unwrap();
     assert_eq!(e["error"]["code"], "model_not_available");
+    let message = e["error"]["message"].as_str().unwrap();
     assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("Model 'nope' not available on any server")
+        message.contains("Model 'nope' not available on any server")
+            && message.contains("gpu0 lists 1 model)")
+            && message.contains("GET /v1/models"),
+        "an OpenAI client is told the listing it has: {message}"
     );
     assert_eq!(e["error"]["type"], "invalid_request_error");
 

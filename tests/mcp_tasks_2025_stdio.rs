@@ -31,9 +31,12 @@ impl Drop for TempConfig {
 
 impl Raw {
     async fn spawn(sim: &SimHost) -> Raw {
+        // One file per launch: the tests of this file run at once, each with its own host.
+        static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
-            "prix-dispatch-test-{}-tasks-2025.toml",
-            std::process::id()
+            "prix-dispatch-test-{}-tasks-2025-{}.toml",
+            std::process::id(),
+            LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(
             &path,
@@ -308,4 +311,46 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
         "the queued task never reached the host; the running one was stopped"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// A line on stdin that is not JSON gets JSON-RPC's -32700 answer (id null) saying what was
+/// wrong and that each line must be one message; a blank line gets nothing; the session goes
+/// on, and stdout carries nothing else.
+#[tokio::test]
+async fn a_line_that_is_not_json_is_answered_with_a_parse_error() {
+    let sim = SimHost::start(SimConfig {
+        models: vec!["m".into()],
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut raw = Raw::spawn(&sim).await;
+    raw.result(
+        "initialize",
+        json!({"protocolVersion": "2025-06-18", "capabilities": {},
+               "clientInfo": {"name": "t", "version": "1"}}),
+    )
+    .await;
+    raw.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    raw.stdin.write_all(b"\nthis is not json\n").await.unwrap();
+    raw.stdin.flush().await.unwrap();
+    let line = tokio::time::timeout(Duration::from_secs(15), raw.lines.next_line())
+        .await
+        .expect("an answer to the bad line")
+        .unwrap()
+        .unwrap();
+    let answer: Value = serde_json::from_str(&line).expect("stdout carries JSON only");
+    assert_eq!(answer["jsonrpc"], "2.0");
+    assert_eq!(answer["id"], Value::Null);
+    assert_eq!(answer["error"]["code"], -32700, "{answer}");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("not JSON")
+            && message.contains("each line must be exactly one JSON-RPC message"),
+        "{message}"
+    );
+    // The session goes on: the next request is answered, and was the next line.
+    let tools = raw.request("tools/list", json!({})).await;
+    assert!(tools["result"]["tools"].is_array(), "{tools}");
 }

@@ -229,7 +229,8 @@ async fn a_toml_launch_and_a_prompt_prix_variables_launch_share_one_daemon() {
         "LOCAL_INFERENCE_SERVER_1",
         format!("http://127.0.0.1:{port}/v1"),
     ));
-    // The working directory has no config/prix-dispatch.toml: the variables are the source.
+    // The variables are the source (they win over a default file; the working directory is
+    // never read).
     let prompt_prix = launch(&[], &env, &dir).await;
 
     calls_at_once(&[&desktop, &prompt_prix]).await;

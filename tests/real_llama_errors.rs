@@ -9,7 +9,6 @@
 mod common;
 
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,19 +17,7 @@ use prix_dispatch::Dispatcher;
 use prix_dispatch::config::{Config, ConfigSource, HostConfig};
 use serde_json::{Value, json};
 
-fn required_path(var: &str) -> PathBuf {
-    let path = std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!(
-                "{var} is not set: run `bash .ci/run`, or `set -a; eval \"$(scripts/real-backend.sh)\"; \
-                 set +a` and run the test again in that shell"
-            )
-        });
-    assert!(path.is_file(), "{var}={} does not exist", path.display());
-    path
-}
+use common::real::required_path;
 
 /// The server process, killed on drop.
 struct Server(Child);

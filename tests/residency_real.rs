@@ -18,17 +18,7 @@ use prix_dispatch::backend::{HostClient, http_client};
 use prix_dispatch::config::HostConfig;
 use serde_json::json;
 
-fn required_path(var: &str) -> PathBuf {
-    let value = std::env::var_os(var)
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| {
-            panic!(
-                "{var} is not set: run `bash .ci/run`, or `set -a; eval \"$(scripts/real-backend.sh)\"; \
-                 set +a` and run the test again in that shell"
-            )
-        });
-    PathBuf::from(value)
-}
+use common::real::required_path;
 
 /// A `llama-server` (and a router's per-model children, in its process group), killed on drop.
 struct Server {

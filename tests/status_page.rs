@@ -114,6 +114,10 @@ async fn the_page_shows_hosts_running_tasks_and_the_queue() {
         "the waiting task shows in the queue:\n{dom}"
     );
     assert!(dom.contains("2/2 slots busy · 1 waiting"), "{dom}");
+    assert!(
+        dom.contains("busy · 1 model<") && dom.contains("busy · 2 models<"),
+        "counted in the right number:\n{dom}"
+    );
 
     // Without the token the page is refused.
     let r = reqwest::get(format!("{base}/")).await.unwrap();

@@ -1442,10 +1442,18 @@ impl<T: Queueable> DispatchState<T> {
             let listed: Vec<String> = self
                 .hosts
                 .iter()
-                .map(|h| format!("{} lists {}", h.name, h.models.len()))
+                .map(|h| {
+                    format!(
+                        "{} lists {}",
+                        h.name,
+                        crate::plural(h.models.len(), "model", "models")
+                    )
+                })
                 .collect();
+            // Read by MCP and OpenAI clients alike: name the listing each of them has.
             format!(
-                "no server had errors ({}); call list_models for the ids",
+                "no server had errors ({}); the model ids are listed by GET /v1/models (OpenAI \
+                 API) or the list_models tool (MCP)",
                 listed.join(", ")
             )
         } else {

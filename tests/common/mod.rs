@@ -265,20 +265,39 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A client program `.ci/run` installs: `$var` when set, else its place under
-/// `~/.cache/prix-dispatch` (`in_cache`). Fails with what to run when it is missing.
+/// Where `.ci/run` caches what it installs: `$PRIX_CACHE`, else `~/.cache/prix-dispatch` —
+/// the one rule `.ci/run`, `scripts/real-backend.sh` and the tests all follow, so a custom
+/// cache given to `.ci/run` is the one a later `cargo test` reads.
+pub fn cache_dir() -> PathBuf {
+    cache_dir_from(std::env::var_os("PRIX_CACHE"), std::env::var_os("HOME"))
+}
+
+/// [`cache_dir`] from the values of `PRIX_CACHE` and `HOME` (an empty one counts as unset,
+/// as `${PRIX_CACHE:-...}` does in the scripts).
+pub fn cache_dir_from(
+    prix_cache: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> PathBuf {
+    match prix_cache.filter(|p| !p.is_empty()) {
+        Some(cache) => PathBuf::from(cache),
+        None => home
+            .filter(|h| !h.is_empty())
+            .map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+            .join(".cache/prix-dispatch"),
+    }
+}
+
+/// A program or file `.ci/run` installs: `$var` when set, else its place `in_cache` under
+/// [`cache_dir`]. Fails with what to run when it is missing.
 pub fn installed(var: &str, in_cache: &str, what: &str) -> PathBuf {
     let path = std::env::var_os(var)
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home =
-                std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
-            home.join(".cache/prix-dispatch").join(in_cache)
-        });
+        .unwrap_or_else(|| cache_dir().join(in_cache));
     assert!(
         path.exists(),
-        "no {what} at {}: run `bash .ci/run` once (it installs it), or set {var}",
+        "no {what} at {}: run `bash .ci/run` once (it installs it into $PRIX_CACHE, default \
+         ~/.cache/prix-dispatch; run the tests with the same PRIX_CACHE), or set {var}",
         path.display()
     );
     path

@@ -20,18 +20,24 @@ use super::spec;
 /// overlaps by a whole request (hundreds of ms here); the servers' own view has no tolerance.
 pub const WINDOW_TOLERANCE: Duration = Duration::from_millis(50);
 
+/// The llama-server binary or the SmolLM2 GGUF (`PRIX_LLAMA_SERVER`, `PRIX_SMOLLM_GGUF`): the
+/// variable when set (what `scripts/real-backend.sh` prints), else where that script caches
+/// it, under [`super::cache_dir`], so `cargo test` alone runs these tests after `.ci/run`.
 pub fn required_path(var: &str) -> PathBuf {
-    let value = std::env::var_os(var).filter(|v| !v.is_empty()).unwrap_or_else(|| {
-        panic!(
-            "{var} is not set. This test runs real llama.cpp servers: run `bash .ci/run` (it \
-             builds them and exports the variables), or `set -a; eval \"$(scripts/real-backend.sh)\"; \
-             set +a` and run the test again in that shell"
-        )
-    });
-    let path = PathBuf::from(value);
+    let in_cache = match var {
+        "PRIX_LLAMA_SERVER" => "llama/llama-server",
+        "PRIX_SMOLLM_GGUF" => "llama/SmolLM2-135M-Instruct.Q4_1.gguf",
+        other => panic!("no cached place for {other}"),
+    };
+    let path = std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| super::cache_dir().join(in_cache), PathBuf::from);
     assert!(
         path.is_file(),
-        "{var}={} does not exist: run `scripts/real-backend.sh` (or `bash .ci/run`) again",
+        "no {var} at {}. This test runs real llama.cpp servers: run `bash .ci/run` once (it \
+         builds them into $PRIX_CACHE, default ~/.cache/prix-dispatch; run the tests with the \
+         same PRIX_CACHE), or `set -a; eval \"$(scripts/real-backend.sh)\"; set +a` and run the \
+         test again in that shell",
         path.display()
     );
     path
