@@ -252,12 +252,36 @@ async fn ollama_parallel_calls_at_one_index_are_two_calls() {
     fleet.shutdown().await;
 }
 
-/// An OpenAI client accumulates tool calls by index, so the relay renumbers the second call.
+/// Each of `chunks` cut in three writes, mid-line: how a host's events reach the daemon when
+/// TCP splits them.
+fn cut_in_three(chunks: &[String]) -> Vec<String> {
+    chunks
+        .iter()
+        .flat_map(|c| {
+            let (a, b) = (c.len() / 3, 2 * c.len() / 3);
+            [c[..a].to_string(), c[a..b].to_string(), c[b..].to_string()]
+        })
+        .collect()
+}
+
+/// An OpenAI client accumulates tool calls by index, so the relay renumbers the second call,
+/// whether the host's events arrive whole or cut mid-line across reads.
 #[tokio::test]
 async fn ollama_parallel_calls_reach_openai_clients_as_two_indices() {
     let fleet = Fleet::start(vec![host(&["m"])]).await;
     let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
-    let r = openai_call(&front.base, &raw(&ollama_parallel_calls(), false), true).await;
+    for chunks in [
+        ollama_parallel_calls(),
+        cut_in_three(&ollama_parallel_calls()),
+    ] {
+        two_indices(&front.base, &chunks).await;
+    }
+    drop(front);
+    fleet.shutdown().await;
+}
+
+async fn two_indices(base: &str, chunks: &[String]) {
+    let r = openai_call(base, &raw(chunks, false), true).await;
     assert_eq!(r.status(), 200);
     let body = r.text().await.unwrap();
     let mut calls: std::collections::BTreeMap<u64, (String, String)> = Default::default();
@@ -291,8 +315,6 @@ async fn ollama_parallel_calls_reach_openai_clients_as_two_indices() {
         "{body}"
     );
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
-    drop(front);
-    fleet.shutdown().await;
 }
 
 #[tokio::test]

@@ -316,7 +316,6 @@ impl HostClient {
                     .head
                     .extend_from_slice(&chunk[..chunk.len().min(room)]);
             }
-            let boundary_before = decoder.at_boundary();
             if decoder.push(&chunk, &mut events).is_err() {
                 return Err(DispatchError::new(
                     ErrorKind::Protocol,
@@ -341,9 +340,12 @@ impl HostClient {
             // Parsed first (microseconds), so that an error in this chunk is not relayed as if
             // it were part of an answer; the client then sees the bytes as soon as we do.
             if let Some(out) = relay_out.as_mut() {
-                if reindexed && boundary_before && decoder.at_boundary() {
-                    // Tool calls the host sent at one index go out renumbered: this chunk's
-                    // events, re-serialised (the only case the relay changes the host's bytes).
+                // Whole events only: the bytes of an event not yet complete wait for its end.
+                let complete = out.take_complete(&chunk, decoder.unfinished_bytes());
+                if reindexed {
+                    // Tool calls the host sent at one index go out renumbered: the events this
+                    // chunk completed, re-serialised (the only case the relay changes the
+                    // host's bytes).
                     let mut bytes = String::new();
                     for payload in payloads {
                         bytes.push_str("data: ");
@@ -352,7 +354,7 @@ impl HostClient {
                     }
                     out.send(task, Bytes::from(bytes));
                 } else {
-                    out.forward(task, &chunk);
+                    out.send(task, complete);
                 }
             }
         }
@@ -634,7 +636,7 @@ struct RelayOut {
     /// The host answers with an event stream (a streamed request), not one JSON body.
     event_stream: bool,
     answered: bool,
-    /// Bytes after the last newline relayed, held until their line is complete.
+    /// Bytes of an event not yet complete, held until it is.
     tail: BytesMut,
 }
 
@@ -648,20 +650,15 @@ impl RelayOut {
         }
     }
 
-    /// Relays the complete lines `chunk` ends, holding back a line it leaves open.
-    fn forward(&mut self, task: &InferenceTask, chunk: &Bytes) {
-        let Some(newline) = chunk.iter().rposition(|b| *b == b'\n') else {
-            self.tail.extend_from_slice(chunk);
-            return;
-        };
-        let lines = if self.tail.is_empty() {
-            chunk.slice(..=newline) // the usual case: no copy
-        } else {
-            self.tail.extend_from_slice(&chunk[..=newline]);
-            self.tail.split().freeze()
-        };
-        self.send(task, lines);
-        self.tail.extend_from_slice(&chunk[newline + 1..]);
+    /// The bytes that end whole events once `chunk` is added: everything held and received
+    /// but the last `unfinished` bytes, which stay held.
+    fn take_complete(&mut self, chunk: &Bytes, unfinished: usize) -> Bytes {
+        if self.tail.is_empty() && unfinished == 0 {
+            return chunk.clone(); // the usual case: whole events, no copy
+        }
+        self.tail.extend_from_slice(chunk);
+        let complete = self.tail.len().saturating_sub(unfinished);
+        self.tail.split_to(complete).freeze()
     }
 
     /// The answer is complete: whatever is held back goes out too.

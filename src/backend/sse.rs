@@ -40,6 +40,9 @@ pub struct SseDecoder {
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
     event: Pending,
+    /// Bytes of the lines of the event being assembled that were already read (its
+    /// unfinished part, with the unread `buf`).
+    event_bytes: usize,
 }
 
 /// The event being assembled.
@@ -78,6 +81,13 @@ impl SseDecoder {
             // Borrowed unless the host sent invalid UTF-8: no copy of the line.
             let line = String::from_utf8_lossy(line);
             take_line(&mut self.event, &line, out);
+            // A line that leaves no event half built (the blank line that ends one, a comment
+            // between events) ends what a relay must hold back.
+            if self.event.data.is_some() || self.event.error {
+                self.event_bytes += end + 1 - start;
+            } else {
+                self.event_bytes = 0;
+            }
             start = end + 1;
             self.scanned = start;
         }
@@ -92,6 +102,13 @@ impl SseDecoder {
     /// Whether everything pushed so far ended an event: no line or event is half read.
     pub fn at_boundary(&self) -> bool {
         self.buf.is_empty() && self.event.data.is_none()
+    }
+
+    /// How many of the bytes pushed so far belong to an event not yet complete (its lines
+    /// read so far and the line half read): the last bytes a relay holds back, so that the
+    /// events it sends are whole whatever the reads cut.
+    pub fn unfinished_bytes(&self) -> usize {
+        self.event_bytes + self.buf.len()
     }
 
     /// The stream ended: a final event without its blank line still counts.
@@ -558,6 +575,24 @@ mod tests {
                 SseEvent::Error(e) => panic!("unexpected error event {e}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_relay_holds_back_exactly_the_unfinished_event() {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        // A whole event, then an event cut inside its second data line.
+        let first = b"data: {\"a\":1}\n\n";
+        let cut = b"data: {\"b\":\ndata: 2";
+        d.push(first, &mut out).unwrap();
+        assert_eq!(d.unfinished_bytes(), 0);
+        d.push(cut, &mut out).unwrap();
+        assert_eq!(d.unfinished_bytes(), cut.len(), "the cut event, whole");
+        d.push(b"}\n\n: ping\n", &mut out).unwrap();
+        assert_eq!(d.unfinished_bytes(), 0, "ended, and a comment is no event");
+        d.push(b"event: error\nda", &mut out).unwrap();
+        assert_eq!(d.unfinished_bytes(), b"event: error\nda".len());
+        assert_eq!(out.len(), 2);
     }
 
     #[test]
