@@ -1,7 +1,9 @@
 //! Shared test support: simulated hosts on loopback and a dispatcher pointed at them.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod real;
+pub mod tasks;
 
 use std::path::PathBuf;
 use std::time::Duration;
