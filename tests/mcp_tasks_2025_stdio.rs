@@ -89,12 +89,7 @@ impl JsonRpc for Raw {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_in_the_2025_11_25_form_over_stdio() {
     let started = Instant::now();
-    let sim = SimHost::start(SimConfig {
-        models: vec!["m".into()],
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
     let mut raw = Raw::spawn(&sim).await;
     let init = raw
         .result(
@@ -211,12 +206,7 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
 /// on, and stdout carries nothing else.
 #[tokio::test]
 async fn a_line_that_is_not_json_is_answered_with_a_parse_error() {
-    let sim = SimHost::start(SimConfig {
-        models: vec!["m".into()],
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
     let mut raw = Raw::spawn(&sim).await;
     raw.result(
         "initialize",

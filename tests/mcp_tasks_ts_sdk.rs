@@ -13,12 +13,7 @@ use prix_dispatch::sim::{SimConfig, SimHost};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_sdk_runs_a_6s_call_as_a_task_under_a_3s_timeout() {
-    let sim = SimHost::start(SimConfig {
-        models: vec!["m".into()],
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
     let config = TempConfig::one_host(&sim, "ts-tasks");
     let report = common::clients::node_report(
         "ts_tasks_client.mjs",
