@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Fleet, HostPlan, HttpFront, assert_host_invariants, host, quick, sample, samples};
+use common::{Fleet, HostPlan, HttpFront, assert_host_invariants, host, quick, sample, scrape};
 use futures::StreamExt;
 use prix_dispatch::sim::{Outcome, sim_directive};
 use serde_json::{Value, json};
@@ -307,25 +307,13 @@ async fn oversized_bodies_get_413() {
 #[tokio::test]
 async fn metrics_parse_and_move_when_tasks_run() {
     let d = daemon(vec![host(&["m"]).behaviour(quick(3, 1))], None, |_| {}).await;
-    let client = reqwest::Client::new();
-    let scrape = || async {
-        let text = client
-            .get(format!("{}/metrics", d.base))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        samples(&text)
-    };
-    let before = scrape().await;
+    let before = scrape(&d.base).await;
     assert_eq!(sample(&before, "prix_host_slots{host=\"gpu0\"}"), 1.0);
     for _ in 0..3 {
         let r = post_chat(&d.base, &chat("m", "hi", true)).await;
         r.text().await.unwrap();
     }
-    let after = scrape().await;
+    let after = scrape(&d.base).await;
     assert_eq!(
         sample(&after, "prix_tasks_total{outcome=\"completed\"}"),
         3.0

@@ -7,28 +7,12 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::{Fleet, HttpFront, host, spec};
 use prix_dispatch::TaskEvent;
 use prix_dispatch::sim::{ResidencyEventKind, sim_directive};
 use serde_json::{Value, json};
-
-/// The SDK package inside the Inspector's install.
-fn sdk_dir() -> PathBuf {
-    let inspector = common::installed(
-        "PRIX_INSPECTOR",
-        "inspector/node_modules/.bin/mcp-inspector",
-        "MCP Inspector CLI (it bundles the TypeScript SDK)",
-    );
-    let node_modules = inspector
-        .parent()
-        .and_then(|bin| bin.parent())
-        .expect("the Inspector's bin is inside node_modules/.bin");
-    node_modules.join("@modelcontextprotocol/sdk")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typescript_sdk_with_a_5s_timeout_reset_on_progress_survives_a_20s_queue_and_a_20s_load() {
@@ -49,25 +33,9 @@ async fn typescript_sdk_with_a_5s_timeout_reset_on_progress_survives_a_20s_queue
     while !matches!(blocker.next().await, Some(TaskEvent::Started { .. })) {}
     let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
 
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/ts_progress_client.mjs");
-    let args = vec![
-        script.display().to_string(),
-        sdk_dir().display().to_string(),
-        format!("{}/mcp", front.base),
-    ];
-    let output = tokio::task::spawn_blocking(move || Command::new("node").args(&args).output())
-        .await
-        .unwrap()
-        .expect("node runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "client failed:\n{stdout}\n{stderr}"
-    );
-    let report: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}\n{stderr}"));
+    let report =
+        common::clients::node_report("ts_progress_client.mjs", [format!("{}/mcp", front.base)])
+            .await;
 
     assert_eq!(report["ok"], true, "{report:#}");
     assert_eq!(report["text"], "tok0 tok1 ", "{report:#}");

@@ -6,9 +6,17 @@
 //! later call still runs: the slot came back); `tasks/result` of a completed task equals a
 //! plain call's result; an unknown task id and a bad ttl are JSON-RPC errors that say why.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use prix_dispatch::sim::{Outcome, RequestRecord, SimConfig, SimHost, sim_directive};
+use common::clients::TempConfig;
+use common::tasks::{
+    JsonRpc, as_task, assert_cancel_again_refused, assert_later_task_is_a_plain_call,
+    assert_task_support, assert_tasks_capability, call, create_task, listed_ids, outcomes, stable,
+    wait_generating,
+};
+use prix_dispatch::sim::{Outcome, SimConfig, SimHost};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -22,32 +30,15 @@ struct Raw {
     _config: TempConfig,
 }
 
-struct TempConfig(std::path::PathBuf);
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 impl Raw {
     async fn spawn(sim: &SimHost) -> Raw {
         // One file per launch: the tests of this file run at once, each with its own host.
-        static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "prix-dispatch-test-{}-tasks-2025-{}.toml",
-            std::process::id(),
-            LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::write(
-            &path,
-            format!("[[host]]\nname = \"gpu0\"\nurl = \"{}/v1\"\n", sim.url()),
-        )
-        .unwrap();
+        let config = TempConfig::one_host(sim, "tasks-2025");
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_prix-dispatch"))
             .arg("stdio")
             .arg("--standalone")
             .arg("--config")
-            .arg(&path)
+            .arg(&config.0)
             .env("RUST_LOG", "warn")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -61,7 +52,7 @@ impl Raw {
             stdin,
             lines,
             next_id: 0,
-            _config: TempConfig(path),
+            _config: config,
         }
     }
 
@@ -72,7 +63,9 @@ impl Raw {
             .unwrap();
         self.stdin.flush().await.unwrap();
     }
+}
 
+impl JsonRpc for Raw {
     /// Sends a request and returns its whole answer (notifications in between are skipped).
     async fn request(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
@@ -91,57 +84,12 @@ impl Raw {
             }
         }
     }
-
-    async fn result(&mut self, method: &str, params: Value) -> Value {
-        let answer = self.request(method, params).await;
-        assert!(answer.get("error").is_none(), "{method}: {answer:#}");
-        answer["result"].clone()
-    }
-}
-
-fn call(label: &str, directive: Value) -> Value {
-    json!({
-        "name": "complete",
-        "arguments": {
-            "model_id": "m",
-            "messages": [{"role": "user", "content": format!("{} {label}", sim_directive(directive))}],
-        },
-    })
-}
-
-fn as_task(mut call: Value) -> Value {
-    call["task"] = json!({"ttl": 60000});
-    call
-}
-
-fn label(record: &RequestRecord) -> String {
-    let content = record.body["messages"][0]["content"].as_str().unwrap_or("");
-    content.rsplit(' ').next().unwrap_or("").to_string()
-}
-
-/// `structuredContent` without the fields that are timings of one run.
-fn stable(result: &Value) -> Value {
-    let mut result = result.clone();
-    if let Some(data) = result["structuredContent"].as_object_mut() {
-        for timing in ["latency_ms", "ttft_ms", "queue_wait_ms"] {
-            data.remove(timing);
-        }
-    }
-    if let Some(object) = result.as_object_mut() {
-        object.remove("_meta");
-    }
-    result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_in_the_2025_11_25_form_over_stdio() {
     let started = Instant::now();
-    let sim = SimHost::start(SimConfig {
-        models: vec!["m".into()],
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
     let mut raw = Raw::spawn(&sim).await;
     let init = raw
         .result(
@@ -150,45 +98,20 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
                    "clientInfo": {"name": "raw-tasks", "version": "1"}}),
         )
         .await;
-    assert_eq!(
-        init["capabilities"]["tasks"],
-        json!({"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}),
-        "{init:#}"
-    );
+    assert_tasks_capability(&init);
     raw.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
         .await;
-    let tools = raw.result("tools/list", json!({})).await;
-    for tool in tools["tools"].as_array().unwrap() {
-        let support = &tool["execution"]["taskSupport"];
-        match tool["name"].as_str().unwrap() {
-            "complete" | "complete_stream" => assert_eq!(support, "optional"),
-            _ => assert!(support.is_null(), "{tool:#}"),
-        }
-    }
+    assert_task_support(&mut raw).await;
 
     // A long call takes the host's one slot; a second one waits in the queue.
     let long = json!({"tokens": 200, "token_interval_ms": 50});
-    let created = raw
-        .result("tools/call", as_task(call("running", long.clone())))
-        .await;
+    let created = create_task(&mut raw, as_task(call("running", long.clone()))).await;
     let task = &created["task"];
-    assert_eq!(task["status"], "working", "{created:#}");
-    assert_eq!(task["ttl"], 60000);
-    assert_eq!(task["pollInterval"], 1000);
     for field in ["createdAt", "lastUpdatedAt", "statusMessage"] {
         assert!(task[field].is_string(), "{field}: {created:#}");
     }
     let running = task["taskId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let got = raw.result("tasks/get", json!({"taskId": running})).await;
-        let message = got["statusMessage"].as_str().unwrap().to_string();
-        if message.contains("is generating on gpu0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never generating: {got:#}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_generating(&mut raw, &running).await;
     let queued = raw
         .result("tools/call", as_task(call("queued", long)))
         .await["task"]["taskId"]
@@ -206,13 +129,7 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
         "{got:#}"
     );
 
-    let listed = raw.result("tasks/list", json!({})).await;
-    let ids: Vec<&str> = listed["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["taskId"].as_str().unwrap())
-        .collect();
+    let (ids, listed) = listed_ids(&mut raw).await;
     assert_eq!(ids, [running.as_str(), queued.as_str()], "{listed:#}");
 
     // Cancelled where they are: out of the queue, off the host.
@@ -221,17 +138,8 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
         assert_eq!(cancelled["status"], "cancelled", "{cancelled:#}");
         assert_eq!(cancelled["taskId"], json!(id));
     }
-    let again = raw
-        .request("tasks/cancel", json!({"taskId": running}))
-        .await;
+    let again = assert_cancel_again_refused(&mut raw, &running).await;
     assert_eq!(again["error"]["code"], -32602, "{again:#}");
-    assert!(
-        again["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("has already ended (cancelled)"),
-        "{again:#}"
-    );
     let no_result = raw.request("tasks/result", json!({"taskId": queued})).await;
     assert!(
         no_result["error"]["message"]
@@ -242,23 +150,7 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
     );
 
     // A later task runs (the slot came back) and its result is a plain call's.
-    let quick = json!({"tokens": 3, "token_interval_ms": 20});
-    let after = raw
-        .result("tools/call", as_task(call("after", quick.clone())))
-        .await["task"]["taskId"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let from_task = raw.result("tasks/result", json!({"taskId": after})).await;
-    assert_eq!(
-        from_task["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
-        json!(after)
-    );
-    let done = raw.result("tasks/get", json!({"taskId": after})).await;
-    assert_eq!(done["status"], "completed", "{done:#}");
-    let plain = raw.result("tools/call", call("plain", quick)).await;
-    assert_eq!(plain["structuredContent"]["text"], "tok0 tok1 tok2 ");
-    assert_eq!(stable(&from_task), stable(&plain));
+    assert_later_task_is_a_plain_call(&mut raw).await;
 
     // A tool error is a failed task whose result is the plain call's isError result.
     let mut unknown_model = call("nobody", json!({"tokens": 1}));
@@ -296,11 +188,7 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
         "{bad:#}"
     );
 
-    let seen: Vec<(String, Outcome)> = sim
-        .chat_records()
-        .iter()
-        .map(|r| (label(r), r.outcome))
-        .collect();
+    let seen = outcomes(&sim.chat_records());
     assert_eq!(
         seen,
         [
@@ -318,12 +206,7 @@ async fn tasks_in_the_2025_11_25_form_over_stdio() {
 /// on, and stdout carries nothing else.
 #[tokio::test]
 async fn a_line_that_is_not_json_is_answered_with_a_parse_error() {
-    let sim = SimHost::start(SimConfig {
-        models: vec!["m".into()],
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
+    let sim = SimHost::start(SimConfig::with_models(["m"])).await.unwrap();
     let mut raw = Raw::spawn(&sim).await;
     raw.result(
         "initialize",

@@ -7,38 +7,20 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
+use common::tasks::outcomes;
 use common::{Fleet, HttpFront, host};
 use prix_dispatch::sim::Outcome;
-use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_runs_long_calls_as_tasks_and_cancels_them_anywhere() {
     let fleet = Fleet::start(vec![host(&["m"])]).await;
     let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
-    let python = common::installed(
-        "PRIX_PYTHON",
-        "venv/bin/python",
-        "Python with the `mcp` package",
-    );
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mcp_tasks_client.py");
+    let python = common::clients::python("Python with the `mcp` package");
+    let script = common::clients::script("mcp_tasks_client.py");
     let url = format!("{}/mcp", front.base);
-    let output =
-        tokio::task::spawn_blocking(move || Command::new(python).arg(script).arg(url).output())
-            .await
-            .unwrap()
-            .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "client failed:\n{stdout}\n{stderr}"
-    );
-    let report: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{stdout}\n{stderr}"));
+    let report =
+        common::clients::run_for_report("python", python, vec![script.display().to_string(), url])
+            .await;
 
     assert!(
         report["control"].as_str().unwrap().contains("timed out"),
@@ -107,14 +89,7 @@ async fn python_sdk_runs_long_calls_as_tasks_and_cancels_them_anywhere() {
 
     // What the host saw, request by request (labelled by the text after each directive).
     let records = fleet.chat_records(0);
-    let label = |r: &prix_dispatch::sim::RequestRecord| {
-        let content = r.body["messages"][0]["content"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        content.rsplit(' ').next().unwrap_or("").to_string()
-    };
-    let seen: Vec<(String, Outcome)> = records.iter().map(|r| (label(r), r.outcome)).collect();
+    let seen = outcomes(&records);
     assert_eq!(
         seen,
         [

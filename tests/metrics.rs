@@ -7,18 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Fleet, HttpFront, host, quick, sample, samples, value};
+use common::{Fleet, HttpFront, host, quick, sample, scrape, value};
 use serde_json::json;
-
-async fn scrape(base: &str) -> Vec<(String, f64)> {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    samples(&text)
-}
 
 const CLASSES: [&str; 5] = [
     "mcp",

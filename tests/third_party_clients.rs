@@ -7,16 +7,10 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
+use common::clients::script;
 use common::{Fleet, HttpFront, host};
 use prix_dispatch::sim::{Behaviour, ToolCallSpec};
-
-fn script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/clients")
-        .join(name)
-}
 
 async fn fleet() -> Fleet {
     let tool = Behaviour {
@@ -45,21 +39,8 @@ async fn fleet() -> Fleet {
 
 /// Runs a client script to completion off the runtime (the daemon keeps serving meanwhile).
 async fn run(args: Vec<String>) {
-    let python = common::installed(
-        "PRIX_PYTHON",
-        "venv/bin/python",
-        "Python with the `mcp` and `openai` packages",
-    );
-    let output = tokio::task::spawn_blocking(move || Command::new(python).args(&args).output())
-        .await
-        .unwrap()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "client failed:\n{stdout}\n{stderr}"
-    );
+    let python = common::clients::python("Python with the `mcp` and `openai` packages");
+    let (stdout, _) = common::clients::run("python", python, args).await;
     assert!(stdout.contains(": ok"), "{stdout}");
 }
 

@@ -1,7 +1,9 @@
 //! Shared test support: simulated hosts on loopback and a dispatcher pointed at them.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod real;
+pub mod tasks;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -301,6 +303,18 @@ pub fn installed(var: &str, in_cache: &str, what: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Fetches `{base}/metrics` and returns its samples, parsed by [`samples`] (which asserts
+/// every line is well formed).
+pub async fn scrape(base: &str) -> Vec<(String, f64)> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    samples(&text)
 }
 
 /// Parses Prometheus text: every sample line is `name{labels} value`.
