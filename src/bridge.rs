@@ -424,6 +424,19 @@ pub async fn ask(socket: &Path, op: Op) -> Result<Option<DaemonInfo>, BridgeErro
         .and_then(|(_, welcome)| welcome.info))
 }
 
+/// The longest answer a daemon's socket gives to a hello (16 MiB: a status with thousands of
+/// clients and hosts).
+const WELCOME_LIMIT: usize = 16 << 20;
+
+fn too_long(socket: &Path) -> BridgeError {
+    BridgeError::Refused(format!(
+        "the daemon at {} answered with more than {} MiB; this prix-dispatch and the daemon \
+         may be different versions: stop the daemon and launch again",
+        socket.display(),
+        WELCOME_LIMIT >> 20
+    ))
+}
+
 /// Sends `hello`, reads the welcome; the stream stays open for what follows.
 async fn say_hello(
     socket: &Path,
@@ -437,14 +450,35 @@ async fn say_hello(
     if stream.write_all(line.as_bytes()).await.is_err() {
         return Ok(None);
     }
-    // Read the answer byte by byte: what follows it belongs to the MCP session.
     let mut answer = Vec::new();
-    let mut byte = [0u8; 1];
-    loop {
-        use tokio::io::AsyncReadExt;
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
-            Ok(Ok(1)) if byte[0] == b'\n' => break,
-            Ok(Ok(1)) if answer.len() < 8192 => answer.push(byte[0]),
+    if hello.op == Op::Join {
+        // Byte by byte: what follows the welcome belongs to the MCP session.
+        let mut byte = [0u8; 1];
+        loop {
+            use tokio::io::AsyncReadExt;
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await {
+                Ok(Ok(1)) if byte[0] == b'\n' => break,
+                Ok(Ok(1)) if answer.len() < WELCOME_LIMIT => answer.push(byte[0]),
+                Ok(Ok(1)) => return Err(too_long(socket)),
+                _ => return Ok(None),
+            }
+        }
+    } else {
+        // Status and stop: the answer is the last line (it carries the fleet's status, which
+        // grows with the clients it served: a daemon that had served a few dozen distinct
+        // users answered past the old 8 KiB limit and was reported as not running).
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let mut reader = tokio::io::BufReader::new((&mut stream).take(WELCOME_LIMIT as u64 + 1));
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            reader.read_until(b'\n', &mut answer),
+        )
+        .await
+        {
+            Ok(Ok(_)) if answer.last() == Some(&b'\n') => {
+                answer.pop();
+            }
+            Ok(Ok(_)) if answer.len() > WELCOME_LIMIT => return Err(too_long(socket)),
             _ => return Ok(None),
         }
     }
@@ -514,6 +548,45 @@ mod tests {
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         p
+    }
+
+    #[tokio::test]
+    async fn a_long_status_answer_is_read_whole() {
+        // A daemon that served many distinct clients answers `status` with a long line.
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let dir = scratch("long-status");
+        let socket = dir.join("d.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let long = "x".repeat(300_000);
+        let answer = serde_json::to_string(&Welcome {
+            ok: false,
+            error: Some(long.clone()),
+            info: None,
+        })
+        .unwrap();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut hello = String::new();
+            tokio::io::BufReader::new(read)
+                .read_line(&mut hello)
+                .await
+                .unwrap();
+            write.write_all(answer.as_bytes()).await.unwrap();
+            write.write_all(b"\n").await.unwrap();
+        });
+        let hello = Hello {
+            prix_dispatch_bridge: PROTOCOL,
+            pid: std::process::id(),
+            op: Op::Status,
+            fleet: None,
+        };
+        match say_hello(&socket, &hello).await {
+            Err(BridgeError::Refused(message)) => assert_eq!(message.len(), long.len()),
+            Err(e) => panic!("{e}"),
+            Ok(other) => panic!("the answer was not read: {:?}", other.map(|(_, w)| w.ok)),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn spec(at: &Path, socket: PathBuf) -> DaemonSpec {

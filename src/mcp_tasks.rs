@@ -20,6 +20,11 @@ use crate::mcp_progress::Phase;
 
 /// How long a task and its result are kept from its creation (the spec's `ttlMs`), 1 hour.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+
+/// The shortest time a task is kept, whatever the client asks: a result kept for less than
+/// the task's own run could never be fetched, and the GPU time would be spent for nothing
+/// (the task's `ttl` field says what was granted, as the 2025-11-25 spec lets a server).
+pub const MIN_TTL: Duration = Duration::from_secs(60);
 /// Most tasks kept at once, finished ones included.
 pub const DEFAULT_MAX_TASKS: usize = 1000;
 /// How often clients are asked to poll `tasks/get` (the spec's `pollIntervalMs`), 1 s.
@@ -184,7 +189,9 @@ impl TaskStore {
             created: now,
             updated: now,
             born: Instant::now(),
-            ttl: ttl.map_or(self.ttl, |asked| asked.min(self.ttl)),
+            ttl: ttl.map_or(self.ttl, |asked| {
+                asked.clamp(MIN_TTL.min(self.ttl), self.ttl)
+            }),
             cancel: cancel.clone(),
         };
         let snapshot = entry.snapshot(&id);
@@ -324,11 +331,13 @@ mod tests {
     async fn a_shorter_ttl_is_kept_and_waiting_ends_with_the_task() {
         let store = std::sync::Arc::new(TaskStore::default());
         let (task, _) = store
-            .create(None, "m", Some(Duration::from_secs(5)))
+            .create(None, "m", Some(Duration::from_secs(300)))
             .unwrap();
-        assert_eq!(task.ttl, Duration::from_secs(5));
+        assert_eq!(task.ttl, Duration::from_secs(300));
         let (long, _) = store.create(None, "m", Some(DEFAULT_TTL * 2)).unwrap();
         assert_eq!(long.ttl, DEFAULT_TTL, "never longer than the store's");
+        let (short, _) = store.create(None, "m", Some(Duration::ZERO)).unwrap();
+        assert_eq!(short.ttl, MIN_TTL, "never shorter than a minute");
         let waiter = {
             let store = store.clone();
             let id = task.id.clone();

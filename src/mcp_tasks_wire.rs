@@ -409,6 +409,32 @@ fn parse_error(line: &[u8], error: &serde_json::Error) -> Value {
     )}})
 }
 
+/// The -32600 answer to a JSON value that is no JSON-RPC message (not an object, a batch,
+/// or an object with neither `method` nor `result`/`error`); `None` for a message. Its `id`
+/// is the value's, when it has a usable one, else null.
+pub fn invalid_request(value: &Value) -> Option<Value> {
+    let why = match value {
+        Value::Array(_) => "a batch (an array): MCP sends one message per line, no batches",
+        Value::Object(o)
+            if o.contains_key("method") || o.contains_key("result") || o.contains_key("error") =>
+        {
+            return None;
+        }
+        Value::Object(_) => "an object with neither \"method\" nor \"result\"/\"error\"",
+        _ => "not an object",
+    };
+    let id = match value.get("id") {
+        Some(id @ (Value::String(_) | Value::Number(_))) => id.clone(),
+        _ => Value::Null,
+    };
+    Some(
+        json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32600, "message": format!(
+            "Invalid request: a line on stdin is JSON but no JSON-RPC message ({why}); send \
+             {{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":...}}"
+        )}}),
+    )
+}
+
 /// Puts the layer on a newline-delimited JSON-RPC byte stream (MCP stdio): returns the
 /// reader and writer rmcp should serve. `eof` fires when the client closes its side.
 /// Messages taken are answered on `writer` between rmcp's lines, never inside one.
@@ -440,6 +466,11 @@ where
                 Ok(_) => {}
             }
             let route = match serde_json::from_slice::<Value>(&line) {
+                // JSON but no JSON-RPC message: rmcp answers without the id, which JSON-RPC
+                // 2.0 requires (null when it cannot be read).
+                Ok(message) if invalid_request(&message).is_some() => {
+                    Route::Answer(invalid_request(&message).unwrap_or_default())
+                }
                 Ok(message) => {
                     if message.get("method").and_then(Value::as_str) == Some("initialize") {
                         sep2663 = initialize_declares_extension(&message);
@@ -526,6 +557,21 @@ fn patched(pending: &Pending, line: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_that_is_no_message_is_answered_with_its_id() {
+        let answer = invalid_request(&json!({"id": 9})).expect("no method");
+        assert_eq!(answer["id"], 9);
+        assert_eq!(answer["error"]["code"], -32600);
+        for value in [json!(42), json!([]), json!([{"jsonrpc": "2.0", "id": 1}])] {
+            let answer = invalid_request(&value).expect("not a message");
+            assert_eq!(answer["id"], Value::Null, "{value}");
+        }
+        let request = json!({"jsonrpc": "2.0", "id": 1, "method": "ping"});
+        assert!(invalid_request(&request).is_none());
+        let response = json!({"jsonrpc": "2.0", "id": 1, "result": {}});
+        assert!(invalid_request(&response).is_none());
+    }
     use std::time::SystemTime;
 
     fn request(method: &str, params: Value) -> Value {

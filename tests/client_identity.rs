@@ -37,7 +37,12 @@ async fn openai_clients_are_told_apart_and_counted() {
     )
     .await;
     assert!(r.status().is_success());
-    let r = chat(&front.base, json!({"model": "m", "messages": hi}), None).await;
+    let r = chat(
+        &front.base,
+        json!({"model": "m", "messages": hi, "priority": null}),
+        None,
+    )
+    .await;
     assert!(r.status().is_success());
 
     let status: Value = reqwest::get(format!("{}/status", front.base))
@@ -57,7 +62,7 @@ async fn openai_clients_are_told_apart_and_counted() {
     assert_eq!(served("header:judge"), Some(1), "{share:?}");
     assert_eq!(served("anonymous"), Some(1), "{share:?}");
 
-    // The host never saw `priority`; it did see `user` (an OpenAI field).
+    // The host never saw `priority`, not even a null one; it did see `user` (an OpenAI field).
     let bodies: Vec<Value> = fleet.chat_records(0).into_iter().map(|r| r.body).collect();
     assert!(
         bodies.iter().all(|b| b.get("priority").is_none()),

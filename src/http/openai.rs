@@ -53,6 +53,7 @@ pub(super) async fn chat_completions(
         max_tokens,
         user,
         priority,
+        has_priority,
     } = match parse(&body) {
         Ok(r) => r,
         Err(e) => return error_response(&e),
@@ -60,7 +61,7 @@ pub(super) async fn chat_completions(
     // `priority` is the daemon's; a host without priority scheduling refuses it (vLLM answers
     // 400 unless started with `--scheduling-policy priority`), so it is taken out. Only then
     // is the body written again.
-    let body = if priority.is_some() {
+    let body = if has_priority {
         match without_priority(&body) {
             Ok(b) => b,
             Err(e) => return error_response(&e),
@@ -173,6 +174,8 @@ struct ChatRequest {
     user: Option<String>,
     /// Lower runs earlier (vLLM's convention).
     priority: Option<i32>,
+    /// The body has a `priority` field, even `null`: it is taken out before relaying.
+    has_priority: bool,
 }
 
 /// Who sent an OpenAI request, for fair share: its `user` field (OpenAI's end-user id), else
@@ -270,6 +273,7 @@ fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
         model,
         user,
         priority,
+        has_priority: request.contains_key("priority"),
         stream: request.get("stream") == Some(&Value::Bool(true)),
         // A whole-number float (`2.0`, as some clients send) is that integer: without it the
         // runaway-stream guard, which counts against it, would be off.
