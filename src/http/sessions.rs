@@ -109,6 +109,13 @@ impl Sessions {
         self.touch(id);
     }
 
+    /// A request the task layer answers itself is in flight on session `id` until the guard
+    /// drops: a `tasks/result` that waits for a long call keeps the session alive, as a call
+    /// rmcp serves does.
+    pub fn in_flight(&self, id: &SessionId) -> impl Drop + use<> {
+        InFlight::start(id, &self.activity)
+    }
+
     /// Closes every session idle for longer than the limit with no call in flight.
     async fn expire(&self) {
         let expired: Vec<SessionId> = {

@@ -152,7 +152,7 @@ pub async fn layer(State(layer): State<TaskLayer>, request: Request, next: Next)
             json_response(&answer)
         }
         Route::Take { id, call } => {
-            layer.sessions.used(&session);
+            let _in_flight = layer.sessions.in_flight(&session);
             tracing::debug!(session = %session, method = ?message.get("method"), "MCP task request taken");
             json_response(&tasks.wire.answer(&id, call).await)
         }
