@@ -1009,7 +1009,9 @@ impl<T: Queueable> DispatchState<T> {
         let queue = self.queues.entry(model.clone()).or_default();
         let position = queue.insert(key, task.enqueued_at(), task);
         if position <= POSITION_UPDATES {
-            let starts_in = self.starts_in(&model, position, now);
+            let starts_in = self
+                .start_estimate(&model, now)
+                .map(|(ready, each)| ready + each * (position as u32 - 1));
             if let Some(task) = self.queues.get(&model).and_then(|q| q.get(id)) {
                 task.notify_position(position, starts_in);
             }
@@ -1093,8 +1095,10 @@ impl<T: Queueable> DispatchState<T> {
             out.push(Decision::Start { task, host, cold });
 
             if let Some(queue) = self.queues.get(&model) {
+                let estimate = self.start_estimate(&model, now);
                 for (i, t) in queue.values().take(POSITION_UPDATES).enumerate() {
-                    t.notify_position(i + 1, self.starts_in(&model, i + 1, now));
+                    let starts_in = estimate.map(|(ready, each)| ready + each * i as u32);
+                    t.notify_position(i + 1, starts_in);
                 }
             }
         }
@@ -1280,11 +1284,13 @@ impl<T: Queueable> DispatchState<T> {
         (count, ready_in.unwrap_or_default())
     }
 
-    /// When the task at `position` in `model`'s line is expected to start: the hosts that
+    /// When `model`'s line starts moving and how long each place in it takes: the hosts that
     /// hold or load the model share the line (each task the model's pooled service time),
-    /// after the first of them is ready; a model no host holds first pays a load. A rough
-    /// figure for progress messages; placement does not use it.
-    fn starts_in(&self, model: &str, position: usize, now: Instant) -> Option<Duration> {
+    /// after the first of them is ready; a model no host holds first pays a load. The task at
+    /// position `p` is expected to start after `ready + (p - 1) × each`. A rough figure for
+    /// progress messages; placement does not use it. Computed once per line update (it scans
+    /// the fleet), not once per task told.
+    fn start_estimate(&self, model: &str, now: Instant) -> Option<(Duration, Duration)> {
         let service = self.costs.model_service(model);
         let (holders, ready_in) = self.holders(model, usize::MAX, now);
         let (k, ready_in) = if holders == 0 {
@@ -1296,8 +1302,7 @@ impl<T: Queueable> DispatchState<T> {
         } else {
             (holders, ready_in)
         };
-        let ahead = position.saturating_sub(1) as u32;
-        Some(ready_in + service * ahead / k as u32)
+        Some((ready_in, service / k as u32))
     }
 
     /// Whether `host` keeps the model it loaded last: within its quantum, with tasks of it
