@@ -98,7 +98,8 @@ pub fn route(message: &Value, sep2663: bool) -> Route {
         // Notifications, answers to our requests, batches: rmcp's.
         return Route::Pass(None);
     };
-    let params = message.get("params").cloned().unwrap_or(json!({}));
+    // Borrowed: a `tools/call` carries the whole conversation, and most messages pass.
+    let params = message.get("params").unwrap_or(&Value::Null);
     let task_id = || -> Result<String, Value> {
         match params.get("taskId").and_then(Value::as_str) {
             Some(task_id) => Ok(task_id.to_string()),
@@ -111,7 +112,7 @@ pub fn route(message: &Value, sep2663: bool) -> Route {
             )),
         }
     };
-    let sep2663 = sep2663 || meta_declares_extension(&params);
+    let sep2663 = sep2663 || meta_declares_extension(params);
     let call = match method {
         "initialize" => return Route::Pass(Some(Patch::Initialize)),
         "tools/list" => return Route::Pass(Some(Patch::ToolsList)),
@@ -522,16 +523,24 @@ where
         let mut from_rmcp = BufReader::new(from_rmcp);
         let mut line = Vec::new();
         loop {
-            line.clear();
-            let out = tokio::select! {
+            // `read_until` is not cancel-safe: when an answer of ours wins the race, the part
+            // of rmcp's line already read stays in `line` and the next read appends the rest.
+            // So `line` is cleared only once that line has been written whole.
+            let (out, whole_line) = tokio::select! {
                 read = from_rmcp.read_until(b'\n', &mut line) => match read {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => patched(&pending, &line),
+                    Ok(_) => (patched(&pending, &line), true),
                 },
-                Some(message) = answered.recv() => Some(format!("{message}\n").into_bytes()),
+                Some(message) = answered.recv() => {
+                    (Some(format!("{message}\n").into_bytes()), false)
+                }
             };
             let bytes = out.as_deref().unwrap_or(&line);
-            if writer.write_all(bytes).await.is_err() || writer.flush().await.is_err() {
+            let written = writer.write_all(bytes).await.is_ok() && writer.flush().await.is_ok();
+            if whole_line {
+                line.clear();
+            }
+            if !written {
                 break;
             }
         }

@@ -92,11 +92,7 @@ pub async fn refuse_first_request(message: &str) {
     else {
         return;
     };
-    let reply = serde_json::json!({
-        "jsonrpc": "2.0",
-        "id": id,
-        "error": {"code": -32603, "message": message},
-    });
+    let reply = crate::mcp_tasks_wire::error(&id, -32603, message);
     let mut out = stdout();
     let _ = out.write_all(format!("{reply}\n").as_bytes()).await;
     let _ = out.flush().await;
