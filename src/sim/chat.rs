@@ -55,7 +55,20 @@ pub(crate) async fn completions(inbound: Inbound) -> Response {
         return finish_json(guard, status, body);
     }
     if let Some(raw) = behaviour.raw.clone() {
-        tokio::time::sleep(Duration::from_millis(behaviour.ttft_ms)).await;
+        // A replayed answer pays for its model's room and load like any other (a real host
+        // loads before it says anything); only the bytes after that are the replay's.
+        let ready_at_us = match admission.ready_at_us {
+            Some(ready) => ready,
+            None => {
+                let shared = Arc::clone(guard.shared());
+                shared
+                    .acquire(guard.seq(), &request.model, behaviour.load_ms)
+                    .await
+            }
+        };
+        let load = ready_at_us.saturating_sub(now_us());
+        tokio::time::sleep(Duration::from_micros(load) + Duration::from_millis(behaviour.ttft_ms))
+            .await;
         return replay(guard, raw);
     }
     let script = Script::plan(&behaviour, &request, guard.seq(), now_us() / 1_000_000);

@@ -445,3 +445,17 @@ async fn a_waiting_switch_goes_ahead_when_room_is_made() {
     assert_eq!(events(&host), [ev("load", "a"), ev("load", "b")]);
     stuck.abort();
 }
+
+#[tokio::test]
+async fn a_replayed_answer_for_a_cold_model_waits_for_its_load() {
+    // Raw replays skipped the load before: a swap test using one got switches for free.
+    let host = SimHost::start(swapping(1, &["a", "b"])).await.unwrap();
+    let body = chat("b", Some(json!({"raw": {"chunks": ["data: [DONE]\n\n"]}})));
+    assert_eq!(ask(&host, body).await, 200);
+    assert!(
+        ttfb_ms(&host, 0) >= LOAD_MS,
+        "first byte after {} ms, the load takes {LOAD_MS}",
+        ttfb_ms(&host, 0)
+    );
+    assert_eq!(events(&host), [("load", "b".to_string())]);
+}
