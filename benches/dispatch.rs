@@ -548,7 +548,9 @@ impl Des {
         let mut first_bytes = Vec::new();
         for d in decisions {
             match d {
-                Decision::Start { task, host, cold } => {
+                Decision::Start {
+                    task, host, cold, ..
+                } => {
                     let h = host.0;
                     if cold {
                         first_bytes.push((host, task.id));

@@ -29,6 +29,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
         silent_others,
         slots,
         cold,
+        gated,
     }) = scheduler.next_task(host).await
     {
         if !task.abandoned()
@@ -55,10 +56,10 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                 host: client.name.clone(),
                 cold,
             });
-            if cold || client.may_show_slots() {
-                // The scheduler hears of the first byte: for a cold load it opens the host's
-                // other slots (the model is loaded), and it marks the request as surely
-                // counted by the host's `/slots`.
+            if cold || gated || client.may_show_slots() {
+                // The scheduler hears of the first byte: for a gated request (a cold load, or
+                // the one after a load that failed) it opens the host's other slots, and it
+                // marks the request as surely counted by the host's `/slots`.
                 let first = tokio_util::sync::CancellationToken::new();
                 task.first_output = Some(first.clone());
                 let run = attempt(&client, &task);

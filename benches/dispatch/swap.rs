@@ -220,6 +220,7 @@ impl Sim {
                 task,
                 host,
                 cold: believed_cold,
+                ..
             } = d
             {
                 let h = host.0;

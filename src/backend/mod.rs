@@ -289,6 +289,7 @@ impl HostClient {
         let mut response = response;
         let mut decoder = SseDecoder::default();
         let mut events = Vec::new();
+        let mut payloads: Vec<String> = Vec::new();
         let mut got_bytes = false;
         let mut broken: Option<reqwest::Error> = None;
         while !reader.stream.done {
@@ -327,12 +328,15 @@ impl HostClient {
                 )
                 .into());
             }
-            let mut payloads = Vec::new();
+            payloads.clear();
             let mut reindexed = false;
             for event in events.drain(..) {
                 let payload = reader.event(event)?;
                 reindexed |= payload.reindexed;
-                payloads.push(payload.text);
+                // Kept only to re-serialise renumbered tool calls for a relayed client.
+                if relay_out.is_some() {
+                    payloads.push(payload.text);
+                }
                 if reader.stream.done {
                     break;
                 }
@@ -347,9 +351,9 @@ impl HostClient {
                     // chunk completed, re-serialised (the only case the relay changes the
                     // host's bytes).
                     let mut bytes = String::new();
-                    for payload in payloads {
+                    for payload in &payloads {
                         bytes.push_str("data: ");
-                        bytes.push_str(&payload);
+                        bytes.push_str(payload);
                         bytes.push_str("\n\n");
                     }
                     out.send(task, Bytes::from(bytes));

@@ -127,9 +127,11 @@ pub struct Assignment {
     /// read may or may not count them as processing.
     pub silent_others: usize,
     pub slots: usize,
-    /// The host does not hold the model: the request loads it, and the worker tells the
-    /// scheduler at its first byte ([`Scheduler::first_byte`]).
+    /// The host does not hold the model: the request loads it.
     pub cold: bool,
+    /// The request runs alone on its host until its first byte: the worker tells the
+    /// scheduler of that byte ([`Scheduler::first_byte`]), which opens the other slots.
+    pub gated: bool,
 }
 
 /// A host as the scheduler starts with it.
@@ -628,7 +630,12 @@ impl Actor {
     fn carry_out(&mut self, decisions: Vec<Decision<InferenceTask>>) {
         for decision in decisions {
             match decision {
-                Decision::Start { task, host, cold } => {
+                Decision::Start {
+                    task,
+                    host,
+                    cold,
+                    gated,
+                } => {
                     let lease = SlotLease {
                         host,
                         task: task.id,
@@ -661,6 +668,7 @@ impl Actor {
                         silent_others,
                         slots: self.state.slots(host),
                         cold,
+                        gated,
                     };
                     let undelivered = match self.waiting[host.0].pop_front() {
                         Some(worker) => worker.send(assignment).err(),

@@ -52,8 +52,15 @@ pub struct HostId(pub usize);
 #[derive(Debug)]
 pub enum Decision<T> {
     /// Hand `task` to an idle worker of `host`; its slot is already counted as taken.
-    /// `cold`: the host does not hold the model, so the request will load it.
-    Start { task: T, host: HostId, cold: bool },
+    /// `cold`: the host does not hold the model, so the request will load it. `gated`: the
+    /// request runs alone on its host until its first byte (a cold load, or the next request
+    /// after one that failed before its first byte): the worker must report that byte.
+    Start {
+        task: T,
+        host: HostId,
+        cold: bool,
+        gated: bool,
+    },
     /// Tell the task's client it failed.
     Fail { task: T, error: DispatchError },
     /// Read every host's manifest and report with `manifests_read`.
@@ -214,6 +221,12 @@ struct Host {
 }
 
 impl Host {
+    /// The model this host is loading: its cold-load gate is held, by a request of the model
+    /// it runs.
+    fn loading_model(&self) -> Option<&str> {
+        self.loading.and(self.current_model.as_deref())
+    }
+
     fn new(name: String, slots: usize) -> Self {
         Host {
             name,
@@ -462,13 +475,6 @@ impl<T: Queueable> DispatchState<T> {
 
     pub fn submit(&mut self, mut task: T, now: Instant) -> Vec<Decision<T>> {
         let mut out = Vec::new();
-        // Its turn is taken on arrival, even if it first waits for a manifest read: a client's
-        // tasks stay first come, first served.
-        let cost = self.costs.model_service(task.model());
-        let key = self
-            .fair
-            .key(task.client_id(), task.priority(), cost, task.id());
-        task.set_queue_key(key);
         self.counters.submitted += 1;
         if self.closing {
             self.fail(task, shutting_down(), &mut out);
@@ -486,6 +492,14 @@ impl<T: Queueable> DispatchState<T> {
             self.fail(task, error, &mut out);
             return out;
         }
+        // Its turn is taken on arrival (after the refusals: a refused task must not cost its
+        // client a turn), even if it first waits for a manifest read: a client's tasks stay
+        // first come, first served.
+        let cost = self.costs.model_service(task.model());
+        let key = self
+            .fair
+            .key(task.client_id(), task.priority(), cost, task.id());
+        task.set_queue_key(key);
         if !self.manifests_known || !self.may_exist(task.model()) {
             // Unknown model: a host may have been loading at the last read. One coalesced
             // re-read decides; until then the task waits here.
@@ -1007,8 +1021,7 @@ impl<T: Queueable> DispatchState<T> {
             .queue_key()
             .unwrap_or_else(|| self.fair.requeue_key(task.priority(), id));
         let queue = self.queues.entry(model.clone()).or_default();
-        let position = queue.insert(key, task.enqueued_at(), task);
-        if position <= POSITION_UPDATES {
+        if let Some(position) = queue.insert(key, task.enqueued_at(), task, POSITION_UPDATES) {
             let starts_in = self
                 .start_estimate(&model, now)
                 .map(|(ready, each)| ready + each * (position as u32 - 1));
@@ -1079,7 +1092,8 @@ impl<T: Queueable> DispatchState<T> {
                 *h.loads.entry(model.clone()).or_default() += 1;
             }
             let regate = h.gate_model.take().is_some_and(|m| m == model);
-            if (cold || regate) && self.limits.swap_aware {
+            let gated = (cold || regate) && self.limits.swap_aware;
+            if gated {
                 h.loading = Some(id);
             }
             if cold && self.limits.swap_aware {
@@ -1092,7 +1106,12 @@ impl<T: Queueable> DispatchState<T> {
                 }
             }
             self.counters.started += 1;
-            out.push(Decision::Start { task, host, cold });
+            out.push(Decision::Start {
+                task,
+                host,
+                cold,
+                gated,
+            });
 
             if let Some(queue) = self.queues.get(&model) {
                 let estimate = self.start_estimate(&model, now);
@@ -1152,11 +1171,25 @@ impl<T: Queueable> DispatchState<T> {
     }
 
     /// Swap-aware placement: every (model, free host) pair is judged by [`placement`].
-    fn choose_swap_aware(&self, held: &[bool], now: Instant) -> Option<(TaskId, String, HostId)> {
+    fn choose_swap_aware<'s>(
+        &'s self,
+        held: &[bool],
+        now: Instant,
+    ) -> Option<(TaskId, String, HostId)> {
         use placement::ModelKey;
         type HostKey = (bool, Duration, bool, usize, usize, bool, usize);
         let mut best: Option<(ModelKey, HostKey, TaskId, &str, HostId)> = None;
+        // Who holds each model, gathered once per model for this decision (a fleet scan). A
+        // cold pair's host is never one of its model's holders, and the host that would evict
+        // a model is always one of that model's: the counts need no exception.
+        let mut holder_counts: HashMap<&str, (usize, Duration)> = HashMap::new();
+        let mut holders = |m: &'s str| {
+            *holder_counts
+                .entry(m)
+                .or_insert_with(|| self.holders(m, now))
+        };
         for (model, queue) in &self.queues {
+            let service = self.costs.model_service(model);
             let Some((id, overdue, order, urgent)) = self.next_of(model, queue, now) else {
                 continue;
             };
@@ -1174,7 +1207,7 @@ impl<T: Queueable> DispatchState<T> {
                 // Only a costly switch needs the facts that take a scan of the fleet.
                 let mut gain = None;
                 let allowed = warm || load.is_zero() || {
-                    let (warm_elsewhere, warm_ready_in) = self.holders(model, i, now);
+                    let (warm_elsewhere, warm_ready_in) = holders(model);
                     let settling = self
                         .last_arrival
                         .is_some_and(|at| now < at + placement::collation_window(load));
@@ -1185,7 +1218,7 @@ impl<T: Queueable> DispatchState<T> {
                         warm,
                         warm_elsewhere,
                         warm_ready_in,
-                        backlog: self.costs.model_service(model) * (queue.len() as u32),
+                        backlog: service * (queue.len() as u32),
                         load,
                         evicts: evicted.is_some(),
                         // A lone call always gets the next host that can switch; only a
@@ -1196,10 +1229,10 @@ impl<T: Queueable> DispatchState<T> {
                             .map_or(Duration::ZERO, |(e, n)| {
                                 self.costs.model_service(e) * n as u32
                             }),
-                        evicted_holders: evicted.map_or(0, |e| 1 + self.holders(e, i, now).0),
+                        evicted_holders: evicted.map_or(0, |e| holders(e).0),
                     };
-                    gain = placement::switch_gain(&facts)
-                        .filter(|_| placement::costly(load, self.costs.model_service(model)));
+                    gain =
+                        placement::switch_gain(&facts).filter(|_| placement::costly(load, service));
                     // Hold an extra copy for the burst to settle, on a host other models
                     // might need.
                     let hold = settling && !overdue && warm_elsewhere > 0 && h.models.len() > 1;
@@ -1254,34 +1287,30 @@ impl<T: Queueable> DispatchState<T> {
         }
     }
 
-    /// Healthy hosts other than `except` that hold `model` loaded or are loading it, and how
-    /// long until the first of them can run its tasks (zero when one holds it ready; else the
-    /// shortest remaining load). One still loading counts: it will serve the backlog soon,
-    /// and a battery that arrives a task at a time would otherwise load its model on every
-    /// free host before the first load ends (measured: 16 hosts, 8 models sent model by
-    /// model, 81 loads for a minimum of 16).
-    fn holders(&self, model: &str, except: usize, now: Instant) -> (usize, Duration) {
+    /// How many healthy hosts hold `model` loaded or are loading it, and how long until the
+    /// first of them can run its tasks (zero when one holds it ready, else the shortest
+    /// remaining load). One still loading counts: it will serve the backlog soon, and a
+    /// battery that arrives a task at a time would otherwise load its model on every free host
+    /// before the first load ends (measured: 16 hosts, 8 models sent model by model, 81 loads
+    /// for a minimum of 16). A scan of the fleet: placement gathers it once per model and
+    /// decision.
+    fn holders(&self, model: &str, now: Instant) -> (usize, Duration) {
         let mut count = 0;
-        let mut ready_in: Option<Duration> = None;
+        let mut ready: Option<Duration> = None;
         for (i, h) in self.hosts.iter().enumerate() {
-            if i == except
-                || h.health != Health::Up
-                || h.retired
-                || !h.resident.iter().any(|m| m == model)
-            {
+            if h.health != Health::Up || h.retired || !h.resident.iter().any(|m| m == model) {
                 continue;
             }
             count += 1;
-            let loading = h.loading.is_some() && h.current_model.as_deref() == Some(model);
-            let remaining = match (loading, h.loaded_at) {
+            let remaining = match (h.loading_model() == Some(model), h.loaded_at) {
                 (true, Some(at)) => {
                     (at + self.load_estimate(i, model)).saturating_duration_since(now)
                 }
                 _ => Duration::ZERO,
             };
-            ready_in = Some(ready_in.map_or(remaining, |r| r.min(remaining)));
+            ready = Some(ready.map_or(remaining, |r| r.min(remaining)));
         }
-        (count, ready_in.unwrap_or_default())
+        (count, ready.unwrap_or_default())
     }
 
     /// When `model`'s line starts moving and how long each place in it takes: the hosts that
@@ -1292,7 +1321,7 @@ impl<T: Queueable> DispatchState<T> {
     /// the fleet), not once per task told.
     fn start_estimate(&self, model: &str, now: Instant) -> Option<(Duration, Duration)> {
         let service = self.costs.model_service(model);
-        let (holders, ready_in) = self.holders(model, usize::MAX, now);
+        let (holders, ready_in) = self.holders(model, now);
         let (k, ready_in) = if holders == 0 {
             let load = (0..self.hosts.len())
                 .filter(|&i| self.hosts[i].can_take(model))
@@ -1381,12 +1410,7 @@ impl<T: Queueable> DispatchState<T> {
         // makes its backlog overdue after 30 s and pulls a second host onto it, ahead of a
         // model no host serves (measured: 2 hosts, 4 models sent model by model, 20× loads,
         // 0.86 of the bound).
-        if self.limits.swap_aware
-            && self
-                .hosts
-                .iter()
-                .any(|h| h.loading.is_some() && h.current_model.as_deref() == Some(model))
-        {
+        if self.limits.swap_aware && self.hosts.iter().any(|h| h.loading_model() == Some(model)) {
             return None;
         }
         let since = self

@@ -117,6 +117,7 @@ impl Run {
                 task,
                 host,
                 cold: believed_cold,
+                ..
             } = d
             {
                 let gpu = &mut self.gpus[host.0];
@@ -514,6 +515,19 @@ fn a_gate_holder_that_fails_before_its_first_byte_hands_the_gate_to_the_next_req
     s.worker_idle(HostId(0), now);
     let d = s.submit(Job::new(2, "a", now), now);
     assert_eq!(starts(&d), 1);
+    // Not cold (believed loaded), but gated: its worker must report the first byte, or the
+    // host's other slots stay shut until it ends (LM Studio and Ollama have no /slots).
+    assert!(
+        matches!(
+            d[..],
+            [Decision::Start {
+                cold: false,
+                gated: true,
+                ..
+            }]
+        ),
+        "{d:?}"
+    );
     assert_eq!(
         starts(&s.submit(Job::new(3, "a", now), now)),
         0,
