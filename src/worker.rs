@@ -21,6 +21,9 @@ const CANCEL_SETTLE: std::time::Duration = std::time::Duration::from_millis(200)
 /// Runs until the scheduler stops, or until the scheduler dismisses this worker (its host
 /// left the fleet or has fewer slots after a reload).
 pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
+    // The slot asks for its next task as soon as it is free, before the client hears how the
+    // last one ended (see `Scheduler::next_task`); every path below sets it again.
+    let mut next = scheduler.next_task(host);
     while let Some(Assignment {
         mut task,
         lease,
@@ -30,7 +33,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
         slots,
         cold,
         gated,
-    }) = scheduler.next_task(host).await
+    }) = next.await
     {
         if !task.abandoned()
             && let Some(busy) = busy_elsewhere(&client, running_here, silent_others, slots).await
@@ -46,6 +49,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                 ),
                 HostSignal::BusyElsewhere(busy),
             );
+            next = scheduler.next_task(host);
             continue;
         }
         task.attempts += 1;
@@ -88,6 +92,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                         service: taken.elapsed(),
                     },
                 );
+                next = scheduler.next_task(host);
                 let result = completion(output, &task, &client.name, taken);
                 metrics.completed(ClientClass::of(&task.spec.client_id), &result);
                 task.emit(TaskEvent::Finished(result));
@@ -100,6 +105,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                 tracing::info!(host = %client.name, task = %task.id, %error, "host failed before answering; the task goes back to the queue");
                 // The scheduler runs it elsewhere or fails it; the client hears from there.
                 lease.retry(task, error, signal);
+                next = scheduler.next_task(host);
             }
             Err(AttemptError { error, signal, .. }) => {
                 let outcome = if error.kind == ErrorKind::Cancelled {
@@ -117,6 +123,7 @@ pub async fn run(scheduler: Scheduler, host: HostId, metrics: Arc<Metrics>) {
                 // Give the slot back before the client hears the end, so the next task can
                 // start while this answer travels.
                 lease.release(outcome, signal);
+                next = scheduler.next_task(host);
                 let waited = taken.saturating_duration_since(task.enqueued_at);
                 metrics.ended_early(
                     ClientClass::of(&task.spec.client_id),

@@ -290,13 +290,16 @@ async fn real_llama_servers_one_request_per_server() {
     // 2. Cancellation: two long generations, one on each host (the model only gpu1 lists goes
     //    there; the shared one goes to gpu0, which holds it: swap-aware placement would rather
     //    wait for a warm host than load it beside); drop each handle after a few deltas; the
-    //    servers must stop generating.
+    //    servers must stop generating. The model only gpu1 lists is sent first: a llama-server
+    //    that marks its slot idle late (a loaded CI machine) is held back as busy from
+    //    elsewhere for a moment, and the shared task would take gpu1 in the meantime (that a
+    //    follow-up finds its slot free is tests/follow_up_placement.rs).
     let t_cancel = Instant::now();
     let long = "Tell me a very long story about a dragon who learns to cook. Describe every \
                 meal in detail.";
     let servers_ref = &servers;
     let http_ref = &http;
-    let cancelled: Vec<Cancelled> = futures::future::join_all([SHARED, ONLY_B].map(|model| {
+    let cancelled: Vec<Cancelled> = futures::future::join_all([ONLY_B, SHARED].map(|model| {
         let task = spec(
             model,
             long,

@@ -388,11 +388,16 @@ impl Scheduler {
         let _ = self.tx.send(Command::FirstByte { host, task });
     }
 
-    /// Waits until a slot of `host` has a task; `None` once the scheduler stops.
-    pub async fn next_task(&self, host: HostId) -> Option<Assignment> {
+    /// Says at once that a slot of `host` is free for its next task, and returns the wait for
+    /// it (`None` once the scheduler stops or dismisses the worker). The request is sent before
+    /// the returned future is first polled: a worker asks before it tells its client the
+    /// previous task ended, so a call the client sends on hearing it finds this slot free (else
+    /// it went to another host, warm but more versatile, and a model only that host lists
+    /// waited behind it: the real-server test, once in CI).
+    pub fn next_task(&self, host: HostId) -> impl Future<Output = Option<Assignment>> + use<> {
         let (reply, assignment) = oneshot::channel();
-        self.tx.send(Command::NextTask { host, reply }).ok()?;
-        assignment.await.ok()
+        let sent = self.tx.send(Command::NextTask { host, reply }).is_ok();
+        async move { if sent { assignment.await.ok() } else { None } }
     }
 
     /// Re-reads every manifest (joining a read already in flight) and waits for it.
