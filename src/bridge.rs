@@ -66,6 +66,9 @@ pub struct DaemonSpec {
     pub fleet: SourceFleet,
     /// The `--config` the daemon should be started with, if the launch had one.
     pub config: Option<PathBuf>,
+    /// The program started as the daemon (given `serve --idle-exit --socket <socket>`);
+    /// `None`: this executable.
+    pub program: Option<PathBuf>,
 }
 
 impl DaemonSpec {
@@ -498,7 +501,10 @@ async fn say_hello(
 /// the agent host does not reach it), no terminal, output to a log file next to the socket.
 fn start_daemon(spec: &DaemonSpec, log: &Path) -> std::io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
-    let exe = std::env::current_exe()?;
+    let exe = match &spec.program {
+        Some(program) => program.clone(),
+        None => std::env::current_exe()?,
+    };
     let log_file = File::options().create(true).append(true).open(log)?;
     let mut command = std::process::Command::new(exe);
     command
@@ -608,6 +614,7 @@ mod tests {
                 env: Default::default(),
             },
             config: None,
+            program: None,
         }
     }
 
@@ -633,7 +640,24 @@ mod tests {
     #[tokio::test]
     async fn a_launch_whose_daemon_lost_the_race_for_a_host_joins_the_winner() {
         let at = scratch("race");
-        let spec = spec(&at, at.join("launch.sock"));
+        let mut spec = spec(&at, at.join("launch.sock"));
+        // The daemon it starts exits as one that lost a host's lock does, once the lock is
+        // taken (a daemon exits only after another holds the lock; a program that exits at
+        // once raced the taker below, and lost under load).
+        let program = at.join("loser.sh");
+        let lost = at.join("loser.sh.lost");
+        std::fs::write(
+            &program,
+            "#!/bin/sh\nfor _ in $(seq 2000); do [ -e \"$0.lost\" ] && break; sleep 0.01; done\n\
+             echo 'ERROR another daemon holds the host' >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        spec.program = Some(program);
         // The winner: a daemon at another socket that welcomes any launch.
         let winner_socket = at.join("winner.sock");
         let winner = tokio::net::UnixListener::bind(&winner_socket).unwrap();
@@ -646,8 +670,7 @@ mod tests {
             hello
         });
         // It takes the host just as the launch starts its own daemon (whose log file appears
-        // then). The daemon started here is this test binary, which refuses `serve` and
-        // exits at once, as a daemon that lost the host's lock does.
+        // then), and only then lets that daemon exit.
         let (dir, log) = (spec.dir.clone(), spec.socket.with_extension("log"));
         let identity = spec.fleet.hosts[0].identity();
         let owner = ownership::Owner {
@@ -661,7 +684,9 @@ mod tests {
             while !log.exists() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            ownership::acquire(&dir, &identity, &owner).unwrap()
+            let lock = ownership::acquire(&dir, &identity, &owner).unwrap();
+            std::fs::write(lost, "").unwrap();
+            lock
         });
         let joined = tokio::time::timeout(Duration::from_secs(20), connect_or_start(&spec))
             .await

@@ -306,6 +306,7 @@ pub fn launch_spec(
         dir,
         fleet: SourceFleet::from_config(config),
         config: config_path,
+        program: None,
     })
 }
 

@@ -368,9 +368,14 @@ async fn the_four_listings_agree_with_what_happened() {
 
     // c takes a long load; meanwhile it shows as loading (router) or not yet
     // loaded (the others), and a, the least recently used, is gone.
-    let cold = spawn_ask(&host, chat("c", Some(json!({"load_ms": 1_500}))));
+    let cold = spawn_ask(&host, chat("c", Some(json!({"load_ms": 3_000}))));
     until(&host, |r| r.len() == 2).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     while host.resident_models().iter().all(|r| r.model != "c") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "c never became resident"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(
