@@ -16,7 +16,7 @@
 //! models by their next task's aged rank (after overdue work and scarcity), so a client with
 //! nothing running goes before a battery's next task of another model too.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -32,46 +32,95 @@ const MAX_CLIENTS: usize = 4096;
 
 /// A waiting task's place in its model's line: lower goes first. `priority` as asked (aging
 /// is applied when the line is read), then `rank`, the start tag in microseconds of virtual
-/// service, then arrival.
+/// service, then arrival. `cost`: the virtual service its client was charged for it
+/// (microseconds; never decides the order, `id` is unique).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct QueueKey {
     pub priority: i32,
     pub rank: i64,
     pub id: TaskId,
+    pub cost: i64,
 }
 
 /// A task's place among all waiting tasks once aging is applied: (priority, rank).
 pub type Order = (i32, i64);
 
-/// The fleet's virtual clock and each client's finish tag (microseconds of virtual service).
+/// The fleet's virtual clock and each client's tags (microseconds of virtual service).
 #[derive(Debug, Default)]
 pub struct FairShare {
     virtual_now: i64,
-    finish: HashMap<String, i64>,
+    clients: HashMap<String, ClientTags>,
+}
+
+/// One client's finish tags: its next task starts after the latest of them.
+#[derive(Debug)]
+struct ClientTags {
+    /// Finish tag of the latest of its tasks that started.
+    started: i64,
+    /// Finish tags of its keyed tasks that have not started, with their ids: one that leaves
+    /// without running takes its tag with it.
+    waiting: BTreeSet<(i64, TaskId)>,
+}
+
+impl Default for ClientTags {
+    fn default() -> Self {
+        Self {
+            started: i64::MIN,
+            waiting: BTreeSet::new(),
+        }
+    }
+}
+
+impl ClientTags {
+    fn finish(&self) -> i64 {
+        self.waiting
+            .last()
+            .map_or(self.started, |&(f, _)| f.max(self.started))
+    }
 }
 
 impl FairShare {
     /// The key of a task that joins the line now: client `client`, priority `priority`,
     /// estimated service `cost`.
     pub fn key(&mut self, client: &str, priority: i32, cost: Duration, id: TaskId) -> QueueKey {
-        if self.finish.len() > MAX_CLIENTS {
+        if self.clients.len() > MAX_CLIENTS {
             let now = self.virtual_now;
-            self.finish.retain(|_, f| *f > now);
+            self.clients
+                .retain(|_, c| !c.waiting.is_empty() || c.started > now);
         }
         let cost = micros(cost).max(1);
-        let finish = self.finish.entry(client.to_string()).or_insert(i64::MIN);
-        let start = (*finish).max(self.virtual_now);
-        *finish = start.saturating_add(cost);
+        let tags = self.clients.entry(client.to_string()).or_default();
+        let start = tags.finish().max(self.virtual_now);
+        tags.waiting.insert((start.saturating_add(cost), id));
         QueueKey {
             priority,
             rank: start,
             id,
+            cost,
         }
     }
 
-    /// A task with this key started: the virtual time moves to its start tag.
-    pub fn started(&mut self, key: QueueKey) {
+    /// A task keyed for `client` left before it ever ran (cancelled, timed out in the queue,
+    /// its model gone): its tag goes, so the client's next task is not placed behind it.
+    /// Without this, a client that withdrew a queued battery found its next one behind every
+    /// other client's work for as long as the withdrawn battery would have run. The client's
+    /// tasks still waiting keep their places (first come, first served within a client).
+    pub fn withdrawn(&mut self, client: &str, key: QueueKey) {
+        if let Some(tags) = self.clients.get_mut(client) {
+            tags.waiting
+                .remove(&(key.rank.saturating_add(key.cost), key.id));
+        }
+    }
+
+    /// A task of `client` with this key started: the virtual time moves to its start tag.
+    pub fn started(&mut self, client: &str, key: QueueKey) {
         self.virtual_now = self.virtual_now.max(key.rank);
+        let finish = key.rank.saturating_add(key.cost);
+        if let Some(tags) = self.clients.get_mut(client)
+            && tags.waiting.remove(&(finish, key.id))
+        {
+            tags.started = tags.started.max(finish);
+        }
     }
 
     /// A key for a task that joins the line without one (not submitted through the state
@@ -81,6 +130,7 @@ impl FairShare {
             priority,
             rank: self.virtual_now,
             id,
+            cost: 0,
         }
     }
 }
@@ -237,7 +287,7 @@ mod tests {
         let mut order = Vec::new();
         while let Some((id, _, _)) = q.next(now) {
             let (key, (client, _)) = q.remove(id).unwrap();
-            fair.started(key);
+            fair.started(&client, key);
             order.push(client);
         }
         order
@@ -272,8 +322,8 @@ mod tests {
         // Ten tasks of the battery start, then an agent's one call arrives.
         for _ in 0..10 {
             let (id, _, _) = q.next(now).unwrap();
-            let (key, _) = q.remove(id).unwrap();
-            fair.started(key);
+            let (key, (client, _)) = q.remove(id).unwrap();
+            fair.started(&client, key);
         }
         let key = fair.key("agent", 0, TEN, TaskId(1000));
         let place = q.insert(key, now, ("agent".to_string(), 0), 8);
@@ -323,6 +373,38 @@ mod tests {
         q2.insert(urgent, late, ("judge".to_string(), -1), 8);
         let later = late + Duration::from_secs(1);
         assert_eq!(q2.next(later).unwrap().0, TaskId(1), "aged past");
+    }
+
+    #[test]
+    fn a_withdrawn_battery_gives_its_client_the_turn_back() {
+        let now = Instant::now();
+        let (mut fair, mut q) = (FairShare::default(), ModelQueue::default());
+        let mut id = 0;
+        for client in ["quitter", "other"] {
+            for _ in 0..20 {
+                id += 1;
+                let key = fair.key(client, 0, TEN, TaskId(id));
+                q.insert(key, now, (client.to_string(), 0), 8);
+            }
+        }
+        // The quitter cancels its whole battery before any of it ran.
+        for i in 1..=20 {
+            let (key, (client, _)) = q.remove(TaskId(i)).unwrap();
+            fair.withdrawn(&client, key);
+        }
+        // Two of the other client's tasks run, then the quitter sends one call.
+        for _ in 0..2 {
+            let (next, _, _) = q.next(now).unwrap();
+            let (key, (client, _)) = q.remove(next).unwrap();
+            fair.started(&client, key);
+        }
+        let key = fair.key("quitter", 0, TEN, TaskId(100));
+        let place = q.insert(key, now, ("quitter".to_string(), 0), 8);
+        assert_eq!(
+            place,
+            Some(1),
+            "the call waits behind the other client's battery"
+        );
     }
 
     #[test]

@@ -624,7 +624,8 @@ impl<T: Queueable> DispatchState<T> {
     pub fn cancel(&mut self, id: TaskId, now: Instant) -> (Option<T>, Vec<Decision<T>>) {
         let task = self.remove_waiting(id);
         let mut out = Vec::new();
-        if task.is_some() {
+        if let Some(task) = &task {
+            self.give_turn_back(task);
             self.counters.cancelled += 1;
             self.dispatch(now, &mut out);
         }
@@ -895,8 +896,20 @@ impl<T: Queueable> DispatchState<T> {
     }
 
     fn fail(&mut self, task: T, error: DispatchError, out: &mut Vec<Decision<T>>) {
+        self.give_turn_back(&task);
         self.counters.failed += 1;
         out.push(Decision::Fail { task, error });
+    }
+
+    /// A task that ends without ever having run gives its client's fair-share turn back
+    /// ([`fair::FairShare::withdrawn`]). One that ran and failed, or a refused one that never
+    /// took a turn, gives nothing.
+    fn give_turn_back(&mut self, task: &T) {
+        if task.attempts() == 0
+            && let Some(key) = task.queue_key()
+        {
+            self.fair.withdrawn(task.client_id(), key);
+        }
     }
 
     fn apply_report(&mut self, report: ManifestReport, out: &mut Vec<Decision<T>>) {
@@ -1075,7 +1088,9 @@ impl<T: Queueable> DispatchState<T> {
             if let Some(queue) = self.queues.get_mut(&model)
                 && let Some(key) = queue.key(id)
             {
-                self.fair.started(key);
+                if let Some(task) = queue.get(id) {
+                    self.fair.started(task.client_id(), key);
+                }
                 queue.started(key.priority, now);
             }
             let task = self.remove_queued(&model, id);

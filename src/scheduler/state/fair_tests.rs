@@ -169,3 +169,28 @@ fn a_flood_of_urgent_calls_passes_a_batch_task_over_for_one_step_at_most() {
         "the batch task waited {waited:?}"
     );
 }
+
+#[test]
+fn a_client_that_withdrew_its_battery_is_not_pushed_behind_for_it() {
+    // Two clients queue 40 tasks each on one warm host; one cancels what it still has queued
+    // (a user stopping an evaluation run) and a moment later sends one call.
+    let m: &[&str] = &["m"];
+    let mut run = Run::new(&[(m, m)], S, 5 * S, Duration::from_secs(300));
+    let quitter: Vec<u64> = (0..40)
+        .map(|_| run.submit_from("m", "quitter", 0))
+        .collect();
+    for _ in 0..40 {
+        run.submit_from("m", "battery", 0);
+    }
+    let t = run.now + Duration::from_millis(3_500);
+    run.run_until(Some(t));
+    let withdrawn = quitter.iter().filter(|&&id| run.cancel(id)).count();
+    assert!(withdrawn >= 35, "only {withdrawn} were still queued");
+    let call = run.submit_from("m", "quitter", 0);
+    run.finish();
+    let waited = run.started_at[&call] - t;
+    assert!(
+        waited <= 2 * S,
+        "the call waited {waited:?}: the withdrawn tasks still counted as its share"
+    );
+}

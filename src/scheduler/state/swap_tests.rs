@@ -111,6 +111,13 @@ impl Run {
         self.next
     }
 
+    /// The client of waiting task `id` gives up; whether it was still waiting.
+    pub(super) fn cancel(&mut self, id: u64) -> bool {
+        let (task, d) = self.state.cancel(TaskId(id), self.now);
+        self.apply(d);
+        task.is_some()
+    }
+
     fn apply(&mut self, decisions: Vec<Decision<Job>>) {
         for d in decisions {
             if let Decision::Start {
