@@ -126,6 +126,59 @@ async fn a_silent_call_outlives_the_idle_limit_and_an_idle_session_answers_404()
     fleet.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_session_whose_client_went_silent_ends_on_its_own_and_its_tasks_stop() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let options = HttpOptions {
+        max_request_bytes: 1 << 20,
+        session_idle: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let front = HttpFront::start_with(&fleet.dispatcher, options).await;
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: format!("{}/mcp", front.base),
+    };
+    let session = raw.open().await;
+    // A 20 s generation as a 2025-11-25 task: the call is answered at once with the task, so
+    // nothing is in flight on the session afterwards.
+    let long = sim_directive(json!({"tokens": 400, "token_interval_ms": 50}));
+    let r = raw
+        .post(
+            Some(&session),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+                "name": "complete", "task": {"ttl": 60000},
+                "arguments": {"model_id": "m", "messages": [{"role": "user", "content": long}]}}}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    let created = response_with_id(&body, 2).unwrap_or_else(|| panic!("no response: {body}"));
+    assert_eq!(created["result"]["task"]["status"], "working", "{created}");
+
+    // Then the client goes away without a word, and no other client comes: the session
+    // expires on the daemon's timer and its running task is cancelled on the host.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let records = fleet.chat_records(0);
+        if records
+            .first()
+            .is_some_and(|r| r.outcome == prix_dispatch::sim::Outcome::ClientDisconnected)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned session's task still runs 5 s later: {:?}",
+            records.iter().map(|r| r.outcome).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.assert_all_slots_return(Duration::from_secs(2)).await;
+    drop(front);
+    fleet.shutdown().await;
+}
+
 #[test]
 fn the_idle_limit_is_a_setting_whose_default_outlasts_the_daemons_waits() {
     use prix_dispatch::config::{Config, ConfigSource};

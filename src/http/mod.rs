@@ -54,7 +54,8 @@ struct App {
     token: Option<Arc<str>>,
 }
 
-/// The whole HTTP surface. `stop` ends MCP sessions when the server shuts down.
+/// The whole HTTP surface. `stop` ends MCP sessions when the server shuts down. Call it
+/// within a Tokio runtime: it starts the timer that expires idle MCP sessions.
 pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationToken) -> Router {
     let app = App {
         dispatcher: dispatcher.clone(),
@@ -67,6 +68,7 @@ pub fn router(dispatcher: Dispatcher, options: HttpOptions, stop: CancellationTo
     ];
     allowed.extend(options.allowed_hosts.iter().cloned());
     let sessions = Arc::new(sessions::Sessions::new(options.session_idle));
+    sessions.sweep(stop.clone());
     let mcp = StreamableHttpService::new(
         move || Ok(tasks::built(PrixServer::for_http(dispatcher.clone()))),
         sessions.clone(),

@@ -11,7 +11,8 @@
 //! [`Sessions`] wraps it: rmcp's own timer is off; a session expires only when no call has
 //! been in flight on it for the idle limit (`[server] session_idle_seconds`), and an expired
 //! or unknown session answers 404 (rmcp does that when `has_session` says no), so clients
-//! start a new one.
+//! start a new one. Idle sessions are swept on a timer ([`Sessions::sweep`]) as well as
+//! on each new request.
 //!
 //! Each session also keeps its 2025-11-25 task state ([`SessionTasks`], registered by the
 //! `/mcp` task layer at `initialize`); when the session ends its working tasks are cancelled.
@@ -29,6 +30,7 @@ use rmcp::transport::streamable_http_server::session::{
     ServerSseMessage, SessionId, SessionManager,
 };
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::tasks::SessionTasks;
 
@@ -114,6 +116,29 @@ impl Sessions {
     /// rmcp serves does.
     pub fn in_flight(&self, id: &SessionId) -> impl Drop + use<> {
         InFlight::start(id, &self.activity)
+    }
+
+    /// Expires idle sessions every quarter of the idle limit (at most every 30 s, at least
+    /// every 50 ms) until `stop`, or until the sessions are dropped: a session whose client
+    /// went away without a word must not wait for another client's request to end (its
+    /// working tasks would run on, and its state stay). Needs a Tokio runtime.
+    pub fn sweep(self: &Arc<Self>, stop: CancellationToken) {
+        let period = (self.idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let sessions = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match sessions.upgrade() {
+                    Some(sessions) => sessions.expire().await,
+                    None => return,
+                }
+            }
+        });
     }
 
     /// Closes every session idle for longer than the limit with no call in flight.
