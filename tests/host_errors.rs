@@ -120,6 +120,11 @@ async fn llama_cpp_context_overflow_as_500_is_a_400() {
     // The host is not unhealthy for it: still up, no error recorded against it.
     let status = fleet.status().await;
     assert!(status.hosts[0].reachable, "{status:#?}");
+    assert_eq!(status.hosts[0].state.last_error, None, "{status:#?}");
+    assert_eq!(
+        status.hosts[0].state.health,
+        prix_dispatch::scheduler::state::Health::Up
+    );
     drop(front);
     fleet.shutdown().await;
 }
