@@ -3,7 +3,7 @@
 //! Every problem is reported at start with the file, the key and what is wrong, so a typo never
 //! turns into a fleet that silently routes nowhere.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -662,6 +662,10 @@ impl Config {
                 load,
             });
         }
+        one_entry_per_server(&hosts, |i| {
+            format!("[[host]] #{} ({:?})", i + 1, hosts[i].name)
+        })
+        .map_err(&invalid)?;
         Ok(Config {
             source,
             chosen_by: String::new(),
@@ -708,6 +712,12 @@ impl Config {
                 ..HostConfig::default()
             });
         }
+        one_entry_per_server(&hosts, |i| numbered.urls[i].0.clone()).map_err(|message| {
+            ConfigError::Invalid {
+                source_name: ConfigSource::Environment.to_string(),
+                message,
+            }
+        })?;
         let mut config = Config::with_hosts(ConfigSource::Environment, hosts);
         config.chosen_by = numbered
             .urls
@@ -860,6 +870,30 @@ pub fn normalise_base_url(raw: &str) -> Result<String, String> {
         base = stripped.trim_end_matches('/').to_string();
     }
     Ok(base)
+}
+
+/// Refuses two entries for one server ([`host_identity`]: the same address and port however
+/// written, `/v1` or not): each entry gets its own slots, so the server would be sent two
+/// requests at once while it has one slot. `label(i)` names entry `i` in the message.
+fn one_entry_per_server(
+    hosts: &[HostConfig],
+    label: impl Fn(usize) -> String,
+) -> Result<(), String> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let identity = host.identity();
+        if let Some(&first) = seen.get(&identity) {
+            return Err(format!(
+                "{} and {} are one server ({identity}): each entry would get its own slots, so \
+                 that server would be sent two requests at once; keep one entry, and set \
+                 slots = N on it to run N requests there at once",
+                label(first),
+                label(i)
+            ));
+        }
+        seen.insert(identity, i);
+    }
+    Ok(())
 }
 
 /// The identity of the server behind a base URL: what must have exactly one scheduler.

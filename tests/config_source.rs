@@ -227,6 +227,57 @@ async fn an_endpoint_url_is_refused_with_the_base_url() {
     let _ = std::fs::remove_dir_all(&xdg);
 }
 
+/// Two entries for one server, however its URL is written, would each get their own slots:
+/// the server would be sent two requests at once. Refused at once (exit 78), naming both.
+#[tokio::test]
+async fn two_entries_for_one_server_are_refused_naming_both() {
+    let xdg = scratch("twice");
+    let file = xdg.join("twice.toml");
+    std::fs::write(
+        &file,
+        "[[host]]\nname = \"x\"\nurl = \"http://127.0.0.1:18101\"\n\
+         [[host]]\nname = \"y\"\nurl = \"http://localhost:18101/v1/\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    for args in [
+        vec!["check-config", "--config", path],
+        vec!["serve", "--config", path],
+    ] {
+        let out = prix(&args, &[], &xdg, Path::new("/")).await;
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("[[host]] #1 (\"x\") and [[host]] #2 (\"y\") are one server (http://127.0.0.1:18101)")
+                && stderr.contains("slots = N"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = prix(
+        &["check-config"],
+        &[
+            ("LOCAL_INFERENCE_SERVER_1", "http://[::1]:18102"),
+            ("LOCAL_INFERENCE_SERVER_2", "http://127.0.0.1:18102/v1"),
+        ],
+        &xdg,
+        Path::new("/"),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .contains("LOCAL_INFERENCE_SERVER_1 and LOCAL_INFERENCE_SERVER_2 are one server"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&xdg);
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
