@@ -300,6 +300,11 @@ async fn oversized_bodies_get_413() {
         .await
         .unwrap();
     assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let body: serde_json::Value = r.json().await.expect("an OpenAI error body");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("max_request_bytes"), "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert!(d.fleet.chat_records(0).is_empty());
     d.shutdown().await;
 }

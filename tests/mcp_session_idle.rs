@@ -179,6 +179,37 @@ async fn a_session_whose_client_went_silent_ends_on_its_own_and_its_tasks_stop()
     fleet.shutdown().await;
 }
 
+/// A client ending its session with `DELETE` hears 200 (the Python `mcp` SDK takes only 200 or
+/// 204 and logs a failed termination on rmcp's 202), and the session is gone.
+#[tokio::test]
+async fn a_deleted_session_answers_200_and_then_404() {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: format!("{}/mcp", front.base),
+    };
+    let session = raw.open().await;
+    let r = raw
+        .http
+        .delete(&raw.url)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", VERSION)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = raw
+        .post(
+            Some(&session),
+            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}),
+        )
+        .await;
+    assert_eq!(r.status(), 404);
+    drop(front);
+    fleet.shutdown().await;
+}
+
 #[test]
 fn the_idle_limit_is_a_setting_whose_default_outlasts_the_daemons_waits() {
     use prix_dispatch::config::{Config, ConfigSource};

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -45,8 +46,12 @@ pub(super) async fn models(State(app): State<App>) -> Response {
 pub(super) async fn chat_completions(
     State(app): State<App>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejected) => return body_refused(&rejected),
+    };
     let ChatRequest {
         model,
         stream,
@@ -226,10 +231,16 @@ fn parse(body: &[u8]) -> Result<ChatRequest, DispatchError> {
     };
     let model = match request.get("model") {
         Some(Value::String(m)) if !m.trim().is_empty() => m.clone(),
-        _ => {
+        None | Some(Value::Null) => {
             return Err(DispatchError::invalid(
-                "\"model\" is required: the id of a model a host lists",
+                "\"model\" is required: the id of a model a host lists (GET /v1/models)",
             ));
+        }
+        Some(other) => {
+            return Err(DispatchError::invalid(format!(
+                "\"model\" must be a non-empty string, the id of a model a host lists \
+                 (GET /v1/models); got {other}"
+            )));
         }
     };
     let Some(messages) = request
@@ -353,6 +364,25 @@ pub(super) fn error_response(error: &DispatchError) -> Response {
         .into_response()
 }
 
+/// A body the daemon would not read, in the OpenAI shape (axum answers in plain text, and the
+/// `openai` SDKs then show only the status): over `[server] max_request_bytes` (413), or cut
+/// off by the client. Not retryable as it is.
+fn body_refused(rejected: &BytesRejection) -> Response {
+    let status = rejected.status();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "the request body is larger than this daemon accepts ([server] max_request_bytes): \
+         send a shorter request, or raise max_request_bytes in its configuration"
+            .to_string()
+    } else {
+        format!("could not read the request body: {}", rejected.body_text())
+    };
+    let mut response = error_body(status, "request_body", "invalid_request_error", &message);
+    response
+        .headers_mut()
+        .insert("x-should-retry", HeaderValue::from_static("false"));
+    response
+}
+
 pub(super) fn error_body(status: StatusCode, code: &str, kind: &str, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "code": code}});
     (status, axum::Json(body)).into_response()
@@ -361,6 +391,19 @@ pub(super) fn error_body(status: StatusCode, code: &str, kind: &str, message: &s
 #[cfg(test)]
 mod tests {
     use super::parse;
+
+    #[test]
+    fn a_model_that_is_not_a_string_is_named_as_such() {
+        let error = |body: &str| parse(body.as_bytes()).err().unwrap().message;
+        let m = r#""messages":[{"role":"user","content":"hi"}]"#;
+        assert!(error(&format!("{{{m}}}")).contains("\"model\" is required"));
+        let wrong = error(&format!("{{\"model\":5,{m}}}"));
+        assert!(
+            wrong.contains("must be a non-empty string") && wrong.ends_with("got 5"),
+            "{wrong}"
+        );
+        assert!(error(&format!("{{\"model\":\" \",{m}}}")).contains("non-empty string"));
+    }
 
     #[test]
     fn max_tokens_as_a_whole_float_is_that_integer() {

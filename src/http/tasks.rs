@@ -110,6 +110,9 @@ impl IntoResponse for BodyError {
 
 /// The middleware (see the module docs).
 pub async fn layer(State(layer): State<TaskLayer>, request: Request, next: Next) -> Response {
+    if request.method() == Method::DELETE {
+        return session_ended(next.run(request).await);
+    }
     if request.method() != Method::POST {
         return next.run(request).await;
     }
@@ -157,6 +160,17 @@ pub async fn layer(State(layer): State<TaskLayer>, request: Request, next: Next)
             json_response(&tasks.wire.answer(&id, call).await)
         }
     }
+}
+
+/// rmcp answers a session's `DELETE` with 202 Accepted; the Python `mcp` SDK takes only 200
+/// or 204 as success and logs "Session termination failed: 202" on every close
+/// (`mcp/client/streamable_http.py`, `terminate_session`). The session is closed by then, so
+/// say 200; the TypeScript SDK takes any 2xx.
+fn session_ended(mut response: Response) -> Response {
+    if response.status() == StatusCode::ACCEPTED {
+        *response.status_mut() = StatusCode::OK;
+    }
+    response
 }
 
 /// Passes an `initialize` to rmcp, registers the session it creates with the server rmcp
