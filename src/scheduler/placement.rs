@@ -42,6 +42,11 @@ pub struct PairFacts {
     /// with nothing waiting), and the hosts holding that model, this one included.
     pub evicted_backlog: Duration,
     pub evicted_holders: usize,
+    /// Other hosts free now that list the evicted model without holding it, and the shortest
+    /// load of it among them: when this host is its only holder, its backlog is not stranded
+    /// while one of them can load it.
+    pub evicted_takers: usize,
+    pub evicted_load: Duration,
     /// Expected load time of the model on this host.
     pub load: Duration,
     /// The host loaded the model it holds less than [`QUANTUM_LOADS`] loads ago, and that
@@ -104,7 +109,12 @@ pub fn allowed(f: &PairFacts) -> bool {
 /// `max(Wr / (kr - 1), L + Wm / (km + 1)) + L < max(Wr / kr, d + Wm / km)`. With nothing of
 /// `r` waiting this is `d + Wm / km - Wm / (km + 1) > 2 L`: another copy only while the
 /// backlog per warm host is well worth the load. A model no host holds (`km = 0`) is loaded
-/// unless that strands `r`.
+/// unless that strands `r`. When this host is `r`'s only holder, `r` is stranded only if no
+/// free host can load it: with `t` free hosts that list it (load `Lr`), `Wr / (kr - 1)`
+/// becomes `Lr + Wr / t`. Without that, a host holding a model that another, idle, host also
+/// lists worked through all of its backlog before it turned to a model only it lists, while
+/// the other host stood idle (measured: interleaved a/b/c on a host listing all three and one
+/// listing a and b: 19.0 s; see `swap_tests`).
 pub fn switch_gain(f: &PairFacts) -> Option<Duration> {
     let (wm, l) = (f.backlog.as_secs_f64(), f.load.as_secs_f64());
     let km = f.warm_elsewhere as f64;
@@ -118,6 +128,11 @@ pub fn switch_gain(f: &PairFacts) -> Option<Duration> {
     let kr = f.evicted_holders as f64;
     let (r_now, r_after) = if wr == 0.0 || kr == 0.0 {
         (0.0, 0.0)
+    } else if kr <= 1.0 && f.evicted_takers > 0 {
+        (
+            wr,
+            f.evicted_load.as_secs_f64() + wr / f.evicted_takers as f64,
+        )
     } else if kr <= 1.0 {
         (wr, f64::INFINITY)
     } else {
@@ -162,23 +177,39 @@ pub fn model_key(
 /// See [`model_key`].
 pub type ModelKey = (bool, bool, Reverse<Duration>, usize, super::fair::Order);
 
+/// See [`host_key`].
+pub type HostKey = (bool, Duration, Evicts, usize, usize, bool, usize);
+
+/// What a load on a host takes out of its memory, in the order hosts are preferred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Evicts {
+    /// Nothing: the host has room.
+    Nothing,
+    /// A model with no task waiting.
+    Idle,
+    /// A model with tasks waiting, which must then be loaded again somewhere.
+    Waiting,
+}
+
 /// Order of hosts for one model: lower first. A cold host with room for the model comes before
 /// one that must evict a model for it (a client alternating two models one call at a time
-/// would otherwise evict on every call while another host stands empty).
+/// would otherwise evict on every call while another host stands empty), and one that evicts
+/// an idle model before one that evicts a model with work waiting (that work would need a
+/// second load).
 pub fn host_key(
     warm: bool,
     load: Duration,
-    evicts: bool,
+    evicts: Evicts,
     models_listed: usize,
     active: usize,
     ran_it_last: bool,
     index: usize,
-) -> (bool, Duration, bool, usize, usize, bool, usize) {
+) -> HostKey {
     let load = if warm { Duration::ZERO } else { load };
     (
         !warm,
         load,
-        evicts && !warm,
+        if warm { Evicts::Nothing } else { evicts },
         models_listed,
         active,
         !ran_it_last,
@@ -202,6 +233,8 @@ mod tests {
             evicts: true,
             evicted_backlog: Duration::ZERO,
             evicted_holders: 0,
+            evicted_takers: 0,
+            evicted_load: Duration::from_secs(30),
         }
     }
 
@@ -234,6 +267,34 @@ mod tests {
             evicted_backlog: Duration::from_secs(100),
             evicted_holders: 1,
             ..cold
+        }));
+    }
+
+    #[test]
+    fn a_backlog_a_free_host_can_load_is_not_stranded() {
+        // m: 300 s that no host holds; this host is r's only holder, 40 s of r waiting.
+        let sole = PairFacts {
+            warm_elsewhere: 0,
+            backlog: Duration::from_secs(300),
+            evicted_backlog: Duration::from_secs(40),
+            evicted_holders: 1,
+            ..facts()
+        };
+        assert!(!allowed(&sole), "no one else can take r");
+        // A free host lists r: r finishes after its load there, 30 + 40 s; m after 30 + 300 s
+        // instead of never.
+        assert!(allowed(&PairFacts {
+            evicted_takers: 1,
+            ..sole
+        }));
+        // m held elsewhere with 60 s waiting, r's 40 s: moving r to a free host (30 + 40 s)
+        // and loading m here (30 + 30 s), plus a load of margin, does not finish sooner than
+        // leaving both (60 s).
+        assert!(!allowed(&PairFacts {
+            warm_elsewhere: 1,
+            backlog: Duration::from_secs(60),
+            evicted_takers: 1,
+            ..sole
         }));
     }
 
@@ -282,12 +343,26 @@ mod tests {
 
     #[test]
     fn a_warm_host_comes_before_a_cheaper_or_less_versatile_cold_one() {
-        let warm = host_key(true, Duration::from_secs(30), true, 4, 0, false, 3);
-        let cold = host_key(false, Duration::from_secs(1), false, 1, 0, true, 0);
+        let thirty = Duration::from_secs(30);
+        let warm = host_key(true, thirty, Evicts::Waiting, 4, 0, false, 3);
+        let cold = host_key(
+            false,
+            Duration::from_secs(1),
+            Evicts::Nothing,
+            1,
+            0,
+            true,
+            0,
+        );
         assert!(warm < cold);
-        let room = host_key(false, Duration::from_secs(30), false, 4, 0, false, 1);
-        let evicting = host_key(false, Duration::from_secs(30), true, 1, 0, true, 0);
+        let room = host_key(false, thirty, Evicts::Nothing, 4, 0, false, 1);
+        let evicting = host_key(false, thirty, Evicts::Idle, 1, 0, true, 0);
         assert!(room < evicting, "an empty host before evicting a model");
+        let stranding = host_key(false, thirty, Evicts::Waiting, 1, 0, true, 0);
+        assert!(
+            evicting < stranding,
+            "an idle model evicted before one with work waiting"
+        );
     }
 
     #[test]

@@ -1191,8 +1191,7 @@ impl<T: Queueable> DispatchState<T> {
         held: &[bool],
         now: Instant,
     ) -> Option<(TaskId, String, HostId)> {
-        use placement::ModelKey;
-        type HostKey = (bool, Duration, bool, usize, usize, bool, usize);
+        use placement::{Evicts, HostKey, ModelKey};
         let mut best: Option<(ModelKey, HostKey, TaskId, &str, HostId)> = None;
         // Who holds each model, gathered once per model for this decision (a fleet scan). A
         // cold pair's host is never one of its model's holders, and the host that would evict
@@ -1202,6 +1201,14 @@ impl<T: Queueable> DispatchState<T> {
             *holder_counts
                 .entry(m)
                 .or_insert_with(|| self.holders(m, now))
+        };
+        // Who could take each model now without holding it (free, listing it), and its
+        // shortest load among them: once per model for this decision.
+        let mut taker_counts: HashMap<&str, (usize, Duration)> = HashMap::new();
+        let mut takers = |m: &'s str| {
+            *taker_counts
+                .entry(m)
+                .or_insert_with(|| self.takers(m, held))
         };
         for (model, queue) in &self.queues {
             let service = self.costs.model_service(model);
@@ -1245,6 +1252,8 @@ impl<T: Queueable> DispatchState<T> {
                                 self.costs.model_service(e) * n as u32
                             }),
                         evicted_holders: evicted.map_or(0, |e| holders(e).0),
+                        evicted_takers: evicted.map_or(0, |e| takers(e).0),
+                        evicted_load: evicted.map_or(Duration::ZERO, |e| takers(e).1),
                     };
                     gain =
                         placement::switch_gain(&facts).filter(|_| placement::costly(load, service));
@@ -1256,10 +1265,15 @@ impl<T: Queueable> DispatchState<T> {
                 if !allowed {
                     continue;
                 }
+                let evicts = match evicted {
+                    None => Evicts::Nothing,
+                    Some(e) if self.queues.get(e).is_some_and(|q| !q.is_empty()) => Evicts::Waiting,
+                    Some(_) => Evicts::Idle,
+                };
                 let key = placement::host_key(
                     warm,
                     load,
-                    evicted.is_some(),
+                    evicts,
                     h.models.len(),
                     h.active,
                     h.last_model.as_deref() == Some(model.as_str()),
@@ -1300,6 +1314,21 @@ impl<T: Queueable> DispatchState<T> {
         } else {
             Duration::ZERO
         }
+    }
+
+    /// How many hosts could start `model` now without holding it (free, not held for a drain,
+    /// listing it), and the shortest load of it among them (zero when none).
+    fn takers(&self, model: &str, held: &[bool]) -> (usize, Duration) {
+        let mut count = 0;
+        let mut load: Option<Duration> = None;
+        for (j, h) in self.hosts.iter().enumerate() {
+            if !held[j] && h.can_take(model) && !h.resident.iter().any(|r| r == model) {
+                count += 1;
+                let l = self.load_estimate(j, model);
+                load = Some(load.map_or(l, |x| x.min(l)));
+            }
+        }
+        (count, load.unwrap_or_default())
     }
 
     /// How many healthy hosts hold `model` loaded or are loading it, and how long until the

@@ -562,3 +562,51 @@ fn a_host_configured_to_hold_more_models_than_it_does_is_found_out_by_its_first_
     assert!(run.loads() <= 12, "{} loads for 40 tasks", run.loads());
     assert_eq!(run.state.snapshot().hosts[0].max_loaded_models, 1);
 }
+
+#[test]
+fn a_holder_with_work_only_it_can_do_hands_its_shared_backlog_to_a_free_host() {
+    // h0 lists a, b and c; h1 lists a and b; each holds one model at a time, nothing loaded at
+    // the start. A battery of a, b, c interleaved (a in the first three rounds only), sent
+    // 20 ms apart (found by a QA pass: h0 took b first and worked through every b while h1,
+    // done with a, stood idle, and c, which only h0 lists, waited behind it all).
+    let abc: &[&str] = &["a", "b", "c"];
+    let ab: &[&str] = &["a", "b"];
+    let mut run = Run::new(
+        &[(abc, &[]), (ab, &[])],
+        S,
+        S * 3 / 2,
+        Duration::from_secs(30),
+    );
+    for round in 0..8 {
+        for m in ["a", "b", "c"] {
+            if m == "a" && round >= 3 {
+                continue;
+            }
+            run.submit(m);
+            let t = run.now + Duration::from_millis(20);
+            run.run_until(Some(t));
+        }
+    }
+    let makespan = run.finish();
+    let order = |h: usize| -> String {
+        let mut ids: Vec<(Instant, u64)> = run
+            .started_on
+            .iter()
+            .filter(|(_, host)| **host == h)
+            .map(|(id, _)| (run.started_at[id], *id))
+            .collect();
+        ids.sort();
+        ids.iter().map(|(_, id)| run.state_model(*id)).collect()
+    };
+    let (h0, h1) = (order(0), order(1));
+    // Before: 19.0 s, h0 "bbbbbbbbcccccccc", h1 "aaa" then idle. Now h0 turns to c once h1
+    // is free to load b: 14.0 s (the bound: 11.75 s of work and three loads on two hosts).
+    assert!(
+        makespan <= Duration::from_secs(15),
+        "makespan {makespan:?}: h0 ran {h0}, h1 ran {h1}"
+    );
+    assert!(
+        h1.contains('b'),
+        "h1 never took b: h0 ran {h0}, h1 ran {h1}"
+    );
+}
