@@ -14,7 +14,7 @@ use rmcp::model::{
     CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, Implementation,
     ServerCapabilities, ServerConfig, Task, TaskPayload, TaskStatus,
 };
-use rmcp::service::{Peer, RequestContext};
+use rmcp::service::{NotificationContext, Peer, RequestContext};
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, tool, tool_handler, tool_router};
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
@@ -418,6 +418,15 @@ impl ServerHandler for PrixServer {
             env!("CARGO_PKG_VERSION"),
         ))
         .with_instructions(INSTRUCTIONS.to_string())
+    }
+
+    /// The client's name (its `clientInfo`) is known from the handshake: status lists it
+    /// by name before its first completion (a session that only runs tasks or reads status
+    /// showed `name: null`).
+    async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
+        if let Some(info) = context.peer.peer_info() {
+            self.client.set_name(&info.client_info.name);
+        }
     }
 
     /// `complete` and `complete_stream` from a client that declared the tasks extension

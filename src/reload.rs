@@ -452,12 +452,15 @@ impl DaemonInfo {
         if let Some(clients) = status["clients"].as_array() {
             let _ = writeln!(out, "clients ({}):", clients.len());
             for c in clients {
+                // An HTTP client has no process the daemon knows of: no pid is shown.
+                let pid = c["pid"]
+                    .as_u64()
+                    .map_or_else(String::new, |pid| format!(" pid {pid}"));
                 let _ = writeln!(
                     out,
-                    "  {} {} pid {}: {} queued, {} running",
+                    "  {} {}{pid}: {} queued, {} running",
                     c["transport"].as_str().unwrap_or("?"),
                     c["name"].as_str().unwrap_or("(unnamed)"),
-                    c["pid"],
                     c["queued"],
                     c["running"]
                 );
@@ -551,6 +554,30 @@ pub async fn watch(manager: Arc<FleetManager>) {
 mod tests {
     use super::*;
     use crate::config::{ConfigSource, HostConfig};
+
+    #[test]
+    fn status_shows_a_pid_only_for_clients_that_have_one() {
+        let info = DaemonInfo {
+            pid: 7,
+            socket: PathBuf::from("/tmp/d.sock"),
+            started_by: "by hand (serve)".into(),
+            sources: vec!["f.toml".into()],
+            status: serde_json::json!({"queued_total": 1, "queue": {"m": 1}, "clients": [
+                {"transport": "bridge", "name": "claude-code", "pid": 42, "queued": 1, "running": 0},
+                {"transport": "http", "name": null, "pid": null, "queued": 0, "running": 2},
+            ]}),
+        };
+        let text = info.describe();
+        assert!(
+            text.contains("  bridge claude-code pid 42: 1 queued, 0 running"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  http (unnamed): 0 queued, 2 running"),
+            "{text}"
+        );
+        assert!(!text.contains("null"), "{text}");
+    }
 
     pub(super) fn scratch(tag: &str) -> PathBuf {
         let p = std::env::temp_dir().join(format!("prix-reload-{tag}-{}", std::process::id()));

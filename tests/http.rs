@@ -500,3 +500,28 @@ async fn an_mcp_session_over_http_is_listed_as_a_client_until_it_closes() {
     assert!(left.is_empty(), "a closed session is no client: {left:?}");
     d.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_mcp_client_is_listed_by_name_from_its_handshake() {
+    let d = daemon(vec![host(&["m"])], None, |_| {}).await;
+    let http = reqwest::Client::new();
+    let mcp = mcp_over_http(&d.base).await;
+    let expected = rmcp::ClientHandler::get_info(&()).client_info.name;
+    // No completion yet: the name comes from `initialize` (it appeared only with the first
+    // `complete` before).
+    let mut listed = Vec::new();
+    for _ in 0..100 {
+        let status: Value = get_json(&http, &d.base, "/status").await;
+        listed = status["clients"].as_array().cloned().unwrap_or_default();
+        if listed.iter().any(|c| c["name"] == expected.as_str()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        listed.iter().any(|c| c["name"] == expected.as_str()),
+        "{expected:?} not among {listed:?}"
+    );
+    mcp.cancel().await.unwrap();
+    d.shutdown().await;
+}
