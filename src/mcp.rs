@@ -279,7 +279,7 @@ pub(crate) async fn follow(
             TaskEvent::Finished(result) => return Some(Ok(result)),
             TaskEvent::Failed(error) => return Some(Err(error)),
             TaskEvent::Delta(text) => progress.send(text).await,
-            TaskEvent::Queued { .. } | TaskEvent::Started { .. } => {
+            TaskEvent::Queued { .. } | TaskEvent::NoHost { .. } | TaskEvent::Started { .. } => {
                 progress.send(phase.message(model, Instant::now())).await;
             }
             TaskEvent::ReasoningDelta(_) | TaskEvent::Answer { .. } | TaskEvent::Bytes(_) => {}

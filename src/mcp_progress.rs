@@ -30,6 +30,9 @@ pub enum Phase {
         starts_in: Option<Duration>,
         at: Instant,
     },
+    /// Waiting because no host that is up lists the model (`why`: which hosts do, and what is
+    /// wrong with them).
+    NoHost { position: usize, why: String },
     /// Sent to `host`, which the scheduler believes must load the model first.
     Loading { host: String },
     /// Sent to `host` (model believed loaded); no byte back yet.
@@ -49,6 +52,10 @@ impl Phase {
                 position: *position,
                 starts_in: *starts_in,
                 at: Instant::now(),
+            }),
+            TaskEvent::NoHost { position, why } => Some(Phase::NoHost {
+                position: *position,
+                why: why.clone(),
             }),
             TaskEvent::Started { host, cold: true } => Some(Phase::Loading { host: host.clone() }),
             TaskEvent::Started { host, cold: false } => {
@@ -91,6 +98,9 @@ impl Phase {
                         }
                     }
                 }
+            }
+            Phase::NoHost { position, why } => {
+                format!("queued for {model}: position {position}; no host can run it now: {why}")
             }
             Phase::Loading { host } => format!("loading {model} on {host}"),
             Phase::FirstToken { host } => {
@@ -185,6 +195,18 @@ mod tests {
         assert_eq!(
             queued(estimate).message(m, at + Duration::from_secs(90)),
             "queued for qwen2.5-7b: position 2, starts shortly"
+        );
+    }
+
+    #[test]
+    fn a_task_no_host_can_run_says_why() {
+        let phase = Phase::NoHost {
+            position: 1,
+            why: "gpu0 is down: connection refused".into(),
+        };
+        assert_eq!(
+            phase.message("m", Instant::now()),
+            "queued for m: position 1; no host can run it now: gpu0 is down: connection refused"
         );
     }
 

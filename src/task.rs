@@ -416,6 +416,12 @@ pub enum TaskEvent {
         position: usize,
         starts_in: Option<std::time::Duration>,
     },
+    /// Waiting at `position` because no host that is up lists the model; `why` names the
+    /// hosts that do and what is wrong with them.
+    NoHost {
+        position: usize,
+        why: String,
+    },
     /// A host slot took the task and the request is on its way to `host`.
     Started {
         host: String,

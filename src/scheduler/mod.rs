@@ -68,6 +68,12 @@ impl Queueable for InferenceTask {
             starts_in,
         });
     }
+    fn notify_no_host(&self, position: usize, why: &str) {
+        self.emit(TaskEvent::NoHost {
+            position,
+            why: why.to_string(),
+        });
+    }
 }
 
 enum Command {

@@ -35,6 +35,9 @@ pub trait Queueable {
     /// Tells the client where it stands: 1 = next for its model, and when it is expected to
     /// start (`None` when nothing is known to estimate with).
     fn notify_position(&self, position: usize, starts_in: Option<Duration>);
+    /// Tells the client that no host can run it now (`why`: which hosts list its model and
+    /// what is wrong with them) while it waits at `position` for one to come back.
+    fn notify_no_host(&self, _position: usize, _why: &str) {}
     /// Who asked, for fair share between clients (see [`super::fair`]).
     fn client_id(&self) -> &str;
     /// Lower runs earlier; 0 by default.
@@ -1008,10 +1011,48 @@ impl<T: Queueable> DispatchState<T> {
         let hosts = &self.hosts;
         self.unserved_since
             .retain(|model, _| !hosts.iter().any(|h| h.serves(model)));
+        let mut newly = Vec::new();
         for model in self.queues.keys() {
-            if !hosts.iter().any(|h| h.serves(model)) {
-                self.unserved_since.entry(model.clone()).or_insert(now);
+            if !hosts.iter().any(|h| h.serves(model))
+                && let std::collections::hash_map::Entry::Vacant(v) =
+                    self.unserved_since.entry(model.clone())
+            {
+                v.insert(now);
+                newly.push(model.clone());
             }
+        }
+        for model in newly {
+            self.tell_no_host(&model);
+        }
+    }
+
+    /// Tells the first waiting tasks of `model`, which no host that is up lists, why they
+    /// wait (a client's progress otherwise said only "queued, position 1" until
+    /// `host_wait_seconds` ran out).
+    fn tell_no_host(&self, model: &str) {
+        let Some(queue) = self.queues.get(model) else {
+            return;
+        };
+        let down: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|h| !h.retired && h.models.contains(model))
+            .map(|h| match &h.last_error {
+                Some(e) => format!("{} is down: {e}", h.name),
+                None => format!("{} is down", h.name),
+            })
+            .collect();
+        let why = if down.is_empty() {
+            format!("no host lists {model} now")
+        } else {
+            down.join("; ")
+        };
+        let why = format!(
+            "{why}; waiting up to {} s (host_wait_seconds) for a host to come back",
+            self.limits.host_wait.as_secs()
+        );
+        for (i, task) in queue.values().take(POSITION_UPDATES).enumerate() {
+            task.notify_no_host(i + 1, &why);
         }
     }
 
@@ -1025,7 +1066,8 @@ impl<T: Queueable> DispatchState<T> {
         if let Some(deadline) = task.queue_deadline() {
             self.deadlines.insert((deadline, id));
         }
-        if !self.hosts.iter().any(|h| h.serves(&model)) {
+        let unserved = !self.hosts.iter().any(|h| h.serves(&model));
+        if unserved {
             self.unserved_since.entry(model.clone()).or_insert(now);
         }
         // Given at submission; a task queued some other way goes in at the current virtual
@@ -1041,6 +1083,9 @@ impl<T: Queueable> DispatchState<T> {
             if let Some(task) = self.queues.get(&model).and_then(|q| q.get(id)) {
                 task.notify_position(position, starts_in);
             }
+        }
+        if unserved {
+            self.tell_no_host(&model);
         }
         self.index.insert(id, model);
         self.waiting += 1;
