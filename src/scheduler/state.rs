@@ -1278,6 +1278,26 @@ impl<T: Queueable> DispatchState<T> {
                     let settling = self
                         .last_arrival
                         .is_some_and(|at| now < at + placement::collation_window(load));
+                    let sole_lister = self.coverage.get(model).is_some_and(|&c| c <= 1);
+                    let evicted_backlog = evicted
+                        .and_then(|e| self.queues.get(e).map(|q| (e, q.len())))
+                        .map_or(Duration::ZERO, |(e, n)| {
+                            self.costs.model_service(e) * n as u32
+                        });
+                    let evicted_holders = evicted.map_or(0, |e| holders(e).0);
+                    let (evicted_takers, taker_load) =
+                        evicted.map_or((0, Duration::ZERO), &mut takers);
+                    // Only for a model this host alone can run, leaving a backlog no free
+                    // host can take: when could a busy one?
+                    let soon = evicted
+                        .filter(|_| {
+                            sole_lister
+                                && warm_elsewhere == 0
+                                && !evicted_backlog.is_zero()
+                                && evicted_holders <= 1
+                                && evicted_takers == 0
+                        })
+                        .and_then(|e| self.soonest_free(e, i, now));
                     let facts = placement::PairFacts {
                         // An urgent call (priority < 0) takes the next host that can switch,
                         // as an overdue one does (it is single; a quantum holds only backlogs).
@@ -1291,14 +1311,12 @@ impl<T: Queueable> DispatchState<T> {
                         // A lone call always gets the next host that can switch; only a
                         // backlog waits for a host's quantum (a battery would otherwise rotate).
                         protected: queue.len() > 1 && self.protected(i, now),
-                        evicted_backlog: evicted
-                            .and_then(|e| self.queues.get(e).map(|q| (e, q.len())))
-                            .map_or(Duration::ZERO, |(e, n)| {
-                                self.costs.model_service(e) * n as u32
-                            }),
-                        evicted_holders: evicted.map_or(0, |e| holders(e).0),
-                        evicted_takers: evicted.map_or(0, |e| takers(e).0),
-                        evicted_load: evicted.map_or(Duration::ZERO, |e| takers(e).1),
+                        evicted_backlog,
+                        evicted_holders,
+                        evicted_takers,
+                        evicted_load: soon.map_or(taker_load, |(_, load)| load),
+                        sole_lister,
+                        evicted_free_in: soon.map(|(free_in, _)| free_in),
                     };
                     gain =
                         placement::switch_gain(&facts).filter(|_| placement::costly(load, service));
@@ -1359,6 +1377,36 @@ impl<T: Queueable> DispatchState<T> {
         } else {
             Duration::ZERO
         }
+    }
+
+    /// The soonest another host that is up, lists `model` and does not hold it (not `host`) is
+    /// expected to be free, and its load of `model`: its running model's next task plus that
+    /// model's backlog shared among the model's holders and this host's slots. Rough, as the
+    /// cost model is; `None` when no other host lists `model`.
+    fn soonest_free(&self, model: &str, host: usize, now: Instant) -> Option<(Duration, Duration)> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter(|&(j, h)| {
+                j != host
+                    && h.health == Health::Up
+                    && !h.retired
+                    && h.models.contains(model)
+                    && !h.resident.iter().any(|r| r == model)
+            })
+            .map(|(j, h)| {
+                let busy = match h.current_model.as_deref().filter(|_| h.active > 0) {
+                    None => Duration::ZERO,
+                    Some(x) => {
+                        let each = self.costs.model_service(x);
+                        let waiting = self.queues.get(x).map_or(0, |q| q.len());
+                        let sharing = (self.holders(x, now).0.max(1) * h.slots.max(1)) as u32;
+                        each + each * waiting as u32 / sharing
+                    }
+                };
+                (busy, self.load_estimate(j, model))
+            })
+            .min()
     }
 
     /// How many hosts could start `model` now without holding it (free, not held for a drain,
