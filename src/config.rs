@@ -662,9 +662,11 @@ impl Config {
                 load,
             });
         }
-        one_entry_per_server(&hosts, |i| {
-            format!("[[host]] #{} ({:?})", i + 1, hosts[i].name)
-        })
+        one_entry_per_server(
+            &hosts,
+            |i| format!("[[host]] #{} ({:?})", i + 1, hosts[i].name),
+            "keep one entry, and set slots = N on it to run N requests there at once",
+        )
         .map_err(&invalid)?;
         Ok(Config {
             source,
@@ -712,11 +714,15 @@ impl Config {
                 ..HostConfig::default()
             });
         }
-        one_entry_per_server(&hosts, |i| numbered.urls[i].0.clone()).map_err(|message| {
-            ConfigError::Invalid {
-                source_name: ConfigSource::Environment.to_string(),
-                message,
-            }
+        one_entry_per_server(
+            &hosts,
+            |i| numbered.urls[i].0.clone(),
+            "set it once; to run N requests there at once, use a configuration file with one \
+             [[host]] for it and slots = N (README, Configuration)",
+        )
+        .map_err(|message| ConfigError::Invalid {
+            source_name: ConfigSource::Environment.to_string(),
+            message,
         })?;
         let mut config = Config::with_hosts(ConfigSource::Environment, hosts);
         config.chosen_by = numbered
@@ -874,10 +880,12 @@ pub fn normalise_base_url(raw: &str) -> Result<String, String> {
 
 /// Refuses two entries for one server ([`host_identity`]: the same address and port however
 /// written, `/v1` or not): each entry gets its own slots, so the server would be sent two
-/// requests at once while it has one slot. `label(i)` names entry `i` in the message.
+/// requests at once while it has one slot. `label(i)` names entry `i` in the message; `fix`
+/// says what to write instead in this kind of source.
 fn one_entry_per_server(
     hosts: &[HostConfig],
     label: impl Fn(usize) -> String,
+    fix: &str,
 ) -> Result<(), String> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, host) in hosts.iter().enumerate() {
@@ -885,8 +893,7 @@ fn one_entry_per_server(
         if let Some(&first) = seen.get(&identity) {
             return Err(format!(
                 "{} and {} are one server ({identity}): each entry would get its own slots, so \
-                 that server would be sent two requests at once; keep one entry, and set \
-                 slots = N on it to run N requests there at once",
+                 that server would be sent two requests at once; {fix}",
                 label(first),
                 label(i)
             ));

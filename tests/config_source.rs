@@ -269,11 +269,11 @@ async fn two_entries_for_one_server_are_refused_naming_both() {
     )
     .await;
     assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
     assert!(
-        text(&out.stderr)
-            .contains("LOCAL_INFERENCE_SERVER_1 and LOCAL_INFERENCE_SERVER_2 are one server"),
-        "{}",
-        text(&out.stderr)
+        stderr.contains("LOCAL_INFERENCE_SERVER_1 and LOCAL_INFERENCE_SERVER_2 are one server")
+            && stderr.contains("use a configuration file with one [[host]] for it and slots = N"),
+        "{stderr}"
     );
     let _ = std::fs::remove_dir_all(&xdg);
 }
