@@ -24,6 +24,14 @@ async fn prix(args: &[&str], vars: &[(&str, &str)], xdg: &Path, cwd: &Path) -> O
     command.output().await.unwrap()
 }
 
+/// Runs the binary in `/` expecting a configuration it cannot use (exit 78): its stderr.
+async fn refused(args: &[&str], vars: &[(&str, &str)], xdg: &Path) -> String {
+    let out = prix(args, vars, xdg, Path::new("/")).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{args:?}: {stderr}");
+    stderr
+}
+
 fn scratch(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("prix-cfgsrc-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -110,7 +118,7 @@ async fn check_config_in_the_repository_root_uses_the_variables_and_says_so_once
 #[tokio::test]
 async fn configuration_errors_exit_78_with_the_message_alone() {
     let xdg = scratch("errors");
-    let out = prix(
+    let stderr = refused(
         &["check-config"],
         &[
             ("PRIX_DISPATCH_CONFIG", "/tmp/prix-nope/nope.toml"),
@@ -118,11 +126,8 @@ async fn configuration_errors_exit_78_with_the_message_alone() {
             ("RUST_BACKTRACE", "1"),
         ],
         &xdg,
-        Path::new("/"),
     )
     .await;
-    assert_eq!(out.status.code(), Some(78));
-    let stderr = text(&out.stderr);
     assert!(
         stderr.contains("/tmp/prix-nope/nope.toml (named by PRIX_DISPATCH_CONFIG) does not exist"),
         "{stderr}"
@@ -133,9 +138,7 @@ async fn configuration_errors_exit_78_with_the_message_alone() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 
-    let out = prix(&["serve"], &[("RUST_BACKTRACE", "1")], &xdg, Path::new("/")).await;
-    assert_eq!(out.status.code(), Some(78));
-    let stderr = text(&out.stderr);
+    let stderr = refused(&["serve"], &[("RUST_BACKTRACE", "1")], &xdg).await;
     let expected = xdg.join("prix-dispatch/config.toml");
     assert!(
         stderr.contains(&format!("{} does not exist", expected.display()))
@@ -202,18 +205,15 @@ async fn probe_exits_non_zero_when_any_host_fails() {
 #[tokio::test]
 async fn an_endpoint_url_is_refused_with_the_base_url() {
     let xdg = scratch("endpoint");
-    let out = prix(
+    let stderr = refused(
         &["check-config"],
         &[(
             "LOCAL_INFERENCE_SERVER_1",
             "http://127.0.0.1:1234/v1/chat/completions",
         )],
         &xdg,
-        Path::new("/"),
     )
     .await;
-    assert_eq!(out.status.code(), Some(78));
-    let stderr = text(&out.stderr);
     assert!(
         stderr.contains(
             "LOCAL_INFERENCE_SERVER_1: \"http://127.0.0.1:1234/v1/chat/completions\" is an endpoint"
@@ -244,32 +244,22 @@ async fn two_entries_for_one_server_are_refused_naming_both() {
         vec!["check-config", "--config", path],
         vec!["serve", "--config", path],
     ] {
-        let out = prix(&args, &[], &xdg, Path::new("/")).await;
-        assert_eq!(
-            out.status.code(),
-            Some(78),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
-        let stderr = text(&out.stderr);
+        let stderr = refused(&args, &[], &xdg).await;
         assert!(
             stderr.contains("[[host]] #1 (\"x\") and [[host]] #2 (\"y\") are one server (http://127.0.0.1:18101)")
                 && stderr.contains("slots = N"),
             "{args:?}: {stderr}"
         );
     }
-    let out = prix(
+    let stderr = refused(
         &["check-config"],
         &[
             ("LOCAL_INFERENCE_SERVER_1", "http://[::1]:18102"),
             ("LOCAL_INFERENCE_SERVER_2", "http://127.0.0.1:18102/v1"),
         ],
         &xdg,
-        Path::new("/"),
     )
     .await;
-    assert_eq!(out.status.code(), Some(78), "{}", text(&out.stderr));
-    let stderr = text(&out.stderr);
     assert!(
         stderr.contains("LOCAL_INFERENCE_SERVER_1 and LOCAL_INFERENCE_SERVER_2 are one server")
             && stderr.contains("use a configuration file with one [[host]] for it and slots = N"),

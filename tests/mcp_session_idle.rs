@@ -57,6 +57,36 @@ impl Raw {
     }
 }
 
+/// A one-host fleet and its HTTP front (an MCP session idle limit of `idle`, else the
+/// default), with a raw client for its `/mcp`.
+async fn start(idle: Option<Duration>) -> (Fleet, HttpFront, Raw) {
+    let fleet = Fleet::start(vec![host(&["m"])]).await;
+    let mut options = HttpOptions {
+        max_request_bytes: 1 << 20,
+        ..Default::default()
+    };
+    if let Some(idle) = idle {
+        options.session_idle = idle;
+    }
+    let front = HttpFront::start_with(&fleet.dispatcher, options).await;
+    let raw = Raw {
+        http: reqwest::Client::new(),
+        url: format!("{}/mcp", front.base),
+    };
+    (fleet, front, raw)
+}
+
+impl Raw {
+    /// `tools/call` with `params` as request `id` on `session`: its JSON-RPC answer.
+    async fn call(&self, session: &str, id: u64, params: Value) -> Value {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params});
+        let r = self.post(Some(session), body).await;
+        assert_eq!(r.status(), 200);
+        let body = r.text().await.unwrap();
+        response_with_id(&body, id).unwrap_or_else(|| panic!("no response: {body}"))
+    }
+}
+
 /// The JSON-RPC message with `id` in an SSE (or JSON) response body.
 fn response_with_id(body: &str, id: u64) -> Option<Value> {
     body.lines()
@@ -68,32 +98,19 @@ fn response_with_id(body: &str, id: u64) -> Option<Value> {
 
 #[tokio::test]
 async fn a_silent_call_outlives_the_idle_limit_and_an_idle_session_answers_404() {
-    let fleet = Fleet::start(vec![host(&["m"])]).await;
-    let options = HttpOptions {
-        max_request_bytes: 1 << 20,
-        session_idle: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let front = HttpFront::start_with(&fleet.dispatcher, options).await;
-    let raw = Raw {
-        http: reqwest::Client::new(),
-        url: format!("{}/mcp", front.base),
-    };
+    let (fleet, front, raw) = start(Some(Duration::from_millis(500))).await;
     let session = raw.open().await;
 
     // The host is silent for 1.5 s (a model load): three idle limits with no event at all.
     let slow = sim_directive(json!({"ttft_ms": 1500, "tokens": 2}));
-    let r = raw
-        .post(
-            Some(&session),
-            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-                "name": "complete",
-                "arguments": {"model_id": "m", "messages": [{"role": "user", "content": slow}]}}}),
+    let response = raw
+        .call(
+            &session,
+            2,
+            json!({"name": "complete", "arguments": {
+            "model_id": "m", "messages": [{"role": "user", "content": slow}]}}),
         )
         .await;
-    assert_eq!(r.status(), 200);
-    let body = r.text().await.unwrap();
-    let response = response_with_id(&body, 2).unwrap_or_else(|| panic!("no response: {body}"));
     assert_eq!(response["result"]["isError"], false, "{response}");
     assert_eq!(
         response["result"]["structuredContent"]["text"],
@@ -128,32 +145,19 @@ async fn a_silent_call_outlives_the_idle_limit_and_an_idle_session_answers_404()
 
 #[tokio::test]
 async fn a_session_whose_client_went_silent_ends_on_its_own_and_its_tasks_stop() {
-    let fleet = Fleet::start(vec![host(&["m"])]).await;
-    let options = HttpOptions {
-        max_request_bytes: 1 << 20,
-        session_idle: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let front = HttpFront::start_with(&fleet.dispatcher, options).await;
-    let raw = Raw {
-        http: reqwest::Client::new(),
-        url: format!("{}/mcp", front.base),
-    };
+    let (fleet, front, raw) = start(Some(Duration::from_millis(500))).await;
     let session = raw.open().await;
     // A 20 s generation as a 2025-11-25 task: the call is answered at once with the task, so
     // nothing is in flight on the session afterwards.
     let long = sim_directive(json!({"tokens": 400, "token_interval_ms": 50}));
-    let r = raw
-        .post(
-            Some(&session),
-            json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-                "name": "complete", "task": {"ttl": 60000},
-                "arguments": {"model_id": "m", "messages": [{"role": "user", "content": long}]}}}),
+    let created = raw
+        .call(
+            &session,
+            2,
+            json!({"name": "complete", "task": {"ttl": 60000}, "arguments": {
+            "model_id": "m", "messages": [{"role": "user", "content": long}]}}),
         )
         .await;
-    assert_eq!(r.status(), 200);
-    let body = r.text().await.unwrap();
-    let created = response_with_id(&body, 2).unwrap_or_else(|| panic!("no response: {body}"));
     assert_eq!(created["result"]["task"]["status"], "working", "{created}");
 
     // Then the client goes away without a word, and no other client comes: the session
@@ -183,12 +187,7 @@ async fn a_session_whose_client_went_silent_ends_on_its_own_and_its_tasks_stop()
 /// 204 and logs a failed termination on rmcp's 202), and the session is gone.
 #[tokio::test]
 async fn a_deleted_session_answers_200_and_then_404() {
-    let fleet = Fleet::start(vec![host(&["m"])]).await;
-    let front = HttpFront::start(&fleet.dispatcher, None, 1 << 20).await;
-    let raw = Raw {
-        http: reqwest::Client::new(),
-        url: format!("{}/mcp", front.base),
-    };
+    let (fleet, front, raw) = start(None).await;
     let session = raw.open().await;
     let r = raw
         .http
