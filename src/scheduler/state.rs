@@ -1033,6 +1033,14 @@ impl<T: Queueable> DispatchState<T> {
         let Some(queue) = self.queues.get(model) else {
             return;
         };
+        let why = self.no_host_reason(model);
+        for (i, task) in queue.values().take(POSITION_UPDATES).enumerate() {
+            task.notify_no_host(i + 1, &why);
+        }
+    }
+
+    /// Which hosts list `model` and what is wrong with them, for [`Self::tell_no_host`].
+    fn no_host_reason(&self, model: &str) -> String {
         let down: Vec<String> = self
             .hosts
             .iter()
@@ -1047,13 +1055,10 @@ impl<T: Queueable> DispatchState<T> {
         } else {
             down.join("; ")
         };
-        let why = format!(
+        format!(
             "{why}; waiting up to {} s (host_wait_seconds) for a host to come back",
             self.limits.host_wait.as_secs()
-        );
-        for (i, task) in queue.values().take(POSITION_UPDATES).enumerate() {
-            task.notify_no_host(i + 1, &why);
-        }
+        )
     }
 
     fn host_wait_deadline(&self, task: &T, since: Instant) -> Instant {
@@ -1076,16 +1081,18 @@ impl<T: Queueable> DispatchState<T> {
             .queue_key()
             .unwrap_or_else(|| self.fair.requeue_key(task.priority(), id));
         let queue = self.queues.entry(model.clone()).or_default();
-        if let Some(position) = queue.insert(key, task.enqueued_at(), task, POSITION_UPDATES) {
-            let starts_in = self
-                .start_estimate(&model, now)
-                .map(|(ready, each)| ready + each * (position as u32 - 1));
-            if let Some(task) = self.queues.get(&model).and_then(|q| q.get(id)) {
+        if let Some(position) = queue.insert(key, task.enqueued_at(), task, POSITION_UPDATES)
+            && let Some(task) = self.queues.get(&model).and_then(|q| q.get(id))
+        {
+            // Only the new task is told: those ahead of it heard already.
+            if unserved {
+                task.notify_no_host(position, &self.no_host_reason(&model));
+            } else {
+                let starts_in = self
+                    .start_estimate(&model, now)
+                    .map(|(ready, each)| ready + each * (position as u32 - 1));
                 task.notify_position(position, starts_in);
             }
-        }
-        if unserved {
-            self.tell_no_host(&model);
         }
         self.index.insert(id, model);
         self.waiting += 1;
@@ -1255,6 +1262,8 @@ impl<T: Queueable> DispatchState<T> {
                 .entry(m)
                 .or_insert_with(|| self.takers(m, held))
         };
+        // When a busy host could take each model (see `soonest_free`): once per model too.
+        let mut soonest: HashMap<&str, Option<(Duration, Duration)>> = HashMap::new();
         for (model, queue) in &self.queues {
             let service = self.costs.model_service(model);
             let Some((id, overdue, order, urgent)) = self.next_of(model, queue, now) else {
@@ -1297,7 +1306,14 @@ impl<T: Queueable> DispatchState<T> {
                                 && evicted_holders <= 1
                                 && evicted_takers == 0
                         })
-                        .and_then(|e| self.soonest_free(e, i, now));
+                        .and_then(|e| match soonest.get(e) {
+                            Some(known) => *known,
+                            None => {
+                                let found = self.soonest_free(e, &mut holders);
+                                soonest.insert(e, found);
+                                found
+                            }
+                        });
                     let facts = placement::PairFacts {
                         // An urgent call (priority < 0) takes the next host that can switch,
                         // as an overdue one does (it is single; a quantum holds only backlogs).
@@ -1379,17 +1395,20 @@ impl<T: Queueable> DispatchState<T> {
         }
     }
 
-    /// The soonest another host that is up, lists `model` and does not hold it (not `host`) is
-    /// expected to be free, and its load of `model`: its running model's next task plus that
-    /// model's backlog shared among the model's holders and this host's slots. Rough, as the
-    /// cost model is; `None` when no other host lists `model`.
-    fn soonest_free(&self, model: &str, host: usize, now: Instant) -> Option<(Duration, Duration)> {
+    /// The soonest a host that is up, lists `model` and does not hold it is expected to be
+    /// free, and its load of `model`: its running model's next task plus that model's backlog
+    /// shared among the model's holders (`holders`, the decision's cache) and this host's
+    /// slots. Rough, as the cost model is; `None` when no such host lists `model`.
+    fn soonest_free<'s>(
+        &'s self,
+        model: &str,
+        holders: &mut impl FnMut(&'s str) -> (usize, Duration),
+    ) -> Option<(Duration, Duration)> {
         self.hosts
             .iter()
             .enumerate()
-            .filter(|&(j, h)| {
-                j != host
-                    && h.health == Health::Up
+            .filter(|&(_, h)| {
+                h.health == Health::Up
                     && !h.retired
                     && h.models.contains(model)
                     && !h.resident.iter().any(|r| r == model)
@@ -1400,7 +1419,7 @@ impl<T: Queueable> DispatchState<T> {
                     Some(x) => {
                         let each = self.costs.model_service(x);
                         let waiting = self.queues.get(x).map_or(0, |q| q.len());
-                        let sharing = (self.holders(x, now).0.max(1) * h.slots.max(1)) as u32;
+                        let sharing = (holders(x).0.max(1) * h.slots.max(1)) as u32;
                         each + each * waiting as u32 / sharing
                     }
                 };
