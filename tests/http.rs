@@ -304,6 +304,8 @@ async fn oversized_bodies_get_413() {
     let body: serde_json::Value = r.json().await.expect("an OpenAI error body");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("max_request_bytes"), "{body}");
+    let limit = format!("({} bytes", d.fleet.dispatcher.max_request_bytes());
+    assert!(message.contains(&limit), "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     assert!(d.fleet.chat_records(0).is_empty());
     d.shutdown().await;

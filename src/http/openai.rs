@@ -50,7 +50,7 @@ pub(super) async fn chat_completions(
 ) -> Response {
     let body = match body {
         Ok(body) => body,
-        Err(rejected) => return body_refused(&rejected),
+        Err(rejected) => return body_refused(&rejected, app.dispatcher.max_request_bytes()),
     };
     let ChatRequest {
         model,
@@ -367,12 +367,14 @@ pub(super) fn error_response(error: &DispatchError) -> Response {
 /// A body the daemon would not read, in the OpenAI shape (axum answers in plain text, and the
 /// `openai` SDKs then show only the status): over `[server] max_request_bytes` (413), or cut
 /// off by the client. Not retryable as it is.
-fn body_refused(rejected: &BytesRejection) -> Response {
+fn body_refused(rejected: &BytesRejection, limit: usize) -> Response {
     let status = rejected.status();
     let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "the request body is larger than this daemon accepts ([server] max_request_bytes): \
-         send a shorter request, or raise max_request_bytes in its configuration"
-            .to_string()
+        format!(
+            "the request body is larger than this daemon accepts ({limit} bytes, [server] \
+             max_request_bytes): send a shorter request, or raise max_request_bytes in its \
+             configuration"
+        )
     } else {
         format!("could not read the request body: {}", rejected.body_text())
     };
